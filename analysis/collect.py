@@ -1,0 +1,309 @@
+"""Find every run under one or more roots and read each into one row of a DataFrame.
+
+Everything comes from the files a run wrote (`.hydra/config.yaml`, `result.json`,
+`metrics.jsonl` for kdexp; `results.json` + `fidelity.json` for the study), never from
+directory names. Runs that cannot be used stay in the frame with a `status` other than
+"completed" and a `reason`, so the report can list them instead of silently dropping them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pandas as pd
+import yaml
+
+from kdexp import records
+
+from . import study_format
+
+try:  # libyaml is ~10x faster than the pure-Python loader; it matters at thousands of runs
+    _YamlLoader: Any = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - depends on how PyYAML was built
+    _YamlLoader = yaml.SafeLoader
+
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+
+# Config keys that say where/how a run executed, not what it computed: they do not make two
+# runs different configurations (a run repeated on another machine is a duplicate).
+_ENV_KEY = re.compile(
+    r"^(paths\..*|hydra\..*|dry_run|retry_failed|export_teacher|teacher\.ckpt|data\.root|"
+    r"data\.download|data\.verify_md5|data\.num_workers|trainer\.device|trainer\.progress)$"
+)
+
+# Config keys that already have a column; any other key that varies between otherwise equal
+# runs becomes an extra grouping column in the tables (see aggregate.extra_keys).
+KNOWN_CONFIG_KEYS = frozenset({
+    "experiment_name", "protocol_name", "seed", "model.arch", "model.stem", "model.width",
+    "teacher.arch", "teacher.stem", "teacher.width", "teacher.seed", "method._target_",
+    "method.alpha", "method.T", "method.beta", "method.clip_projection", "trainer.epochs",
+    "data.name", "data.val_size",
+})
+
+STATUSES = ("completed", "failed", "incomplete", "corrupt", "duplicate")
+
+COLUMNS = [
+    # identity and state
+    "source", "run_dir", "status", "reason", "notes", "experiment", "protocol", "kind",
+    # configuration
+    "pair", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem", "width",
+    "method", "kd", "alpha", "T", "beta", "clip_projection", "seed", "epochs", "val_size", "data",
+    "clip_norm",
+    # metrics (accuracies are fractions in [0, 1])
+    "epochs_completed", "best_val_acc", "best_val_epoch", "test_at_best_val", "test_final",
+    "best_test", "best_test_epoch", "agreement", "kl_t1", "kl_t4", "teacher_test_acc",
+    "grad_norm_max", "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction",
+    "wall_seconds", "images_per_s", "params_student", "params_method", "params_teacher",
+    "error", "failed_epoch", "kdexp_version", "git_commit", "finished_at",
+    # provenance of the configuration itself
+    "config_hash", "config",
+]
+_INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "seed", "epochs", "val_size",
+                "epochs_completed", "best_val_epoch", "best_test_epoch", "failed_epoch",
+                "params_student", "params_method", "params_teacher"]
+
+
+def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per run directory found recursively under `roots` (a path or several).
+
+    Columns are `COLUMNS`; `status` is one of `STATUSES`. Of several completed runs of the same
+    configuration (same `config_hash`) the newest is kept and the others marked "duplicate".
+    """
+    if isinstance(roots, (str, os.PathLike)):
+        roots = [roots]
+    rows = []
+    for root in roots:
+        for run_dir, source in find_run_dirs(Path(root)):
+            read = study_format.read_study_run if source == "study" else read_kdexp_run
+            rows.append(read(run_dir))
+    study_format.assign_teacher_kind(rows)
+    _mark_duplicates(rows)
+    frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
+    for column in _INT_COLUMNS:
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def find_run_dirs(root: Path) -> Iterator[tuple[Path, str]]:
+    """(run dir, "kdexp" | "study") for every directory holding a run's files, sorted."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        names = set(filenames)
+        if study_format.RESULTS_FILE in names:
+            yield Path(dirpath), "study"
+        elif (records.RESULT_FILE in names or records.METRICS_FILE in names
+              or (".hydra" in dirnames and os.path.isfile(os.path.join(dirpath, CONFIG_FILE)))):
+            yield Path(dirpath), "kdexp"
+        # Hidden dirs hold Hydra/submitit bookkeeping, never runs; a run dir may hold nested runs.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+
+
+def empty_row(run_dir: Path, source: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(source=source, run_dir=str(run_dir), notes="")
+    return row
+
+
+def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
+    row = empty_row(run_dir, "kdexp")
+    try:
+        cfg = yaml.load((run_dir / CONFIG_FILE).read_text(), Loader=_YamlLoader)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a mapping")
+    except FileNotFoundError:
+        return _problem(row, "corrupt", f"no {CONFIG_FILE}: the configuration is unknown")
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
+        return _problem(row, "corrupt", f"{CONFIG_FILE} is not valid YAML ({_one_line(err)})")
+    try:
+        result = records.read_result(run_dir)
+    except (ValueError, UnicodeDecodeError) as err:
+        result, result_error = None, _one_line(err)
+    else:
+        result_error = (None if result is None or isinstance(result, dict)
+                        else f"{run_dir / records.RESULT_FILE} is not a JSON object")
+    _fill_config(row, cfg, result.get("method") if isinstance(result, dict) else None)
+
+    history, history_note = _read_metrics(run_dir)
+    row["notes"] = history_note
+    row["clipped_epoch_fraction"] = clipped_fraction(history, row["clip_norm"])
+    row["epochs_completed"] = len(history)
+
+    if result_error:
+        return _problem(row, "corrupt", result_error)
+    if result is None:
+        return _problem(row, "incomplete",
+                        f"no {records.RESULT_FILE} (running or killed); {len(history)} epochs logged")
+    if result.get("schema_version") != records.SCHEMA_VERSION:
+        return _problem(row, "corrupt",
+                        f"unsupported {records.RESULT_FILE} schema_version {result.get('schema_version')!r}")
+    row["finished_at"] = (run_dir / records.RESULT_FILE).stat().st_mtime
+    _fill_result(row, result)
+    if result.get("status") == "failed":
+        where = f" in epoch {result.get('failed_epoch')}" if result.get("failed_epoch") is not None else ""
+        return _problem(row, "failed", f"failed{where}: {result.get('error')}")
+    if result.get("status") != "completed":
+        return _problem(row, "corrupt", f"unknown status {result.get('status')!r}")
+    if not _is_fraction(row["test_final"]):
+        return _problem(row, "corrupt", f"{records.RESULT_FILE} has no valid test_acc_final")
+    row["status"] = "completed"
+    return row
+
+
+def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> None:
+    model, teacher = cfg.get("model") or {}, cfg.get("teacher") or {}
+    method, trainer, data = cfg.get("method") or {}, cfg.get("trainer") or {}, cfg.get("data") or {}
+    row.update(
+        experiment=cfg.get("experiment_name"), protocol=cfg.get("protocol_name"),
+        student=model.get("arch"), stem=model.get("stem"), width=model.get("width"),
+        seed=cfg.get("seed"), epochs=trainer.get("epochs"), clip_norm=trainer.get("clip_norm", 1.0),
+        val_size=data.get("val_size", 0), data=data.get("name"),
+        # Provisional until result.json says: a run without a teacher may be a teacher or a baseline.
+        kind="student" if teacher.get("arch") else None,
+    )
+    if teacher.get("arch"):
+        row.update(teacher=teacher["arch"], teacher_stem=teacher.get("stem"),
+                   teacher_width=teacher.get("width"), teacher_seed=teacher.get("seed"))
+        row["pair"] = f"{row['teacher']}→{row['student']}"
+    set_method(row, method_name if method_name in ("ce", "logit", "feature") else infer_method(method),
+               alpha=method.get("alpha"), T=method.get("T"), beta=method.get("beta"),
+               clip_projection=method.get("clip_projection"))
+    flat = {k: v for k, v in flatten(cfg).items() if not _ENV_KEY.match(k)}
+    row["config"] = flat
+    row["config_hash"] = config_hash(flat)
+
+
+def set_method(row: dict[str, Any], method: str, *, alpha: Any, T: Any, beta: Any,
+               clip_projection: Any) -> None:
+    """Method columns, keeping only the hyperparameters that mean something for the method."""
+    row["method"] = method
+    row["alpha"] = float(alpha) if method != "ce" and alpha is not None else None
+    row["T"] = float(T) if method == "logit" and T is not None else None
+    row["beta"] = float(beta) if method == "feature" and beta is not None else None
+    row["clip_projection"] = bool(clip_projection) if method == "feature" and clip_projection is not None else None
+    row["kd"] = kd_label(method, row["clip_projection"])
+
+
+def kd_label(method: str, clip_projection: bool | None) -> str:
+    """The study's KD column: "none" for plain CE, "feature(bugged)" for unclipped projections."""
+    if method == "ce":
+        return "none"
+    return f"{method}(bugged)" if clip_projection is False else method
+
+
+def infer_method(method_cfg: dict) -> str:
+    """Method name from the config node (result.json's `method` overrides it once written)."""
+    target = str(method_cfg.get("_target_", "")).lower()
+    for name in ("logit", "feature"):
+        if name in target:
+            return name
+    if "T" in method_cfg:
+        return "logit"
+    if "clip_projection" in method_cfg or "beta" in method_cfg:
+        return "feature"
+    return "ce"
+
+
+def _fill_result(row: dict[str, Any], result: dict) -> None:
+    if result.get("kind"):
+        row["kind"] = result["kind"]
+    fidelity = result.get("fidelity") or {}
+    params = result.get("params") or {}
+    row.update(
+        epochs_completed=result.get("epochs_completed", row["epochs_completed"]),
+        best_val_acc=result.get("best_val_acc"), best_val_epoch=result.get("best_val_epoch"),
+        test_at_best_val=result.get("test_acc_at_best_val"), test_final=result.get("test_acc_final"),
+        best_test=result.get("best_test_acc"), best_test_epoch=result.get("best_test_epoch"),
+        agreement=fidelity.get("agreement"), kl_t1=fidelity.get("kl_t1"), kl_t4=fidelity.get("kl_t4"),
+        teacher_test_acc=fidelity.get("teacher_test_acc"),
+        grad_norm_max=result.get("grad_norm_max"), proj_grad_norm_max=result.get("proj_grad_norm_max"),
+        clip_fraction=result.get("clip_fraction"), wall_seconds=result.get("wall_seconds"),
+        images_per_s=result.get("images_per_s"), params_student=params.get("student"),
+        params_method=params.get("method"), params_teacher=params.get("teacher"),
+        error=result.get("error"), failed_epoch=result.get("failed_epoch"),
+        kdexp_version=result.get("kdexp_version"), git_commit=result.get("git_commit"),
+    )
+
+
+def _read_metrics(run_dir: Path) -> tuple[list[dict], str]:
+    """The per-epoch log up to its first unreadable line, and a note saying what was cut."""
+    path = run_dir / records.METRICS_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return [], ""
+    except UnicodeDecodeError:
+        return [], f"{records.METRICS_FILE} is not text; curves unavailable"
+    history = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            return history, (f"{records.METRICS_FILE} line {number} is not valid JSON (truncated?); "
+                             f"curves use the {len(history)} epochs before it")
+        if not isinstance(entry, dict):
+            return history, f"{records.METRICS_FILE} line {number} is not a JSON object"
+        history.append(entry)
+    return history, ""
+
+
+def load_history(run_dir: str | Path, source: str) -> list[dict]:
+    """Per-epoch history of one run (for curves); unreadable tails are already noted by collect."""
+    if source == "study":
+        return study_format.read_history(Path(run_dir))
+    return _read_metrics(Path(run_dir))[0]
+
+
+def clipped_fraction(history: list[dict], clip_norm: float | None) -> float | None:
+    """Fraction of epochs whose largest pre-clip gradient norm exceeded the clip threshold."""
+    norms = [h["grad_norm_max"] for h in history if isinstance(h.get("grad_norm_max"), (int, float))]
+    if not norms or clip_norm is None:
+        return None
+    return sum(n > clip_norm for n in norms) / len(norms)
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_hash(flat: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _mark_duplicates(rows: list[dict]) -> None:
+    """Keep the newest completed run of each configuration; name it in the others' reason."""
+    by_config: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["status"] == "completed":
+            by_config.setdefault(row["config_hash"], []).append(row)
+    for same in by_config.values():
+        if len(same) < 2:
+            continue
+        same.sort(key=lambda r: (r["finished_at"] or 0.0, r["run_dir"]), reverse=True)
+        for row in same[1:]:
+            _problem(row, "duplicate", f"same configuration and seed as the newer {same[0]['run_dir']}")
+
+
+def _problem(row: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    row.update(status=status, reason=reason)
+    return row
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -1,0 +1,38 @@
+"""Accuracy, per-class accuracy and teacher-student fidelity from logits."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdexp.data import CLASSES
+from kdexp.data.loaders import EvalBatches
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: EvalBatches) -> torch.Tensor:
+    """Logits for a whole split, in eval mode; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model(x).float() for x, _ in batches])
+    model.train(was_training)
+    return logits
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    correct = logits.argmax(1) == labels
+    return {name: correct[labels == c].float().mean().item()
+            for c, name in enumerate(CLASSES) if (labels == c).any()}
+
+
+def fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement and KL(teacher || student) at T=1 and T=4 (batch-mean, no T^2 factor)."""
+    def kl(T: float) -> float:
+        return F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(teacher_logits / T, 1),
+                        reduction="batchmean", log_target=True).item()
+    agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
+    return {"agreement": agreement, "kl_t1": kl(1.0), "kl_t4": kl(4.0)}

@@ -1,0 +1,180 @@
+"""One job, start to end: skip or resume, build, train, write the result (or the failure)."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import kdexp
+from kdexp.config import ConfigError, run_role, validate
+from kdexp.data import EvalBatches, build_train_batches, load_splits
+from kdexp.data.fake import write_fake_cifar
+from kdexp.evaluation import accuracy, predict
+from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
+from kdexp.models import build_model, count_parameters
+from kdexp.records import read_result, write_result
+from kdexp.teachers import TeacherError, export_teacher, load_teacher, resolve_teacher_path
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> str:
+    """Run one job in `run_dir`; returns its outcome: completed, failed, skipped or dry_run.
+    Bad config raises ConfigError before anything is written; any later failure is recorded in
+    result.json as status=failed and re-raised."""
+    method = validate(cfg)
+    previous = _previous_result(run_dir)
+    if previous is not None and (previous["status"] == "completed" or not cfg.retry_failed):
+        hint = "" if previous["status"] == "completed" else " (pass retry_failed=true to run it again)"
+        log.info("skipping %s: result.json says %s%s", run_dir, previous["status"], hint)
+        return "skipped"
+    if cfg.dry_run:
+        return _dry_run(cfg, run_dir)
+    started = time.time()
+    loop = None
+    try:
+        loop = _build(cfg, method, run_dir)
+        loop.resume()
+        state = loop.fit()
+        result = _result(cfg, loop, state, started)
+        if cfg.export_teacher:
+            path = resolve_teacher_export_path(cfg)
+            export_teacher(loop.student, path, cfg.seed, cfg.data, state.history[-1]["test_acc"], str(run_dir))
+            result["teacher_checkpoint"] = str(path)
+            log.info("exported teacher to %s", path)
+        write_result(run_dir, result)
+        return "completed"
+    except Exception as err:
+        epoch = err.epoch if isinstance(err, NonFiniteLossError) else (loop.state.epoch + 1 if loop else None)
+        write_result(run_dir, {**_identity(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}",
+                               "failed_epoch": epoch, "wall_seconds": time.time() - started, **_provenance()})
+        raise
+
+
+def _previous_result(run_dir: Path) -> dict | None:
+    try:
+        return read_result(run_dir)
+    except ValueError:  # a corrupt result.json is no result: the run is redone
+        log.warning("ignoring corrupt %s/result.json", run_dir)
+        return None
+
+
+def resolve_teacher_export_path(cfg: DictConfig) -> Path:
+    """Where this teacher run's weights go: the path students of the same identity look up."""
+    teacher_view = OmegaConf.merge(cfg, {"teacher": {"arch": cfg.model.arch, "stem": cfg.model.stem,
+                                                     "width": cfg.model.width, "seed": cfg.seed, "ckpt": None}})
+    return resolve_teacher_path(teacher_view)
+
+
+def _dry_run(cfg: DictConfig, run_dir: Path) -> str:
+    what = f"{run_role(cfg)} {cfg.model.arch} (w{cfg.model.width}, {cfg.model.stem} stem)"
+    if cfg.teacher.arch:
+        path = resolve_teacher_path(cfg)
+        state = "found" if path.is_file() else "MISSING - train it before this job runs"
+        what += f" from teacher {cfg.teacher.arch} [{path}: {state}]"
+    line = (f"dry run: would train {what} with {OmegaConf.to_container(cfg.method)} for {cfg.trainer.epochs} "
+            f"epochs, seed {cfg.seed}, into {run_dir}")
+    log.info(line)
+    print(line)
+    return "dry_run"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _build(cfg: DictConfig, method, run_dir: Path) -> Loop:
+    device = _device(cfg.trainer.device)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    d = cfg.data
+    if d.name == "fake":
+        write_fake_cifar(d.root, d.fake_train_size, d.fake_test_size)
+    splits = load_splits(d.root, d.val_size, d.split_seed, d.download, d.verify_md5)
+    teacher = load_teacher(cfg, device) if method.needs_teacher else None
+    student = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem, cfg.model.width).to(device)
+    method.bind(student, teacher)
+    method.to(device)
+    optimizer = build_optimizer(student, method, cfg.trainer)
+    test = EvalBatches(splits.test_x, splits.test_y, d.eval_batch_size, device)
+    val = EvalBatches(splits.val_x, splits.val_y, d.eval_batch_size, device) if d.val_size else None
+    train = build_train_batches(d.loader, splits.train_x, splits.train_y, cfg.trainer.batch_size, cfg.seed,
+                                device, cfg.trainer.max_steps_per_epoch, num_workers=d.num_workers)
+    teacher_logits = predict(teacher, test) if teacher is not None else None
+    return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.trainer), train, val, test,
+                cfg.trainer, run_dir, teacher_test_logits=teacher_logits)
+
+
+def _identity(cfg: DictConfig) -> dict:
+    method_name = validate(cfg).name
+    return {"kind": run_role(cfg), "method": method_name, "epochs": cfg.trainer.epochs}
+
+
+def _result(cfg: DictConfig, loop: Loop, state, started: float) -> dict:
+    history = state.history
+    selected = state.best_val or state.last_eval
+    fid = None
+    if loop.teacher_test_logits is not None:
+        fid = {k: selected[k] for k in ("agreement", "kl_t1", "kl_t4")}
+        fid["teacher_test_acc"] = accuracy(loop.teacher_test_logits, loop.test.labels)
+    method_norms = [r["proj_grad_norm_max"] for r in history if r["proj_grad_norm_max"] is not None]
+    return {
+        **_identity(cfg), "status": "completed", "error": None, "failed_epoch": None,
+        "epochs_completed": state.epoch,
+        "best_val_acc": state.best_val["val_acc"] if state.best_val else None,
+        "best_val_epoch": state.best_val["epoch"] if state.best_val else None,
+        "test_acc_at_best_val": state.best_val["test_acc"] if state.best_val else None,
+        "test_acc_final": history[-1]["test_acc"],
+        "best_test_acc": state.best_test["test_acc"], "best_test_epoch": state.best_test["epoch"],
+        "selected_checkpoint": "best_val" if state.best_val else "final",
+        "per_class_test_acc": selected["per_class_test_acc"],
+        "fidelity": fid,
+        "grad_norm_max": max(r["grad_norm_max"] for r in history),
+        "proj_grad_norm_max": max(method_norms) if method_norms else None,
+        "clip_fraction": sum(r["clip_fraction"] for r in history) / len(history),
+        "params": {"student": count_parameters(loop.student), "method": count_parameters(loop.method),
+                   "teacher": count_parameters(loop.teacher) if loop.teacher is not None else None},
+        "wall_seconds": time.time() - started,
+        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+        "device": str(next(loop.student.parameters()).device), **_provenance(),
+    }
+
+
+def _provenance() -> dict:
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "kdexp_version": kdexp.__version__, "git_commit": _git_commit(), "hostname": socket.gethostname()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+__all__ = ["run", "ConfigError", "TeacherError"]

@@ -1,0 +1,202 @@
+"""The epoch loop: forward, loss parts, backward, clip over the optimiser's clipped groups, step,
+evaluate, record, checkpoint. Everything else (building, files, failure handling) lives in job.py."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdexp import checkpoint
+from kdexp.data.loaders import EvalBatches, TrainBatches
+from kdexp.evaluation import accuracy, fidelity, per_class_accuracy, predict
+from kdexp.methods import DistillationMethod, ModelOutputs
+from kdexp.records import write_metrics
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, epoch: int):
+        super().__init__(f"loss became NaN/inf in epoch {epoch}; lower trainer.lr or check the teacher")
+        self.epoch = epoch
+
+
+def build_optimizer(student: nn.Module, method: nn.Module, trainer) -> torch.optim.SGD:
+    """One SGD over the student and the method's own parameters (same lr schedule, momentum,
+    nesterov, weight decay). Each group says whether it is clipped: the clip then covers exactly
+    the optimiser's parameters, so a method's parameters cannot be forgotten by accident."""
+    groups = [{"params": list(student.parameters()), "clip": True, "name": "student"}]
+    method_params = list(method.parameters())
+    if method_params:
+        groups.append({"params": method_params, "clip": method.clip_with_student, "name": "method"})
+    return torch.optim.SGD(groups, lr=trainer.lr, momentum=trainer.momentum, nesterov=trainer.nesterov,
+                           weight_decay=trainer.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, trainer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer.epochs, eta_min=trainer.eta_min)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clip the clipped groups together; return their pre-clip total norm and the method-only norm."""
+    clipped = [p for g in optimizer.param_groups if g["clip"] for p in g["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(clipped, max_norm if max_norm else math.inf, foreach=True)
+    method = [p.grad for g in optimizer.param_groups if g["name"] == "method" for p in g["params"]
+              if p.grad is not None]
+    method_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in method])) if method else None
+    return norm, method_norm
+
+
+@dataclass
+class TrainState:
+    """Everything the loop carries across epochs; saved in last.pt for an exact resume."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+    best_val: dict | None = None  # the row (plus per-class acc) of the best-val epoch; ties keep the earliest
+    best_test: dict | None = None
+    last_eval: dict | None = None
+
+
+@dataclass
+class Loop:
+    student: nn.Module
+    method: DistillationMethod
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train: TrainBatches
+    val: EvalBatches | None
+    test: EvalBatches
+    trainer: object
+    run_dir: Path
+    teacher_test_logits: torch.Tensor | None = None
+    state: TrainState = field(default_factory=TrainState)
+
+    def fit(self) -> TrainState:
+        for epoch in range(self.state.epoch + 1, self.trainer.epochs + 1):
+            row = self.train_epoch(epoch)
+            if epoch % self.trainer.eval_every == 0 or epoch == self.trainer.epochs:
+                row.update(self.evaluate(epoch))
+            self.state.history.append(row)
+            self.state.epoch = epoch
+            self.scheduler.step()
+            write_metrics(self.run_dir, self.state.history)
+            self.save()
+            log.info(_epoch_line(row, self.trainer.epochs))
+        return self.state
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.student.train()
+        self.method.train()
+        device = next(self.student.parameters()).device
+        sums: dict[str, torch.Tensor] = {}
+        norms, method_norms = [], []
+        correct = torch.zeros((), device=device)
+        seen, start = 0, time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        for batch in _progress(self.train.epoch(epoch), len(self.train), self.trainer.progress, epoch):
+            parts, logits = self.step(batch)
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0) + value.detach() * len(batch.y)
+            norm, method_norm = clip_gradients(self.optimizer, self.trainer.clip_norm)
+            self.optimizer.step()
+            norms.append(norm)
+            if method_norm is not None:
+                method_norms.append(method_norm)
+            correct += (logits.argmax(1) == batch.y).sum()
+            seen += len(batch.y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        losses = {name: (s / seen).item() for name, s in sums.items()}
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise NonFiniteLossError(epoch)
+        norms_t = torch.stack(norms).float()
+        clip = self.trainer.clip_norm
+        return {
+            "epoch": epoch, "lr": lr, **{("loss" if k == "loss" else f"loss_{k}"): v for k, v in losses.items()},
+            "train_acc": correct.item() / seen,
+            "grad_norm_max": norms_t.max().item(), "grad_norm_mean": norms_t.mean().item(),
+            "proj_grad_norm_max": torch.stack(method_norms).max().item() if method_norms else None,
+            "clip_fraction": (norms_t > clip).float().mean().item() if clip else 0.0,
+            "epoch_seconds": seconds, "images_per_s": seen / seconds,
+        }
+
+    def step(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward both networks, the method's loss parts, backward; returns parts and logits."""
+        needs_features = self.method.needs_features
+        teacher_out = None
+        if self.teacher is not None:
+            t = self.teacher(batch.x, with_features=needs_features)
+            teacher_out = ModelOutputs(*t) if needs_features else ModelOutputs(t)
+        s = self.student(batch.x, with_features=needs_features)
+        student_out = ModelOutputs(*s) if needs_features else ModelOutputs(s)
+        parts = self.method(student_out, teacher_out, batch.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        return parts, student_out.logits.detach()
+
+    def evaluate(self, epoch: int) -> dict:
+        row: dict = {"val_acc": None}
+        if self.val is not None:
+            row["val_acc"] = accuracy(predict(self.student, self.val), self.val.labels)
+        test_logits = predict(self.student, self.test)
+        row["test_acc"] = accuracy(test_logits, self.test.labels)
+        if self.teacher_test_logits is not None:
+            row.update(fidelity(test_logits, self.teacher_test_logits))
+        snapshot = {**row, "epoch": epoch, "per_class_test_acc": per_class_accuracy(test_logits, self.test.labels)}
+        if row["val_acc"] is not None and (self.state.best_val is None or row["val_acc"] > self.state.best_val["val_acc"]):
+            self.state.best_val = snapshot
+        if self.state.best_test is None or row["test_acc"] > self.state.best_test["test_acc"]:
+            self.state.best_test = snapshot
+        self.state.last_eval = snapshot
+        return row
+
+    def save(self) -> None:
+        checkpoint.save(self.run_dir / checkpoint.LAST, {
+            "student": self.student.state_dict(), "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "state": self.state.__dict__, "rng": checkpoint.rng_state(),
+        })
+
+    def resume(self) -> bool:
+        """Continue from last.pt if the run dir has one; returns whether it did."""
+        path = self.run_dir / checkpoint.LAST
+        if not path.exists():
+            return False
+        ckpt = checkpoint.load(path, map_location=next(self.student.parameters()).device)
+        self.student.load_state_dict(ckpt["student"])
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = TrainState()
+        self.state.__dict__.update(ckpt["state"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        write_metrics(self.run_dir, self.state.history)  # drop any line written after this checkpoint
+        log.info("resuming %s after epoch %d", self.run_dir, self.state.epoch)
+        return True
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.4f}", f"loss {row['loss']:.4f}",
+             f"train {row['train_acc']:.4f}"]
+    for key in ("val_acc", "test_acc", "agreement"):
+        if row.get(key) is not None:
+            parts.append(f"{key.removesuffix('_acc')} {row[key]:.4f}")
+    parts += [f"|g| max {row['grad_norm_max']:.2f}", f"{row['images_per_s']:.0f} img/s"]
+    return "  ".join(parts)
+
+
+def _progress(iterable, total: int, enabled: bool, epoch: int):
+    """A progress bar only for a person at a terminal; logs and SLURM files stay clean."""
+    if not (enabled and sys.stderr.isatty()):
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=f"epoch {epoch}", leave=False)

@@ -1,0 +1,74 @@
+"""ResNet-18/34/50/101 as torchvision builds them, with a CIFAR or ImageNet stem and a base width.
+
+`width` scales every stage (64 = torchvision's networks) so tests can train the real architectures
+tiny. The forward pass can also return the four stage outputs (layer1..layer4) for Feature-KD.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+}
+STEMS = ("cifar", "imagenet")
+
+
+class KDResNet(ResNet):
+    """torchvision's ResNet with a configurable base width and stem; forward can expose stages."""
+
+    def __init__(self, arch: str, num_classes: int = 10, stem: str = "cifar", width: int = 64):
+        block, layers = ARCHS[arch]
+        # torchvision hard-codes 64 channels; build at width 64 when asked so parameters and init
+        # are exactly torchvision's, else rebuild the trunk at the requested width.
+        super().__init__(block, layers, num_classes=num_classes)
+        if width != 64:
+            self._rebuild(block, layers, num_classes, width)
+        if stem == "cifar":
+            # The study replaces conv1 after construction, so it keeps PyTorch's default Conv2d
+            # init (not torchvision's kaiming-normal); we do the same on purpose.
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.arch, self.stem, self.width = arch, stem, width
+        self.stage_channels = [width * m * block.expansion for m in (1, 2, 4, 8)]
+
+    def _rebuild(self, block: type[nn.Module], layers: list[int], num_classes: int, width: int) -> None:
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        for m in self.modules():  # torchvision's init, applied to the rebuilt trunk
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            features.append(x)
+        logits = self.fc(torch.flatten(self.avgpool(x), 1))
+        return (logits, features) if with_features else logits
+
+
+def build_model(arch: str, num_classes: int = 10, stem: str = "cifar", width: int = 64) -> KDResNet:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {list(STEMS)}")
+    return KDResNet(arch, num_classes=num_classes, stem=stem, width=width)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

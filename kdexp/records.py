@@ -1,0 +1,78 @@
+"""The files a run leaves behind, and the only code that writes them.
+
+A run dir holds `.hydra/` (written by Hydra), `metrics.jsonl` (one JSON object per evaluated
+epoch, rewritten atomically from the checkpoint's history on resume), `result.json` (written
+once, atomically, when the run ends: `status` is "completed" or "failed") and `last.pt`.
+Accuracies are fractions in [0, 1], as in the study's own files; tables turn them into percent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+SCHEMA_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
+
+
+def write_metrics(run_dir: Path, history: Iterable[dict]) -> None:
+    """(Re)write the whole per-epoch log; called after every epoch with the full history."""
+    lines = "".join(json.dumps(_jsonable(row)) + "\n" for row in history)
+    atomic_write_bytes(Path(run_dir) / METRICS_FILE, lines.encode())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    atomic_write_json(Path(run_dir) / RESULT_FILE, {"schema_version": SCHEMA_VERSION, **result})
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """The run's result, or None when it has not ended. Raises ValueError on a corrupt file."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err

@@ -1,0 +1,35 @@
+"""The one entry point: `python -m kdexp.train` (or `kdexp-train`) trains a teacher, a baseline
+or a distilled student, depending only on the composed config."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from kdexp import job
+from kdexp.config import register_configs
+from kdexp.summary import record_outcome
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+log = logging.getLogger("kdexp")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> str:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        outcome = job.run(cfg, run_dir)
+    except Exception:
+        record_outcome(run_dir, "failed")
+        raise
+    record_outcome(run_dir, outcome)
+    return outcome
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,6 @@ directory names. Runs that cannot be used stay in the frame with a `status` othe
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import yaml
 from kdexp import records
 
 from . import study_format
+from .schema import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, clipped_fraction, config_hash, empty_row, set_method
 
 try:  # libyaml is ~10x faster than the pure-Python loader; it matters at thousands of runs
     _YamlLoader: Any = yaml.CSafeLoader
@@ -45,28 +45,6 @@ KNOWN_CONFIG_KEYS = frozenset({
     "data.name", "data.val_size",
 })
 
-STATUSES = ("completed", "failed", "incomplete", "corrupt", "duplicate")
-
-COLUMNS = [
-    # identity and state
-    "source", "run_dir", "status", "reason", "notes", "experiment", "protocol", "kind",
-    # configuration
-    "pair", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem", "width",
-    "method", "kd", "alpha", "T", "beta", "clip_projection", "seed", "epochs", "val_size", "data",
-    "clip_norm",
-    # metrics (accuracies are fractions in [0, 1])
-    "epochs_completed", "best_val_acc", "best_val_epoch", "test_at_best_val", "test_final",
-    "best_test", "best_test_epoch", "agreement", "kl_t1", "kl_t4", "teacher_test_acc",
-    "grad_norm_max", "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction",
-    "wall_seconds", "images_per_s", "params_student", "params_method", "params_teacher",
-    "error", "failed_epoch", "kdexp_version", "git_commit", "finished_at",
-    # provenance of the configuration itself
-    "config_hash", "config",
-]
-_INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "seed", "epochs", "val_size",
-                "epochs_completed", "best_val_epoch", "best_test_epoch", "failed_epoch",
-                "params_student", "params_method", "params_teacher"]
-
 
 def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per run directory found recursively under `roots` (a path or several).
@@ -84,8 +62,10 @@ def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFr
     study_format.assign_teacher_kind(rows)
     _mark_duplicates(rows)
     frame = pd.DataFrame.from_records(rows, columns=COLUMNS)
-    for column in _INT_COLUMNS:
-        frame[column] = frame[column].astype("Int64")
+    # Explicit dtypes: a column that is empty for every run would otherwise be `object`.
+    frame[INT_COLUMNS] = frame[INT_COLUMNS].astype("Int64")
+    frame[FLOAT_COLUMNS] = frame[FLOAT_COLUMNS].astype("float64")
+    frame["clip_projection"] = frame["clip_projection"].astype("boolean")
     return frame
 
 
@@ -100,12 +80,6 @@ def find_run_dirs(root: Path) -> Iterator[tuple[Path, str]]:
             yield Path(dirpath), "kdexp"
         # Hidden dirs hold Hydra/submitit bookkeeping, never runs; a run dir may hold nested runs.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-
-
-def empty_row(run_dir: Path, source: str) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(source=source, run_dir=str(run_dir), notes="")
-    return row
 
 
 def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
@@ -176,24 +150,6 @@ def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> Non
     row["config_hash"] = config_hash(flat)
 
 
-def set_method(row: dict[str, Any], method: str, *, alpha: Any, T: Any, beta: Any,
-               clip_projection: Any) -> None:
-    """Method columns, keeping only the hyperparameters that mean something for the method."""
-    row["method"] = method
-    row["alpha"] = float(alpha) if method != "ce" and alpha is not None else None
-    row["T"] = float(T) if method == "logit" and T is not None else None
-    row["beta"] = float(beta) if method == "feature" and beta is not None else None
-    row["clip_projection"] = bool(clip_projection) if method == "feature" and clip_projection is not None else None
-    row["kd"] = kd_label(method, row["clip_projection"])
-
-
-def kd_label(method: str, clip_projection: bool | None) -> str:
-    """The study's KD column: "none" for plain CE, "feature(bugged)" for unclipped projections."""
-    if method == "ce":
-        return "none"
-    return f"{method}(bugged)" if clip_projection is False else method
-
-
 def infer_method(method_cfg: dict) -> str:
     """Method name from the config node (result.json's `method` overrides it once written)."""
     target = str(method_cfg.get("_target_", "")).lower()
@@ -259,14 +215,6 @@ def load_history(run_dir: str | Path, source: str) -> list[dict]:
     return _read_metrics(Path(run_dir))[0]
 
 
-def clipped_fraction(history: list[dict], clip_norm: float | None) -> float | None:
-    """Fraction of epochs whose largest pre-clip gradient norm exceeded the clip threshold."""
-    norms = [h["grad_norm_max"] for h in history if isinstance(h.get("grad_norm_max"), (int, float))]
-    if not norms or clip_norm is None:
-        return None
-    return sum(n > clip_norm for n in norms) / len(norms)
-
-
 def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in node.items():
@@ -276,10 +224,6 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def config_hash(flat: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _mark_duplicates(rows: list[dict]) -> None:

@@ -84,7 +84,6 @@ def _dry_run(cfg: DictConfig, run_dir: Path) -> str:
     line = (f"dry run: would train {what} with {OmegaConf.to_container(cfg.method)} for {cfg.trainer.epochs} "
             f"epochs, seed {cfg.seed}, into {run_dir}")
     log.info(line)
-    print(line)
     return "dry_run"
 
 

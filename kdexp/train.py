@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from kdexp import job
-from kdexp.config import register_configs
+from kdexp.config import ConfigError, register_configs
 from kdexp.summary import record_outcome
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -24,6 +24,9 @@ def main(cfg: DictConfig) -> str:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         outcome = job.run(cfg, run_dir)
+    except ConfigError as err:  # bad input: one clear line, not a traceback
+        print(f"kdexp: invalid config: {err}", file=sys.stderr)
+        sys.exit(2)
     except Exception:
         record_outcome(run_dir, "failed")
         raise

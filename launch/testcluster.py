@@ -37,7 +37,7 @@ GPUS = 4
 PACKAGES = "slurm-wlm munge slurmdbd mariadb-server"
 APT_COMMAND = f"apt-get update && apt-get install -y --no-install-recommends {PACKAGES}"
 INSTALL_HINT = f"run `launch/install_slurm.sh` as root (it runs: {APT_COMMAND})"
-# binary -> why it is needed; the daemons live in /usr/sbin, not always on a user's PATH
+# what start() and the tests run; the daemons live in /usr/sbin, not always on a user's PATH
 BINARIES = ("munged", "munge", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld",
             "slurmd", "sbatch", "squeue", "scancel", "sinfo", "sacct", "sacctmgr", "scontrol")
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # start order
@@ -82,12 +82,12 @@ class ClusterInfo:
 # ---------------------------------------------------------------- prerequisites
 
 
-def which(binary: str) -> str | None:
+def _which(binary: str) -> str | None:
     return shutil.which(binary, path=SEARCH_PATH)
 
 
 def missing_binaries() -> list[str]:
-    return [b for b in BINARIES if which(b) is None]
+    return [b for b in BINARIES if _which(b) is None]
 
 
 def unavailable_reason() -> str | None:
@@ -109,8 +109,9 @@ def make_cluster_dir() -> Path:
 
 
 def _check_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
+    if not path.exists():  # never chmod a dir we did not create (think --dir /tmp)
+        path.mkdir(parents=True)
+        path.chmod(0o755)
     for parent in [path, *path.parents]:
         if not parent.stat().st_mode & 0o001:
             raise ClusterError(f"{parent} is not world-executable; munged refuses a socket below "
@@ -259,7 +260,7 @@ def _reap(pid: int) -> None:
 
 
 def _spawn(d: Path, name: str, argv: Sequence[str], env: dict[str, str]) -> int:
-    if which(argv[0]) is None:
+    if _which(argv[0]) is None:
         raise ClusterError(f"{argv[0]} not found: {INSTALL_HINT}")
     out = open(d / f"log/{name}.out", "ab")
     # Own session: the daemon survives the CLI process and ignores the terminal's Ctrl-C.
@@ -283,16 +284,16 @@ def _recorded(d: Path) -> dict[str, tuple[int, int]]:
     return result
 
 
-def _log_tail(d: Path, name: str, lines: int = 15) -> str:
-    chunks = []
+def _log_tail(d: Path, name: str, lines: int = 20) -> str:
+    # Daemons in the foreground log to both files; munged only to stderr (.out).
     for path in (d / f"log/{name}.log", d / f"log/{name}.out"):
-        if path.exists():
+        if path.exists() and path.stat().st_size:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
-            chunks.append(f"--- {path}\n" + "\n".join(tail))
-    return "\n".join(chunks)
+            return f"--- last lines of {path}:\n" + "\n".join(tail)
+    return f"(no log output from {name})"
 
 
-def _wait(d: Path, name: str, ready: Callable[[], bool], timeout: float = 60.0) -> None:
+def _wait(d: Path, name: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
     pid, ticks = _recorded(d)[name]
     deadline = time.monotonic() + timeout
     while not ready():
@@ -331,23 +332,26 @@ def _start_munged(d: Path, env: dict[str, str]) -> None:
     _wait(d, "munged", lambda: _ok(["munge", "-n", f"--socket={sock}"], env) is not None)
 
 
+# A throw-away database: durability only costs time. Passed to install-db too, so the
+# bootstrap writes an 8 MB redo log instead of 96 MB and the server need not resize it.
+_INNODB = ("--innodb-log-file-size=8M", "--innodb-flush-log-at-trx-commit=0",
+           "--innodb-doublewrite=0", "--innodb-buffer-pool-size=32M",
+           "--innodb-lock-wait-timeout=900")  # slurmdbd warns below 900
+
+
 def _start_mariadbd(d: Path, env: dict[str, str], port: int) -> None:
     datadir = d / "db/data"
     # --no-defaults: never read /etc/mysql, whose settings point at the system instance.
     init = subprocess.run(
         ["mariadb-install-db", "--no-defaults", f"--datadir={datadir}", "--user=root",
-         "--auth-root-authentication-method=normal", "--skip-test-db"],
+         "--auth-root-authentication-method=normal", "--skip-test-db", *_INNODB],
         env=env, capture_output=True, text=True)
     if init.returncode != 0:
         raise ClusterError(f"mariadb-install-db failed:\n{init.stdout}\n{init.stderr}")
     _spawn(d, "mariadbd", ["mariadbd", "--no-defaults", f"--datadir={datadir}", "--user=root",
                            "--bind-address=127.0.0.1", f"--port={port}",
                            f"--socket={d}/db/mariadbd.sock", f"--pid-file={d}/db/mariadbd.pid",
-                           f"--log-error={d}/log/mariadbd.log", "--skip-log-bin",
-                           # throw-away database: durability only costs start-up time
-                           "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0",
-                           "--innodb-buffer-pool-size=32M",
-                           "--innodb-lock-wait-timeout=900"], env)  # slurmdbd warns below 900
+                           f"--log-error={d}/log/mariadbd.log", "--skip-log-bin", *_INNODB], env)
     _wait(d, "mariadbd", lambda: _tcp_open(port))
 
 

@@ -39,7 +39,11 @@ def slurm_cluster() -> Iterator[testcluster.ClusterInfo]:
         pytest.skip(reason)
     cluster_dir = testcluster.make_cluster_dir()
     old_conf = os.environ.get("SLURM_CONF")
-    info = testcluster.start(cluster_dir)  # ClusterError (with daemon logs) fails the tests
+    try:
+        info = testcluster.start(cluster_dir)
+    except BaseException:
+        testcluster.stop(cluster_dir)  # the ClusterError already carries the daemon log tails
+        raise
     os.environ["SLURM_CONF"] = str(info.slurm_conf)
     try:
         yield info

@@ -13,7 +13,7 @@ import submitit
 
 from launch.testcluster import ClusterInfo
 
-pytestmark = pytest.mark.usefixtures("slurm_clean")
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
 
 
 def sbatch(*args: str) -> str:

@@ -1,0 +1,175 @@
+"""Usable runs → cells (one configuration, all its seeds), and the matches the tables need:
+each student cell's baseline, each pair's teacher, each pair and method's best configuration.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .collect import KNOWN_CONFIG_KEYS
+from .rules import Rule
+from .stats import Comparison, compare, mean_std
+
+# What makes two runs the same configuration (their seeds then vary within a cell).
+CELL_FIELDS = ("kind", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem",
+               "width", "kd", "alpha", "T", "beta", "epochs", "val_size", "data")
+# What a baseline must share with a distilled student to be its reference.
+STUDENT_CONTEXT = ("student", "stem", "width", "epochs", "val_size", "data")
+# What a pair's rows share; the method and its hyperparameters vary within a pair.
+PAIR_CONTEXT = ("teacher", "teacher_stem", "teacher_width", "teacher_seed") + STUDENT_CONTEXT
+KD_METHODS = ("logit", "feature")
+
+
+def clean(value: Any) -> Any:
+    """NaN / pd.NA → None, numpy scalars → Python, so keys compare and hash predictably."""
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: clean(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+@dataclass
+class Cell:
+    """One configuration of one experiment and its runs, one per seed."""
+
+    experiment: str
+    key: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.key.get(name)
+
+    def values(self, column: str) -> tuple[list[float], list[int]]:
+        """The runs' values of `column` that exist, and those runs' seeds."""
+        pairs = sorted((r["seed"], r[column]) for r in self.runs if r.get(column) is not None)
+        return [v for _, v in pairs], [s for s, _ in pairs]
+
+    def stat(self, column: str) -> tuple[float, float, int]:
+        values, _ = self.values(column)
+        return (*mean_std(values), len(values))
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r["seed"] for r in self.runs)
+
+    def context(self, fields: Iterable[str]) -> tuple:
+        return tuple(self.key.get(f) for f in fields) + tuple(self.key.get(k) for k in self.extras)
+
+    @property
+    def extras(self) -> list[str]:
+        return [k for k in self.key if k not in CELL_FIELDS and not k.startswith("method.")]
+
+    @property
+    def sort_key(self) -> tuple:
+        """The study's order: sorted by (teacher or "-", student, kd, alpha, T, stem)."""
+        def num(x: Any) -> float:
+            return -math.inf if x is None else x
+        return (self["teacher"] or "-", self["student"] or "", self["kd"] or "", num(self["alpha"]),
+                num(self["T"]), self["stem"] or "", tuple(str(self.key.get(k)) for k in self.key))
+
+
+def extra_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """Config keys without a column that differ between runs of what would be one cell.
+
+    A sweep over e.g. trainer.lr must not be averaged into one row: such keys join the cell key.
+    """
+    by_cell: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_cell[tuple(run.get(f) for f in CELL_FIELDS)].append(run)
+    varying: set[str] = set()
+    for same in by_cell.values():
+        if len(same) < 2:
+            continue
+        keys = set().union(*(r["config"] for r in same)) - KNOWN_CONFIG_KEYS - varying
+        for key in keys:
+            if len({repr(r["config"].get(key)) for r in same}) > 1:
+                varying.add(key)
+    return sorted(varying)
+
+
+@dataclass
+class Experiment:
+    """The cells of one experiment, with the lookups the tables need."""
+
+    name: str
+    cells: list[Cell]
+    extras: list[str]
+    rule: Rule
+
+    @classmethod
+    def build(cls, name: str, runs: list[dict[str, Any]], rule: Rule) -> "Experiment":
+        extras = extra_keys(runs)
+        cells: dict[tuple, Cell] = {}
+        for run in runs:
+            key = {f: run.get(f) for f in CELL_FIELDS}
+            key.update({k: (run["config"] or {}).get(k) for k in extras})
+            ident = tuple(repr(v) for v in key.values())
+            cells.setdefault(ident, Cell(name, key)).runs.append(run)
+        return cls(name, sorted(cells.values(), key=lambda c: c.sort_key), extras, rule)
+
+    def of_kind(self, *kinds: str) -> list[Cell]:
+        return [c for c in self.cells if c["kind"] in kinds]
+
+    def acc(self, cell: Cell) -> tuple[list[float], list[int]]:
+        """The selected accuracy (the rule's column) of a cell's runs, and their seeds."""
+        return cell.values(self.rule.column)
+
+    def baseline_for(self, cell: Cell) -> Cell | None:
+        context = cell.context(STUDENT_CONTEXT)
+        matches = [b for b in self.of_kind("baseline") if b.context(STUDENT_CONTEXT) == context]
+        return matches[0] if len(matches) == 1 else None
+
+    def versus_baseline(self, cell: Cell) -> Comparison | None:
+        base = self.baseline_for(cell)
+        if base is None:
+            return None
+        (a, a_seeds), (b, b_seeds) = self.acc(cell), self.acc(base)
+        return compare(a, a_seeds, b, b_seeds) if a and b else None
+
+    def pairs(self) -> dict[tuple, list[Cell]]:
+        """Student cells by pair context (teacher, student, stems, widths, epochs, ...)."""
+        pairs: dict[tuple, list[Cell]] = defaultdict(list)
+        for cell in self.of_kind("student"):
+            pairs[cell.context(PAIR_CONTEXT)].append(cell)
+        return dict(pairs)
+
+    def selection_column(self, cells: list[Cell]) -> str:
+        """Configs are chosen on val accuracy when every run has one (as the study's stage 1)."""
+        has_val = all(r.get("best_val_acc") is not None for c in cells for r in c.runs)
+        return "best_val_acc" if has_val else self.rule.column
+
+    def best_config(self, cells: list[Cell], kd: str) -> Cell | None:
+        """Best cell of one method: highest mean selection accuracy; ties → more seeds, then order."""
+        candidates = [c for c in cells if c["kd"] == kd and self.acc(c)[0]]
+        if not candidates:
+            return None
+        column = self.selection_column(candidates)
+
+        def score(cell: Cell) -> tuple[float, int]:
+            mean, _, n = cell.stat(column)
+            return (mean if n else -math.inf, n)
+        return max(candidates, key=score)  # max keeps the first of equals: the table's order
+
+
+def teacher_runs(cell: Cell, runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The completed teacher runs a student cell distilled from (any experiment: teachers are
+    usually trained in their own). Matches architecture, stem, width, seed and data."""
+    return [r for r in runs if r["kind"] == "teacher" and r["student"] == cell["teacher"]
+            and r["stem"] == cell["teacher_stem"] and r["width"] == cell["teacher_width"]
+            and r["seed"] == cell["teacher_seed"] and r["data"] == cell["data"]]
+
+
+def group_by_experiment(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_name[run["experiment"] or "(unnamed)"].append(run)
+    return dict(sorted(by_name.items()))

@@ -1,0 +1,229 @@
+"""Figures (PNG + PDF): α×T heatmaps, learning curves, Δ bars with CIs, clip-ablation grad norms."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.patches import Rectangle
+
+from .aggregate import Cell, Experiment
+from .collect import load_history
+from .stats import mean_std
+from .tables import pair_name
+
+# Figures are built with the object API on an Agg canvas: no pyplot state, no display needed.
+DPI = 110
+COLORS = {"none": "#555555", "logit": "#1f77b4", "feature": "#d62728", "feature(bugged)": "#ff7f0e"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    title: str
+    png: Path
+    pdf: Path
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("→", "_to_")).strip("_")
+
+
+def make_figures(exp: Experiment, out_dir: Path) -> list[Figure]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for cells in exp.pairs().values():
+        figures += [f for f in (heatmap(exp, cells, out_dir), learning_curves(exp, cells, out_dir),
+                                grad_norms(exp, cells, out_dir)) if f]
+    bars = delta_bars(exp, out_dir)
+    return figures + ([bars] if bars else [])
+
+
+def _new(width: float, height: float, ncols: int = 1) -> tuple[MplFigure, list[Axes]]:
+    fig = MplFigure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, list(np.atleast_1d(fig.subplots(1, ncols)))
+
+
+def _save(fig: MplFigure, out_dir: Path, name: str, title: str) -> Figure:
+    png, pdf = out_dir / f"{name}.png", out_dir / f"{name}.pdf"
+    fig.savefig(png, bbox_inches="tight")
+    fig.savefig(pdf, bbox_inches="tight")
+    return Figure(name, title, png, pdf)
+
+
+def _pair_slug(exp: Experiment, ref: Cell) -> str:
+    return slug(f"{exp.name}__{ref['teacher']}_to_{ref['student']}__{ref['stem']}_w{ref['width']}_e{ref['epochs']}")
+
+
+def heatmap(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
+    logit = [c for c in cells if c["kd"] == "logit" and exp.acc(c)[0]]
+    alphas = sorted({c["alpha"] for c in logit})
+    temps = sorted({c["T"] for c in logit})
+    if len(logit) < 2:
+        return None
+    grid = np.full((len(alphas), len(temps)), np.nan)
+    stds = np.full_like(grid, np.nan)
+    for c in logit:
+        mean, std = mean_std(exp.acc(c)[0])
+        grid[alphas.index(c["alpha"]), temps.index(c["T"])] = 100 * mean
+        stds[alphas.index(c["alpha"]), temps.index(c["T"])] = 100 * std
+    fig, (ax,) = _new(1.3 * len(temps) + 2.4, 1.0 * len(alphas) + 1.6)
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"{exp.rule.label} (%)")
+    ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
+    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("α (weight of the KD term)")
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            text = f"{value:.2f}" + (f"\n±{stds[i, j]:.2f}" if np.isfinite(stds[i, j]) else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                    color="black" if value > middle else "white")
+    best = exp.best_config(logit, "logit")
+    if best is not None:
+        ax.add_patch(Rectangle((temps.index(best["T"]) - 0.5, alphas.index(best["alpha"]) - 0.5), 1, 1,
+                                   fill=False, edgecolor="red", linewidth=2.5))
+    title = f"{pair_name(logit[0])}: Logit-KD α × T"
+    ax.set_title(f"{title}\n(mean ± std over seeds; red box: best configuration)")
+    return _save(fig, out_dir, f"{_pair_slug(exp, logit[0])}__heatmap", title)
+
+
+def _curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, mean and std over seeds of one history key (epochs where some seed logged it)."""
+    by_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        for h in load_history(run["run_dir"], run["source"]):
+            if isinstance(h.get(key), (int, float)) and isinstance(h.get("epoch"), int):
+                by_epoch.setdefault(h["epoch"], []).append(float(h[key]))
+    epochs = sorted(by_epoch)
+    means = np.array([np.mean(by_epoch[e]) for e in epochs])
+    stds = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0 for e in epochs])
+    return np.array(epochs), means, stds
+
+
+def learning_curves(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
+    """Baseline vs the best Logit-/Feature-KD configuration: val and test accuracy per epoch."""
+    shown = [("baseline", exp.baseline_for(cells[0]))]
+    shown += [(f"{kd} (best: α={c['alpha']:g}" + (f", T={c['T']:g})" if c["T"] is not None else ")"), c)
+              for kd in ("logit", "feature") if (c := exp.best_config(cells, kd)) is not None]
+    shown = [(label, c) for label, c in shown if c is not None]
+    if not shown:
+        return None
+    curves = {(label, key): _curve(c.runs, key) for label, c in shown for key in ("val_acc", "test_acc")}
+    keys = [k for k in ("val_acc", "test_acc") if any(len(curves[(label, k)][0]) for label, _ in shown)]
+    if not keys:
+        return None
+    fig, axes = _new(6.2 * len(keys), 4.2, len(keys))
+    for ax, key in zip(axes, keys):
+        for label, c in shown:
+            epochs, mean, std = curves[(label, key)]
+            if not len(epochs):
+                continue
+            color = COLORS.get(c["kd"], "#555555")
+            ax.plot(epochs, 100 * mean, color=color, label=f"{label}, n={len(c.runs)}")
+            ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{'validation' if key == 'val_acc' else 'test'} accuracy (%)")
+        ax.grid(alpha=0.3)
+        _zoom_to_plateau(ax, [curves[(label, key)] for label, _ in shown])
+        ax.legend(fontsize=8, loc="lower right")
+    title = f"{pair_name(cells[0])}: learning curves"
+    fig.suptitle(f"{title} (mean ± std band over seeds)")
+    return _save(fig, out_dir, f"{_pair_slug(exp, cells[0])}__curves", title)
+
+
+def _zoom_to_plateau(ax: Axes, curves: list[tuple]) -> None:
+    """Differences of tenths of a point are invisible on a 10–100 % axis: show the upper part."""
+    finals = [100 * m[len(m) // 2:] for _, m, _ in curves if len(m)]
+    if finals:
+        low = min(np.min(f) for f in finals)
+        top = max(np.max(100 * m) for _, m, _ in curves if len(m))
+        ax.set_ylim(max(0.0, low - 0.15 * (top - low + 1e-9) - 0.5), min(100.0, top + 0.1 * (top - low) + 0.3))
+
+
+def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
+    """Δ vs baseline of each pair's best configuration per method, with its 95% CI."""
+    bars = []
+    for cells in exp.pairs().values():
+        for kd in ("logit", "feature"):
+            best = exp.best_config(cells, kd)
+            comp = exp.versus_baseline(best) if best is not None else None
+            if comp is not None and not math.isnan(comp.delta):
+                bars.append((pair_name(cells[0]), kd, comp))
+    if not bars:
+        return None
+    pairs = sorted({p for p, _, _ in bars})
+    fig, (ax,) = _new(max(5.0, 1.9 * len(pairs) + 1.5), 4.2)
+    width = 0.38
+    for offset, kd in ((-width / 2, "logit"), (width / 2, "feature")):
+        here = [(pairs.index(p), comp) for p, k, comp in bars if k == kd]
+        if not here:
+            continue
+        xs = np.array([x for x, _ in here]) + offset
+        deltas = np.array([100 * c.delta for _, c in here])
+        low = np.array([100 * (c.delta - c.ci[0]) if not math.isnan(c.ci[0]) else 0 for _, c in here])
+        high = np.array([100 * (c.ci[1] - c.delta) if not math.isnan(c.ci[1]) else 0 for _, c in here])
+        ax.bar(xs, deltas, width, color=COLORS[kd], label=f"{kd}-KD", yerr=[low, high], capsize=4)
+        for x, (_, c) in zip(xs, here):
+            mark = {True: "n.s.", False: "*", None: "n<2"}[c.within_noise]
+            top = 100 * (c.ci[1] if not math.isnan(c.ci[1]) else c.delta)
+            ax.annotate(mark, (x, max(top, 0)), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(pairs)), pairs)
+    ax.set_ylabel(f"Δ vs baseline (pp, {exp.rule.label})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    title = f"{exp.name}: KD gain over the baseline, best configuration per pair"
+    ax.set_title(f"{title}\n(error bars: 95% CI; n.s. = within noise, * = CI excludes 0)")
+    return _save(fig, out_dir, slug(f"{exp.name}__delta_bars"), title)
+
+
+def grad_norms(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
+    """Per-epoch max pre-clip and projection-only gradient norms, clip_projection true vs false."""
+    def twin_key(c: Cell) -> dict:
+        return {k: v for k, v in c.key.items() if k != "kd"}
+    bugged = [c for c in cells if c["kd"] == "feature(bugged)"]
+    fixed = [c for c in cells if c["kd"] == "feature" and any(twin_key(c) == twin_key(b) for b in bugged)]
+    bugged = [b for b in bugged if any(twin_key(f) == twin_key(b) for f in fixed)]
+    if not fixed:
+        return None
+    alphas = sorted({c["alpha"] for c in fixed})
+    styles = ["-", "--", ":", "-."]
+    fig, axes = _new(11, 4.0, 2)
+    for ax, key, what in ((axes[0], "grad_norm_max", "max pre-clip gradient norm"),
+                          (axes[1], "proj_grad_norm_max", "max projection-only gradient norm")):
+        drawn = []
+        for cell in fixed + bugged:
+            epochs, mean, std = _curve(cell.runs, key)
+            if not len(epochs):
+                continue
+            clip = "true (fixed)" if cell["kd"] == "feature" else "false (bugged)"
+            ax.plot(epochs, mean, color=COLORS[cell["kd"]], linestyle=styles[alphas.index(cell["alpha"]) % 4],
+                    label=f"clip_projection={clip}, α={cell['alpha']:g}")
+            ax.fill_between(epochs, mean - std, mean + std, color=COLORS[cell["kd"]], alpha=0.15, linewidth=0)
+            drawn.append(mean)
+        clip_norm = fixed[0].runs[0].get("clip_norm")
+        if key == "grad_norm_max" and clip_norm:
+            ax.axhline(clip_norm, color="black", linewidth=0.8, linestyle=":", label=f"clip threshold {clip_norm:g}")
+        values = np.concatenate(drawn) if drawn else np.array([])
+        positive = values[values > 0]
+        if len(positive) and positive.max() / positive.min() > 10:  # log only where it spans decades
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3, which="both")
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    title = f"{pair_name(fixed[0])}: gradient norms, clip_projection true vs false"
+    fig.suptitle(f"{title} (mean ± std over seeds)")
+    return _save(fig, out_dir, f"{_pair_slug(exp, fixed[0])}__grad_norms", title)

@@ -1,0 +1,78 @@
+"""collect()'s frame → every table, the missing / failed / skipped list and the missing cells."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pandas as pd
+
+from .aggregate import Experiment, group_by_experiment, run_records
+from .expected import CellState, problem_cells, unfinished_runs
+from .rules import RULES, default_rule, rule_note
+from .tables import Table, comparison, experiment_tables
+
+
+@dataclass
+class Analysis:
+    frame: pd.DataFrame
+    experiments: list[Experiment]
+    tables: dict[str, list[Table]]           # experiment name → its tables
+    rule_notes: dict[str, str]
+    problems: Table                          # runs not averaged in, and why
+    cells: list[CellState]                   # expected cells without a completed run
+    unfinished: int                          # failed/incomplete/corrupt configs never completed
+    shared: list[Table] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """What --strict checks: no expected cell missing, no configuration only failed."""
+        return not self.cells and not self.unfinished
+
+    def cells_table(self) -> Table:
+        rows = [[c.experiment, c.family, c.cell, c.state, "; ".join(c.run_dirs) or "-"] for c in self.cells]
+        return Table("missing_cells", "Missing cells of the expected grid",
+                     ["Experiment", "Sweep / group", "Cell", "State", "Run dirs"], rows,
+                     ["Expected cells come from each job's Hydra sweep (.hydra/hydra.yaml: "
+                      "hydra.sweeper.params and hydra.overrides.task) and, for the study's files, from "
+                      "protocol v2's seeds."])
+
+
+def analyse(frame: pd.DataFrame, select: str | None = None,
+            only: Iterable[str] | None = None) -> Analysis:
+    """Tables per experiment (all of them, or those named in `only`) under rule `select`
+    (None: each experiment's default, `val` where its runs have a validation split)."""
+    runs = run_records(frame)
+    usable = [r for r in runs if r["status"] == "completed"]
+    problems = [[r["status"], r["reason"] or "", r["experiment"] or "-", r["run_dir"]]
+                for r in runs if r["status"] != "completed"]
+    problems += [["note", r["notes"], r["experiment"] or "-", r["run_dir"]] for r in usable if r["notes"]]
+    only = set(only) if only else None
+    experiments, tables, notes = [], {}, {}
+    for name, exp_runs in group_by_experiment(usable).items():
+        if only is not None and name not in only:
+            problems += [["skipped", f"other experiment {name!r} (not selected with --experiment)", name,
+                          r["run_dir"]] for r in exp_runs]
+            continue
+        rule = RULES[select] if select else default_rule(exp_runs)
+        problems += [["skipped", _lacking(rule, r), name, r["run_dir"]]
+                     for r in exp_runs if r.get(rule.column) is None]
+        exp = Experiment.build(name, exp_runs, rule)
+        notes[name] = rule_note(rule, chosen_by_default=select is None)
+        experiments.append(exp)
+        # Teachers are matched across experiments: they are usually trained in their own.
+        tables[name] = experiment_tables(exp, usable, notes[name])
+    problem_table = Table("problems", "Missing / failed / skipped runs",
+                          ["Status", "Reason", "Experiment", "Run dir"], sorted(problems),
+                          ["None of these runs is averaged into any table, except 'note' rows "
+                           "(complete runs whose curves are partly unreadable)."])
+    shared = [t for t in [comparison(experiments)] if t is not None]
+    return Analysis(frame, experiments, tables, notes, problem_table, problem_cells(frame),
+                    len(unfinished_runs(frame)), shared)
+
+
+def _lacking(rule, run: dict) -> str:
+    if rule.name == "test" and run["source"] == "study":
+        return "best test unavailable: the study's history has no test accuracy (not averaged under --select test)"
+    if rule.name == "val":
+        return "no validation split: test@best-val unavailable (not averaged under --select val)"
+    return f"no {rule.short} recorded (not averaged under --select {rule.name})"

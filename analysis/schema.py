@@ -1,0 +1,69 @@
+"""The columns of `collect`'s frame and the helpers both run readers share."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("completed", "failed", "incomplete", "corrupt", "duplicate")
+
+COLUMNS = [
+    # identity and state
+    "source", "run_dir", "status", "reason", "notes", "experiment", "protocol", "kind",
+    # configuration
+    "pair", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem", "width",
+    "method", "kd", "alpha", "T", "beta", "clip_projection", "seed", "epochs", "val_size", "data",
+    "clip_norm",
+    # metrics (accuracies are fractions in [0, 1])
+    "epochs_completed", "best_val_acc", "best_val_epoch", "test_at_best_val", "test_final",
+    "best_test", "best_test_epoch", "agreement", "kl_t1", "kl_t4", "teacher_test_acc",
+    "grad_norm_max", "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction",
+    "wall_seconds", "images_per_s", "params_student", "params_method", "params_teacher",
+    "error", "failed_epoch", "kdexp_version", "git_commit", "finished_at",
+    # provenance of the configuration itself
+    "config_hash", "config",
+]
+INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "seed", "epochs", "val_size",
+                "epochs_completed", "best_val_epoch", "best_test_epoch", "failed_epoch",
+                "params_student", "params_method", "params_teacher"]
+FLOAT_COLUMNS = ["alpha", "T", "beta", "clip_norm", "best_val_acc", "test_at_best_val", "test_final",
+                 "best_test", "agreement", "kl_t1", "kl_t4", "teacher_test_acc", "grad_norm_max",
+                 "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction", "wall_seconds",
+                 "images_per_s", "finished_at"]
+
+
+def empty_row(run_dir: Path, source: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(source=source, run_dir=str(run_dir), notes="")
+    return row
+
+
+def set_method(row: dict[str, Any], method: str, *, alpha: Any, T: Any, beta: Any,
+               clip_projection: Any) -> None:
+    """Method columns, keeping only the hyperparameters that mean something for the method."""
+    row["method"] = method
+    row["alpha"] = float(alpha) if method != "ce" and alpha is not None else None
+    row["T"] = float(T) if method == "logit" and T is not None else None
+    row["beta"] = float(beta) if method == "feature" and beta is not None else None
+    row["clip_projection"] = bool(clip_projection) if method == "feature" and clip_projection is not None else None
+    row["kd"] = kd_label(method, row["clip_projection"])
+
+
+def kd_label(method: str, clip_projection: bool | None) -> str:
+    """The study's KD column: "none" for plain CE, "feature(bugged)" for unclipped projections."""
+    if method == "ce":
+        return "none"
+    return f"{method}(bugged)" if clip_projection is False else method
+
+
+def clipped_fraction(history: list[dict], clip_norm: float | None) -> float | None:
+    """Fraction of epochs whose largest pre-clip gradient norm exceeded the clip threshold."""
+    norms = [h["grad_norm_max"] for h in history if isinstance(h.get("grad_norm_max"), (int, float))]
+    if not norms or clip_norm is None:
+        return None
+    return sum(n > clip_norm for n in norms) / len(norms)
+
+
+def config_hash(flat: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]

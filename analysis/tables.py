@@ -1,0 +1,429 @@
+"""The paper's tables, as rows of display strings (percent, two decimals, mean ± sample std).
+
+Each builder takes an `aggregate.Experiment` and returns `Table`s; `render` turns them into
+Markdown, LaTeX, CSV and HTML. Accuracies are fractions in the runs and percent here.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .aggregate import CELL_FIELDS, PAIR_CONTEXT, Cell, Experiment, teacher_runs
+from .stats import Comparison, compare, mean_std
+
+DASH = "-"
+# Cell fields shown as a column only when they take more than one value in a table.
+_OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "width": "Width", "teacher_width": "Teacher width",
+                     "teacher_seed": "Teacher seed", "beta": "beta", "epochs": "Epochs",
+                     "val_size": "Val split", "data": "Data"}
+STD_NOTE = "Values: mean ± sample std (ddof=1) over seeds, in %; a single seed shows the mean alone."
+
+
+@dataclass
+class Table:
+    name: str                 # file stem
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- formatting
+def pct(mean: float, std: float = math.nan) -> str:
+    """`95.37 ± 0.18`, as the study prints it; the mean alone where there is no std."""
+    if mean is None or math.isnan(mean):
+        return DASH
+    return f"{100 * mean:.2f}" if std is None or math.isnan(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def pp(delta: float) -> str:
+    return DASH if delta is None or math.isnan(delta) else f"{100 * delta:+.2f}"
+
+
+def ci_text(ci: tuple[float, float]) -> str:
+    low, high = ci
+    return DASH if math.isnan(low) or math.isnan(high) else f"[{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def p_text(p: float) -> str:
+    if p is None or math.isnan(p):
+        return DASH
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def num(value: Any) -> str:
+    return DASH if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def seeds_text(seeds: list[int]) -> str:
+    return f"{len(seeds)} {seeds}"
+
+
+def stat_text(cell: Cell, column: str) -> str:
+    mean, std, _ = cell.stat(column)
+    return pct(mean, std)
+
+
+def verdict(comp: Comparison | None) -> str:
+    if comp is None or comp.within_noise is None:
+        return "n/a (needs ≥2 seeds each)"
+    if comp.within_noise:
+        return "within noise"
+    return "significant gain" if comp.delta > 0 else "significant loss"
+
+
+def delta_text(comp: Comparison | None) -> str:
+    if comp is None:
+        return DASH
+    noise = {True: " (within noise)", False: "", None: " (n<2)"}[comp.within_noise]
+    return pp(comp.delta) + noise
+
+
+def config_text(cell: Cell | None) -> str:
+    if cell is None:
+        return DASH
+    parts = [f"α={num(cell['alpha'])}"] + ([f"T={num(cell['T'])}"] if cell["T"] is not None else [])
+    return ", ".join(parts) + f" (n={len(cell.runs)})"
+
+
+def pair_name(cell: Cell) -> str:
+    return f"{cell['teacher']}→{cell['student']}" if cell["teacher"] else str(cell["student"])
+
+
+# ---------------------------------------------------------------- column helpers
+def _varying(cells: Iterable[Cell], fields: Iterable[str]) -> list[str]:
+    cells = list(cells)
+    return [f for f in fields if len({repr(c[f]) for c in cells if c[f] is not None}) > 1]
+
+
+def _optional(cells: list[Cell], exp: Experiment) -> tuple[list[str], list[str]]:
+    """(fields, headers) of the optional and extra-config columns that vary across `cells`."""
+    fields = _varying(cells, list(_OPTIONAL_COLUMNS) + exp.extras)
+    return fields, [_OPTIONAL_COLUMNS.get(f, f) for f in fields]
+
+
+def _values(cell: Cell, fields: list[str]) -> list[str]:
+    return [num(cell[f]) for f in fields]
+
+
+def _identity(cell: Cell) -> list[str]:
+    """Teacher, Student, KD, alpha, T, Stem: the study's grouping columns."""
+    return [cell["teacher"] or DASH, str(cell["student"]), str(cell["kd"]), num(cell["alpha"]),
+            num(cell["T"]), str(cell["stem"] or DASH)]
+
+
+IDENTITY_HEADERS = ["Teacher", "Student", "KD", "alpha", "T", "Stem"]
+STUDY_METRICS = [("best_val_acc", "Val acc (%)"), ("test_at_best_val", "Test@best (%)"),
+                 ("test_final", "Test@final (%)")]
+
+
+def _rule_notes(exp: Experiment, rule_note: str) -> list[str]:
+    notes = [rule_note]
+    if exp.rule.optimistic:
+        notes.append("OPTIMISTIC: best test accuracy over epochs selects the checkpoint on the test set.")
+    return notes
+
+
+# ---------------------------------------------------------------- 1. key results
+def runs_table(exp: Experiment, cells: list[Cell], name: str, title: str, rule_note: str) -> Table:
+    """The study's aggregation: one row per configuration, val / test@best / test@final."""
+    fields, headers = _optional(cells, exp)
+    metrics = list(STUDY_METRICS)
+    if exp.rule.name == "test":
+        metrics.append(("best_test", "Best test (%) (optimistic)"))
+    columns = IDENTITY_HEADERS + headers + ["Seeds"] + [h for _, h in metrics]
+    rows = [_identity(c) + _values(c, fields) + [seeds_text(c.seeds)] + [stat_text(c, col) for col, _ in metrics]
+            for c in cells]
+    notes = _rule_notes(exp, rule_note) + [
+        STD_NOTE, "Test@best: test accuracy at the best-validation epoch; Test@final: after the last epoch."]
+    return Table(name, title, columns, rows, notes)
+
+
+def key_results(exp: Experiment, rule_note: str) -> list[Table]:
+    tables = []
+    students = exp.of_kind("student", "baseline")
+    if students:
+        tables.append(runs_table(exp, students, "key_results", f"Key results: {exp.name}", rule_note))
+    teachers = exp.of_kind("teacher")
+    if teachers:
+        tables.append(runs_table(exp, teachers, "teachers", f"Teachers: {exp.name}", rule_note))
+    return tables
+
+
+def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]], rule_note: str) -> Table | None:
+    """Per pair: teacher, baseline, gap, the best Logit-/Feature-KD configuration and its Δ."""
+    pairs = exp.pairs()
+    if not pairs:
+        return None
+    label = exp.rule.label
+    first_cells = [cells[0] for cells in pairs.values()]
+    fields, headers = _optional(first_cells, exp)
+    fields = [f for f in fields if f in PAIR_CONTEXT or f in exp.extras]
+    headers = [_OPTIONAL_COLUMNS.get(f, f) for f in fields]
+    columns = (["Teacher", "Student", "Stem"] + headers
+               + ["Teacher (%)", "Baseline (%)", "Gap (pp)", "Logit-KD best", "Logit-KD Δ (pp)",
+                  "Feature-KD best", "Feature-KD Δ (pp)", "Best method"])
+    rows, used_fidelity = [], False
+    for cells in sorted(pairs.values(), key=lambda cs: cs[0].sort_key):
+        ref = cells[0]
+        teacher_mean, teacher_text, from_fidelity = _teacher_acc(exp, ref, cells, all_runs)
+        used_fidelity |= from_fidelity
+        base = exp.baseline_for(ref)
+        base_mean, base_std = mean_std(exp.acc(base)[0]) if base else (math.nan, math.nan)
+        gap = teacher_mean - base_mean
+        best = {kd: exp.best_config(cells, kd) for kd in ("logit", "feature")}
+        comps = {kd: exp.versus_baseline(c) if c else None for kd, c in best.items()}
+        rows.append([str(ref["teacher"]), str(ref["student"]), str(ref["stem"])] + _values(ref, fields) + [
+            teacher_text, pct(base_mean, base_std), pp(gap),
+            config_text(best["logit"]), delta_text(comps["logit"]),
+            config_text(best["feature"]), delta_text(comps["feature"]),
+            _best_method(exp, base, best, comps)])
+    notes = _rule_notes(exp, rule_note) + [
+        f"All accuracies: {label}. Gap = teacher − baseline; Δ = best configuration − baseline "
+        "(percentage points); 'within noise': its 95% CI contains 0 (see the significance table).",
+        "Teacher: the teacher run the students distilled from (same architecture, stem, width, data and "
+        "seed = teacher.seed).",
+        f"Best configuration per pair and method: highest mean "
+        f"{'validation accuracy' if exp.selection_column(exp.of_kind('student')) == 'best_val_acc' else label}"
+        " over the grid; n = seeds of that configuration."]
+    if used_fidelity:
+        notes.append("† no teacher run found: the teacher's test accuracy recorded in the students' "
+                     "fidelity data (teacher_test_acc), averaged over those runs.")
+    return Table("pairs", f"Per pair: {exp.name}", columns, rows, notes)
+
+
+def _teacher_acc(exp: Experiment, ref: Cell, cells: list[Cell],
+                 all_runs: list[dict[str, Any]]) -> tuple[float, str, bool]:
+    values = [r[exp.rule.column] for r in teacher_runs(ref, all_runs) if r.get(exp.rule.column) is not None]
+    if values:
+        mean, std = mean_std(values)
+        return mean, pct(mean, std), False
+    recorded = [r["teacher_test_acc"] for c in cells for r in c.runs if r.get("teacher_test_acc") is not None]
+    if recorded:
+        mean = mean_std(recorded)[0]
+        return mean, pct(mean) + " †", True
+    return math.nan, DASH, False
+
+
+def _best_method(exp: Experiment, base: Cell | None, best: dict[str, Cell | None],
+                 comps: dict[str, Comparison | None]) -> str:
+    means = {kd: mean_std(exp.acc(c)[0])[0] for kd, c in best.items() if c is not None}
+    if base is not None:
+        means["none (baseline)"] = mean_std(exp.acc(base)[0])[0]
+    means = {k: v for k, v in means.items() if not math.isnan(v)}
+    if not means:
+        return DASH
+    winner = max(means, key=means.get)
+    comp = comps.get(winner)
+    if comp is not None and comp.within_noise:
+        return f"{winner} (within noise)"
+    return winner
+
+
+# ---------------------------------------------------------------- 2. grids
+def grids(exp: Experiment, rule_note: str) -> list[Table]:
+    """Per pair and method: rows α, columns T (logit) or β (feature); mean ± std of the rule's metric."""
+    tables, slugs = [], set()
+    notes = _rule_notes(exp, rule_note) + [
+        STD_NOTE, "* best configuration (highest mean validation accuracy where runs have a "
+        "validation split, else the selected accuracy)."]
+    for cells in exp.pairs().values():
+        for kd in sorted({c["kd"] for c in cells}):
+            method_cells = [c for c in cells if c["kd"] == kd]
+            if len(method_cells) < 2:
+                continue
+            col_field = "T" if kd == "logit" else "beta"
+            best = exp.best_config(method_cells, kd)
+            alphas = sorted({c["alpha"] for c in method_cells})
+            cols = sorted({c[col_field] for c in method_cells}, key=lambda v: (v is None, v or 0))
+            rows = []
+            for alpha in alphas:
+                row = [num(alpha)]
+                for col in cols:
+                    here = [c for c in method_cells if c["alpha"] == alpha and c[col_field] == col]
+                    row.append(", ".join(pct(*mean_std(exp.acc(c)[0])) + (" *" if c is best else "")
+                                         for c in here) or DASH)
+                rows.append(row)
+            ref = method_cells[0]
+            slug = base = f"grid__{ref['teacher']}_to_{ref['student']}__{kd.replace('(bugged)', '_bugged')}"
+            while slug in slugs:  # same pair under another stem / width / epochs
+                slug = f"{base}_{len(slugs)}"
+            slugs.add(slug)
+            tables.append(Table(slug, f"{pair_name(ref)} ({ref['stem']} stem) · {kd}: α × {col_field}, "
+                                f"{exp.rule.label} (%)",
+                                ["alpha"] + [f"{col_field}={num(v)}" for v in cols], rows, notes))
+    return tables
+
+
+# ---------------------------------------------------------------- 4. significance
+def significance(exp: Experiment, rule_note: str) -> Table | None:
+    cells = [c for c in exp.of_kind("student") if exp.baseline_for(c) is not None]
+    if not cells:
+        return None
+    fields, headers = _optional(cells, exp)
+    columns = IDENTITY_HEADERS + headers + ["n (KD/base)", "Δ (pp)", "95% CI (pp)", "CI basis",
+                                            "p (Welch)", "p (paired)", "Verdict"]
+    rows = []
+    for c in cells:
+        comp = exp.versus_baseline(c)
+        if comp is None:
+            rows.append(_identity(c) + _values(c, fields) + [DASH] * 6 + [verdict(None)])
+            continue
+        rows.append(_identity(c) + _values(c, fields) + [
+            f"{comp.n_a}/{comp.n_b}", pp(comp.delta), ci_text(comp.ci), comp.basis,
+            p_text(comp.welch_p), p_text(comp.paired_p) if comp.paired else DASH, verdict(comp)])
+    notes = _rule_notes(exp, rule_note) + [
+        f"Δ = KD − baseline ({exp.rule.label}), percentage points. Welch's t-test: scipy.stats.ttest_ind "
+        "(unequal variances), as the study reports. Where both sides ran the same seeds the 95% CI and "
+        "the verdict are paired by seed (scipy.stats.ttest_rel); otherwise Welch's interval.",
+        "'within noise': the 95% CI contains 0. No correction for multiple comparisons: with a whole "
+        "grid, about 1 in 20 configurations will look significant by chance."]
+    return Table("significance", f"Significance of every Δ vs baseline: {exp.name}", columns, rows, notes)
+
+
+# ---------------------------------------------------------------- 3. ablations
+def temperature_sweep(exp: Experiment, rule_note: str) -> Table | None:
+    """Logit-KD at one α over several T (kd_grid=tsweep); full α×T grids are in the grid tables."""
+    rows = []
+    for cells in exp.pairs().values():
+        logit = sorted((c for c in cells if c["kd"] == "logit"), key=lambda c: c["T"] or 0)
+        if len({c["alpha"] for c in logit}) != 1 or len({c["T"] for c in logit}) < 2:
+            continue
+        for c in logit:
+            comp = exp.versus_baseline(c)
+            rows.append([pair_name(c), str(c["stem"]), num(c["alpha"]), num(c["T"]), str(len(exp.acc(c)[0])),
+                         stat_text(c, exp.rule.column), pp(comp.delta) if comp else DASH,
+                         ci_text(comp.ci) if comp else DASH, verdict(comp)])
+    if not rows:
+        return None
+    return Table("ablation_temperature", f"Temperature sweep: {exp.name}",
+                 ["Pair", "Stem", "alpha", "T", "n", f"{exp.rule.label} (%)", "Δ vs baseline (pp)",
+                  "95% CI (pp)", "Verdict"], rows, _rule_notes(exp, rule_note) + [STD_NOTE])
+
+
+def _ablation_groups(exp: Experiment, ignore: tuple[str, ...]) -> list[list[Cell]]:
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
+    for c in exp.cells:
+        groups[tuple(repr(v) for k, v in c.key.items() if k not in ignore)].append(c)
+    return list(groups.values())
+
+
+def stem_ablation(exp: Experiment, rule_note: str) -> Table | None:
+    """Same configuration with the CIFAR and the ImageNet stem; Δ against the CIFAR-stem cell."""
+    rows = []
+    for group in _ablation_groups(exp, ("stem", "teacher_stem")):
+        if len({c["stem"] for c in group}) < 2:
+            continue
+        ref = next((c for c in group if c["stem"] == "cifar" and c["teacher_stem"] in (None, "cifar")), None)
+        for c in sorted(group, key=lambda c: (c["stem"] != "cifar", c["stem"], c["teacher_stem"] or "")):
+            comp = None
+            if ref is not None and c is not ref:
+                (a, sa), (b, sb) = exp.acc(c), exp.acc(ref)
+                comp = compare(a, sa, b, sb) if a and b else None
+            rows.append([str(c["kind"]), pair_name(c), str(c["kd"]), num(c["alpha"]), num(c["T"]),
+                         str(c["stem"]), str(c["teacher_stem"] or DASH), seeds_text(c.seeds),
+                         stat_text(c, exp.rule.column), pp(comp.delta) if comp else DASH,
+                         p_text(comp.welch_p) if comp else DASH])
+    if not rows:
+        return None
+    return Table("ablation_stem", f"CIFAR vs ImageNet stem: {exp.name}",
+                 ["Kind", "Pair / model", "KD", "alpha", "T", "Stem", "Teacher stem", "Seeds",
+                  f"{exp.rule.label} (%)", "Δ vs CIFAR stem (pp)", "p (Welch)"], rows,
+                 _rule_notes(exp, rule_note) + [STD_NOTE])
+
+
+def clip_ablation(exp: Experiment, rule_note: str) -> Table | None:
+    """Feature-KD with projections inside (fixed) vs outside (v1's bug) the gradient clipping."""
+    rows = []
+    for group in _ablation_groups(exp, ("kd",)):
+        fixed = next((c for c in group if c["kd"] == "feature"), None)
+        bugged = next((c for c in group if c["kd"] == "feature(bugged)"), None)
+        if fixed is None or bugged is None:
+            continue
+        (a, sa), (b, sb) = exp.acc(bugged), exp.acc(fixed)
+        comp = compare(a, sa, b, sb) if a and b else None
+        for c, label in ((fixed, "true (fixed)"), (bugged, "false (bugged, v1)")):
+            rows.append([pair_name(c), num(c["alpha"]), num(c["beta"]), label, seeds_text(c.seeds),
+                         stat_text(c, exp.rule.column), _max_text(c, "grad_norm_max"),
+                         _max_text(c, "proj_grad_norm_max"), _mean_pct(c, "clip_fraction"),
+                         _mean_pct(c, "clipped_epoch_fraction"),
+                         pp(comp.delta) if comp and c is bugged else DASH,
+                         p_text(comp.welch_p) if comp and c is bugged else DASH])
+    if not rows:
+        return None
+    return Table("ablation_clip", f"clip_projection true vs false: {exp.name}",
+                 ["Pair", "alpha", "beta", "clip_projection", "Seeds", f"{exp.rule.label} (%)",
+                  "Max pre-clip grad norm", "Max projection grad norm", "Clipped steps (%)",
+                  "Epochs clipped (%)", "Δ bugged − fixed (pp)", "p (Welch)"], rows,
+                 _rule_notes(exp, rule_note) + [
+                     STD_NOTE, "Gradient norms: the largest over all steps and seeds (pre-clip norm of "
+                     "the clipped parameter set; projections alone). Clipped steps: mean over seeds of the "
+                     "fraction of steps whose pre-clip norm exceeded the clip threshold (not logged by the "
+                     "study: '-'); epochs clipped: fraction of epochs whose largest norm exceeded it."])
+
+
+def fidelity(exp: Experiment, rule_note: str) -> Table | None:
+    cells = [c for c in exp.of_kind("student") if c.values("agreement")[0]]
+    if not cells:
+        return None
+    rows = [_identity(c) + [seeds_text(c.seeds), stat_text(c, "agreement"), _mean_std_plain(c, "kl_t1"),
+                            _mean_std_plain(c, "kl_t4"), stat_text(c, "teacher_test_acc")] for c in cells]
+    return Table("fidelity", f"Teacher fidelity: {exp.name}",
+                 IDENTITY_HEADERS + ["Seeds", "Agreement (%)", "KL T=1", "KL T=4", "Teacher test (%)"], rows,
+                 [STD_NOTE, "Agreement: teacher–student top-1 agreement on the test split; KL(teacher ‖ "
+                  "student) at T=1 and T=4 (nats, not %)."])
+
+
+def _max_text(cell: Cell, column: str) -> str:
+    values = cell.values(column)[0]
+    return f"{max(values):.2f}" if values else DASH
+
+
+def _mean_pct(cell: Cell, column: str) -> str:
+    values = cell.values(column)[0]
+    return f"{100 * mean_std(values)[0]:.1f}" if values else DASH
+
+
+def _mean_std_plain(cell: Cell, column: str) -> str:
+    mean, std, n = cell.stat(column)
+    if not n:
+        return DASH
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+# ---------------------------------------------------------------- across experiments
+def comparison(experiments: list[Experiment]) -> Table | None:
+    """The same configuration in several experiments side by side (e.g. kdexp's vs the study's)."""
+    if len(experiments) < 2:
+        return None
+    found: dict[tuple, dict[str, Cell]] = defaultdict(dict)
+    for exp in experiments:
+        for c in exp.cells:
+            found[tuple(repr(c[f]) for f in CELL_FIELDS)][exp.name] = c
+    shared = [cells for cells in found.values() if len(cells) > 1]
+    if not shared:
+        return None
+    rows = []
+    for cells in sorted(shared, key=lambda cs: next(iter(cs.values())).sort_key):
+        ref = next(iter(cells.values()))
+        row = [str(ref["kind"])] + _identity(ref)
+        for exp in experiments:
+            c = cells.get(exp.name)
+            row.append(f"{stat_text(c, exp.rule.column)} (n={len(exp.acc(c)[0])})" if c else DASH)
+        rows.append(row)
+    return Table("comparison", "The same configurations across experiments",
+                 ["Kind"] + IDENTITY_HEADERS + [f"{e.name}: {e.rule.label} (%)" for e in experiments], rows,
+                 [STD_NOTE, "Each experiment under its own selection rule (in the header)."])
+
+
+def experiment_tables(exp: Experiment, all_runs: list[dict[str, Any]], rule_note: str) -> list[Table]:
+    """Every table of one experiment, in reading order; ablations only where their runs exist."""
+    tables = key_results(exp, rule_note)
+    optional = [pair_summary(exp, all_runs, rule_note), significance(exp, rule_note)]
+    tables += [t for t in optional if t is not None]
+    tables += grids(exp, rule_note)
+    ablations = [temperature_sweep(exp, rule_note), stem_ablation(exp, rule_note),
+                 clip_ablation(exp, rule_note), fidelity(exp, rule_note)]
+    return tables + [t for t in ablations if t is not None]

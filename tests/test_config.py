@@ -1,0 +1,132 @@
+"""The config tree: the 81-job grid expands exactly, runs never share a directory, and every bad
+input gives one specific message and a non-zero exit."""
+import itertools
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg, run_train
+from kdexp.config import ConfigError, validate
+
+PAIRS = {"r34_to_r18": ("resnet34", "resnet18"), "r50_to_r18": ("resnet50", "resnet18"),
+         "r50_to_r34": ("resnet50", "resnet34")}
+
+
+def _job_configs(root: Path) -> dict[Path, dict]:
+    # Hydra saves the config unresolved; interpolations resolve within the file itself.
+    return {p.parent.parent: OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+            for p in root.rglob(".hydra/config.yaml")}
+
+
+@pytest.fixture(scope="module")
+def paper_v1_logit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dry")
+    proc = run_train("-m", "experiment=paper_v1", "dry_run=true", f"paths.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_the_single_multirun_command_expands_81_logit_jobs(paper_v1_logit):
+    out, proc = paper_v1_logit
+    configs = _job_configs(out)
+    assert len(configs) == 81  # 81 distinct run dirs, one config each
+    tuples = sorted((c["teacher"]["arch"], c["model"]["arch"], c["method"]["alpha"], c["method"]["T"], c["seed"])
+                    for c in configs.values())
+    expected = sorted((t, s, a, T, seed) for (t, s), a, T, seed in
+                      itertools.product(PAIRS.values(), [0.3, 0.5, 0.7], [2, 3, 4], [0, 1, 2]))
+    assert tuples == expected
+    assert all(c["data"]["val_size"] == 0 and c["trainer"]["epochs"] == 100 for c in configs.values())
+    assert "multirun summary: 81 dry_run" in proc.stdout + proc.stderr
+    assert "result.json" not in {p.name for p in out.rglob("*")}
+
+
+def test_dry_run_reports_the_missing_teacher_with_its_path(paper_v1_logit):
+    out, proc = paper_v1_logit
+    assert "resnet50_cifar_w64_seed0.pt: MISSING" in proc.stdout + proc.stderr
+
+
+def test_feature_grid_does_not_multiply_by_temperature(tmp_path):
+    proc = run_train("-m", "experiment=paper_v1", "kd_grid=feature", "dry_run=true", f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    configs = _job_configs(tmp_path).values()
+    assert len(configs) == 27
+    assert {c["method"]["_target_"] for c in configs} == {"kdexp.methods.feature.FeatureKD"}
+    assert all("T" not in c["method"] and c["method"]["beta"] == 0.5 for c in configs)
+
+
+def test_baselines_and_teachers_get_their_own_dirs(tmp_path):
+    proc = run_train("-m", "experiment=baseline", "protocol=v1", "model=resnet18,resnet34", "seeds=paper",
+                     "dry_run=true", f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train("-m", "experiment=teacher", "protocol=v1", "model=resnet34,resnet50", "dry_run=true",
+                     f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = {str(d.relative_to(tmp_path)) for d in _job_configs(tmp_path)}
+    assert dirs == {f"paper_v1/baseline/resnet{a}/seed{s}" for a in (18, 34) for s in (0, 1, 2)} | \
+        {"paper_v1/teacher/resnet34/seed0", "paper_v1/teacher/resnet50/seed0"}
+
+
+def test_other_overrides_become_part_of_the_run_dir(tmp_path):
+    proc = run_train("-m", "pair=r34_to_r18", "method=logit", "trainer.epochs=3,5", "dry_run=true",
+                     f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = sorted(str(d.relative_to(tmp_path)) for d in _job_configs(tmp_path))
+    assert dirs == ["paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/trainer.epochs=3",
+                    "paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/trainer.epochs=5"]
+
+
+def test_recipe_defaults_are_the_study():
+    cfg = compose_cfg("pair=r50_to_r18", "method=feature")
+    t = cfg.trainer
+    assert (t.epochs, t.batch_size, t.lr, t.momentum, t.nesterov, t.weight_decay, t.eta_min, t.clip_norm) == \
+        (100, 128, 0.1, 0.9, True, 5e-4, 1e-4, 1.0)
+    assert (cfg.model.arch, cfg.teacher.arch, cfg.model.stem, cfg.teacher.stem) == ("resnet18", "resnet50", "cifar", "cifar")
+    assert cfg.method.clip_projection is True and cfg.method.beta == 0.5
+    assert (cfg.data.val_size, cfg.data.split_seed) == (5000, 1234)
+    assert compose_cfg("experiment=teacher", "model=resnet50").trainer.epochs == 200
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pair=r34_to_r18", "method=logit", "method.alpha=1.5"], "method.alpha=1.5 is outside [0, 1]"),
+    (["pair=r34_to_r18", "method=logit", "method.T=0"], "method.T=0 must be > 0"),
+    (["pair=r34_to_r18", "method=feature", "method.beta=-1"], "method.beta=-1 must be >= 0"),
+    (["trainer.epochs=0"], "trainer.epochs=0 must be > 0"),
+    (["method=logit"], "teacher.arch is null"),
+    (["teacher=resnet34"], "method=ce trains without a teacher"),
+    (["pair=r34_to_r18", "method=feature", "teacher.stem=imagenet"], "teacher.stem (imagenet) must equal model.stem"),
+    (["model.stem=fancy"], "model.stem='fancy'"),
+])
+def test_bad_values_give_one_specific_error(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(*overrides))
+    assert message in str(err.value)
+
+
+def test_bad_input_exits_non_zero_without_a_result(tmp_path):
+    proc = run_train("pair=r34_to_r18", "method=logit", "method.alpha=2", f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "kdexp: invalid config: method.alpha=2 is outside [0, 1]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_unknown_group_option_exits_non_zero(tmp_path):
+    proc = run_train("method=dkd", f"paths.output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "Could not find 'method/dkd'" in proc.stderr
+    assert "Available options" in proc.stderr
+
+
+def test_wrong_type_is_caught_by_the_schema(tmp_path):
+    proc = run_train("trainer.epochs=many", f"paths.output_dir={tmp_path}")
+    assert proc.returncode != 0 and "trainer.epochs" in proc.stderr
+
+
+def test_config_keys_users_rely_on_exist():
+    cfg = compose_cfg("pair=r50_to_r34", "method=feature")
+    for key in ["model.arch", "teacher.arch", "model.width", "model.stem", "method.alpha", "method.beta",
+                "method.clip_projection", "teacher.ckpt", "trainer.epochs", "trainer.device",
+                "trainer.deterministic", "data.root", "data.val_size", "seed"]:
+        assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
+    assert compose_cfg("pair=r50_to_r34", "method=logit").method.T == 4.0

@@ -1,0 +1,46 @@
+"""The architectures are torchvision's, with the study's CIFAR stem."""
+import pytest
+import torch
+from torch import nn
+
+from kdexp.models import build_model, count_parameters
+
+
+@pytest.mark.parametrize("arch, params", [("resnet18", 11_173_962), ("resnet34", 21_282_122)])
+def test_parameter_counts_match_the_study(arch, params):
+    assert count_parameters(build_model(arch)) == params
+
+
+@pytest.mark.parametrize("arch, millions", [("resnet50", 23.5), ("resnet101", 42.5)])
+def test_bottleneck_parameter_counts(arch, millions):
+    assert count_parameters(build_model(arch)) / 1e6 == pytest.approx(millions, abs=0.05)
+
+
+def test_cifar_stem_keeps_resolution_and_exposes_stages():
+    model = build_model("resnet50", width=4)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and model.conv1.bias is None
+    assert isinstance(model.maxpool, nn.Identity)
+    logits, feats = model(torch.randn(2, 3, 32, 32), with_features=True)
+    assert logits.shape == (2, 10)
+    assert [f.shape[1:] for f in feats] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (128, 4, 4)]
+    assert model.stage_channels == [16, 32, 64, 128]
+
+
+def test_cifar_stem_conv_keeps_pytorch_default_init():
+    """The study swaps conv1 after torchvision's kaiming init, so conv1 has Conv2d's default
+    kaiming-uniform(a=sqrt(5)) init: bound 1/sqrt(fan_in)."""
+    torch.manual_seed(0)
+    w = build_model("resnet18").conv1.weight
+    assert w.abs().max() <= 1 / (3 * 3 * 3) ** 0.5
+
+
+def test_imagenet_stem_downsamples_four_times():
+    model = build_model("resnet18", stem="imagenet", width=4)
+    assert model.conv1.kernel_size == (7, 7) and isinstance(model.maxpool, nn.MaxPool2d)
+    _, feats = model.eval()(torch.randn(1, 3, 32, 32), with_features=True)
+    assert feats[0].shape[-1] == 8
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet19'"):
+        build_model("resnet19")

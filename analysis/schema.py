@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,26 @@ FLOAT_COLUMNS = ["alpha", "T", "beta", "clip_norm", "best_val_acc", "test_at_bes
                  "images_per_s", "finished_at"]
 
 
+def coerce_types(row: dict[str, Any]) -> dict[str, Any]:
+    """Numbers where numbers belong: a hand-edited or foreign file may hold anything."""
+    for column in FLOAT_COLUMNS:
+        value = row[column]
+        row[column] = float(value) if _is_number(value) and math.isfinite(value) else None
+    for column in INT_COLUMNS:
+        value = row[column]
+        row[column] = int(value) if _is_number(value) and float(value).is_integer() else None
+    return row
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_fraction(value: Any) -> bool:
+    """An accuracy as the files store it: a finite number in [0, 1]."""
+    return _is_number(value) and math.isfinite(value) and 0 <= value <= 1
+
+
 def empty_row(run_dir: Path, source: str) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(source=source, run_dir=str(run_dir), notes="")
@@ -43,9 +64,9 @@ def set_method(row: dict[str, Any], method: str, *, alpha: Any, T: Any, beta: An
                clip_projection: Any) -> None:
     """Method columns, keeping only the hyperparameters that mean something for the method."""
     row["method"] = method
-    row["alpha"] = float(alpha) if method != "ce" and alpha is not None else None
-    row["T"] = float(T) if method == "logit" and T is not None else None
-    row["beta"] = float(beta) if method == "feature" and beta is not None else None
+    row["alpha"] = alpha if method != "ce" else None
+    row["T"] = T if method == "logit" else None
+    row["beta"] = beta if method == "feature" else None
     row["clip_projection"] = bool(clip_projection) if method == "feature" and clip_projection is not None else None
     row["kd"] = kd_label(method, row["clip_projection"])
 

@@ -77,10 +77,14 @@ class Comparison:
 
 def compare(a: Sequence[float], a_seeds: Sequence[int], b: Sequence[float], b_seeds: Sequence[int],
             level: float = LEVEL) -> Comparison:
-    """Welch's t-test and CI of mean(a) − mean(b), plus the seed-paired test where seeds match."""
+    """Welch's t-test and CI of mean(a) − mean(b), plus the seed-paired test where seeds match.
+
+    A test is left undefined (NaN) where its samples have no spread: with every difference
+    identical there is no variance to test against, and scipy's answer is float noise.
+    """
     delta = mean_std(a)[0] - mean_std(b)[0] if a and b else NAN
     welch = (NAN, NAN, NAN, (NAN, NAN))
-    if len(a) >= 2 and len(b) >= 2:
+    if len(a) >= 2 and len(b) >= 2 and not (_constant(a) and _constant(b)):
         res = sps.ttest_ind(a, b, equal_var=False)
         ci = res.confidence_interval(confidence_level=level)
         welch = (float(res.statistic), float(res.df), float(res.pvalue), (float(ci.low), float(ci.high)))
@@ -89,8 +93,16 @@ def compare(a: Sequence[float], a_seeds: Sequence[int], b: Sequence[float], b_se
     same_seeds = sorted(a_seeds) == sorted(b_seeds) and len(set(a_seeds)) == len(a_seeds)
     if len(a) >= 2 and same_seeds:
         by_seed_a, by_seed_b = dict(zip(a_seeds, a)), dict(zip(b_seeds, b))
-        paired_seeds = tuple(sorted(a_seeds))
-        res = sps.ttest_rel([by_seed_a[s] for s in paired_seeds], [by_seed_b[s] for s in paired_seeds])
-        ci = res.confidence_interval(confidence_level=level)
-        paired = (float(res.statistic), float(res.df), float(res.pvalue), (float(ci.low), float(ci.high)))
+        seeds = tuple(sorted(a_seeds))
+        diffs = [by_seed_a[s] - by_seed_b[s] for s in seeds]
+        if not _constant(diffs):
+            paired_seeds = seeds
+            res = sps.ttest_1samp(diffs, 0.0)  # = ttest_rel(a, b) on seed-aligned values
+            ci = res.confidence_interval(confidence_level=level)
+            paired = (float(res.statistic), float(res.df), float(res.pvalue), (float(ci.low), float(ci.high)))
     return Comparison(delta, len(a), len(b), *welch, paired_seeds, *paired, level=level)
+
+
+def _constant(values: Sequence[float]) -> bool:
+    # Accuracies have a resolution of 1e-4 or coarser; below 1e-12 a spread is rounding noise.
+    return max(values) - min(values) < 1e-12

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .schema import clipped_fraction, config_hash, empty_row, set_method
+from .schema import clipped_fraction, config_hash, empty_row, is_fraction, set_method
 
 RESULTS_FILE = "results.json"
 FIDELITY_FILE = "fidelity.json"
@@ -34,6 +34,8 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED if data.get(key) is None]
     if missing:
         return _corrupt(row, f"{path} lacks {', '.join(missing)}")
+    if not is_fraction(data["test_acc_final"]):
+        return _corrupt(row, f"{path}: test_acc_final is not an accuracy in [0, 1]")
 
     teacher = data.get("teacher") or None
     kd_type = data.get("kd_type") or "none"

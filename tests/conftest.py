@@ -43,9 +43,9 @@ def fake_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory, fake_root) -> Path:
-    """A real 2-epoch R18 width-8 teacher, exported where students with teacher=resnet18 look."""
+    """A real 4-epoch R18 width-8 teacher, exported where students with teacher=resnet18 look."""
     out = tmp_path_factory.mktemp("outputs")
-    proc = run_train(*TINY, "experiment=teacher", "model.width=8", "trainer.epochs=2",
+    proc = run_train(*TINY, "experiment=teacher", "model.width=8", "trainer.epochs=4",
                      f"data.root={fake_root}", f"paths.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -1,0 +1,100 @@
+"""Expected cells from each job's Hydra sweep; missing and failed cells; --strict."""
+from __future__ import annotations
+
+import pytest
+
+from analysis import collect
+from analysis.__main__ import main
+from analysis.expected import expand, normalise, problem_cells
+
+SWEEP = {"method.alpha": "0.3,0.7", "seed": "range(0,2)"}
+
+
+def job(tree, alpha, seed, status="completed", **kw):
+    overrides = ["pair=r50_to_r18", "kd_grid=smoke", f"method.alpha={alpha}", f"seed={seed}"]
+    return tree.kdexp(acc=0.95, teacher="resnet50", method="logit", alpha=alpha, seed=seed, status=status,
+                      sweep=SWEEP, overrides=overrides, **kw)
+
+
+def test_missing_failed_and_unfinished_cells(tree):
+    job(tree, 0.3, 0)
+    failed = job(tree, 0.3, 1, status="failed")
+    running = job(tree, 0.7, 0, status=None)
+    cells = problem_cells(collect(tree.root))
+    assert [(c.experiment, c.family, c.cell, c.state, c.run_dirs) for c in cells] == [
+        ("exp", "kd_grid=smoke pair=r50_to_r18", "method.alpha=0.3 seed=1", "failed", (str(failed),)),
+        ("exp", "kd_grid=smoke pair=r50_to_r18", "method.alpha=0.7 seed=0", "incomplete", (str(running),)),
+        ("exp", "kd_grid=smoke pair=r50_to_r18", "method.alpha=0.7 seed=1", "missing", ()),
+    ]
+
+
+def test_a_rerun_that_completed_covers_the_failed_cell(tree):
+    for alpha in (0.3, 0.7):
+        for seed in (0, 1):
+            job(tree, alpha, seed)
+    job(tree, 0.7, 1, status="failed", path="exp/old-attempt")
+    frame = collect(tree.root)
+    assert problem_cells(frame) == []
+
+
+def test_corrupt_runs_still_place_their_cell(tree):
+    for alpha, seed in ((0.3, 0), (0.3, 1), (0.7, 0)):
+        job(tree, alpha, seed)
+    broken = job(tree, 0.7, 1)
+    (broken / "result.json").write_text("{")
+    (cell,) = problem_cells(collect(tree.root))
+    assert (cell.cell, cell.state) == ("method.alpha=0.7 seed=1", "corrupt")
+
+
+def test_a_command_line_value_outside_the_sweep_is_fixed(tree):
+    # `-m kd_grid=smoke method.alpha=0.5`: the command line overrides the swept alpha.
+    for seed in (0, 1):
+        tree.kdexp(acc=0.95, teacher="resnet50", method="logit", alpha=0.5, seed=seed, sweep=SWEEP,
+                   overrides=["kd_grid=smoke", "method.alpha=0.5", f"seed={seed}"])
+    assert problem_cells(collect(tree.root)) == []
+
+
+def test_single_runs_have_no_expected_grid(tree):
+    tree.kdexp(acc=0.95, overrides=["seed=3"])
+    assert problem_cells(collect(tree.root)) == []
+
+
+@pytest.mark.parametrize("spec, values", [
+    ("0.3,0.5,0.7", ["0.3", "0.5", "0.7"]), ("range(0,5)", ["0", "1", "2", "3", "4"]),
+    ("range(1, 10, 4)", ["1", "5", "9"]), ("choice(logit, feature)", ["logit", "feature"]),
+    ("4", ["4"]), (4, ["4"]), ([2, 3.0], ["2", "3"]), ("glob(*)", []), ("interval(0, 1)", []),
+])
+def test_sweep_syntax(spec, values):
+    assert expand(spec) == values
+
+
+def test_one_spelling_per_value():
+    assert normalise("4") == normalise("4.0") == normalise(4.0) == "4"
+    assert normalise("0.30") == normalise(" 0.3 ") == "0.3"
+    assert normalise("True") == "true" and normalise("'r50_to_r18'") == "r50_to_r18"
+
+
+def test_strict_exit_code(tree, capsys):
+    for alpha, seed in ((0.3, 0), (0.3, 1), (0.7, 0)):
+        job(tree, alpha, seed)
+    assert main([str(tree.root)]) == 0
+    assert main([str(tree.root), "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "--strict: 1 expected cell(s) missing or failed" in err
+    job(tree, 0.7, 1)
+    assert main([str(tree.root), "--strict"]) == 0
+
+
+def test_strict_fails_on_a_run_that_only_failed(tree):
+    tree.kdexp(acc=0.95, seed=0)
+    tree.kdexp(acc=0.95, seed=1, status="failed")
+    assert main([str(tree.root), "--strict"]) == 1
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 1
+    assert "no runs found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty"), "--format", "md,docx"])

@@ -1,0 +1,78 @@
+"""analysis.stats against the textbook formulas (scipy only for the t distribution's quantiles)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.stats import t as t_dist
+
+from analysis.stats import compare, mean_std
+
+
+def test_mean_and_sample_std():
+    assert mean_std([0.9519, 0.9537, 0.9555]) == pytest.approx((0.9537, 0.0018), abs=1e-15)
+    mean, std = mean_std([0.95])
+    assert mean == 0.95 and math.isnan(std)  # no std from one seed
+    assert all(math.isnan(v) for v in mean_std([]))
+
+
+def welch_by_hand(a, b, level=0.95):
+    na, nb = len(a), len(b)
+    ma, mb = sum(a) / na, sum(b) / nb
+    va = sum((x - ma) ** 2 for x in a) / (na - 1)
+    vb = sum((x - mb) ** 2 for x in b) / (nb - 1)
+    se2 = va / na + vb / nb
+    df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    t = (ma - mb) / math.sqrt(se2)
+    half = t_dist.ppf(0.5 + level / 2, df) * math.sqrt(se2)
+    return ma - mb, t, df, 2 * t_dist.sf(abs(t), df), (ma - mb - half, ma - mb + half)
+
+
+def test_welch_matches_the_formula_and_the_studys_bug_ablation():
+    # The study: bugged 95.00 ± 0.18 vs corrected 94.95 ± 0.20 over 5 seeds, Welch p = 0.69.
+    bugged = [0.9500 + 0.0018 * d for d in (-1, -1, 0, 1, 1)]
+    fixed = [0.9495 + 0.0020 * d for d in (-1, -1, 0, 1, 1)]
+    comp = compare(bugged, [0, 1, 2, 3, 4], fixed, [5, 6, 7, 8, 9])  # different seeds: unpaired
+    delta, t, df, p, ci = welch_by_hand(bugged, fixed)
+    assert not comp.paired and comp.basis == "Welch (unpaired)"
+    assert comp.delta == pytest.approx(delta, abs=1e-15) == pytest.approx(0.0005, abs=1e-12)
+    assert (comp.welch_t, comp.welch_df, comp.welch_p) == pytest.approx((t, df, p), rel=1e-9)
+    assert comp.ci == pytest.approx(ci, rel=1e-9)
+    assert round(comp.welch_p, 2) == 0.69
+    assert comp.within_noise is True and comp.p == comp.welch_p
+
+
+def test_paired_when_the_seeds_match():
+    kd = {0: 0.9512, 1: 0.9498, 2: 0.9530}
+    base = {0: 0.9490, 1: 0.9480, 2: 0.9500}
+    # Given in different orders: pairing is by seed, not by position.
+    comp = compare([kd[s] for s in (2, 0, 1)], [2, 0, 1], [base[s] for s in (0, 1, 2)], [0, 1, 2])
+    diffs = [kd[s] - base[s] for s in (0, 1, 2)]  # 0.0022, 0.0018, 0.0030
+    md = sum(diffs) / 3
+    sd = math.sqrt(sum((d - md) ** 2 for d in diffs) / 2)
+    t = md / (sd / math.sqrt(3))
+    half = t_dist.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert comp.paired and comp.paired_seeds == (0, 1, 2) and comp.basis == "paired by seed (0, 1, 2)"
+    assert (comp.paired_t, comp.paired_df) == pytest.approx((t, 2), rel=1e-9)
+    assert comp.paired_p == pytest.approx(2 * t_dist.sf(t, 2), rel=1e-9)
+    assert comp.ci == pytest.approx((md - half, md + half), rel=1e-9)
+    assert comp.within_noise is False and comp.p == comp.paired_p
+    # Welch is still computed (the study's test) and here does not exclude 0: pairing matters.
+    _, _, _, p, ci = welch_by_hand(list(kd.values()), list(base.values()))
+    assert comp.welch_p == pytest.approx(p, rel=1e-9) and comp.welch_ci == pytest.approx(ci, rel=1e-9)
+    assert comp.welch_ci[0] < 0 < comp.welch_ci[1]
+
+
+def test_too_few_seeds_give_no_interval():
+    comp = compare([0.95], [0], [0.94, 0.945], [0, 1])
+    assert comp.delta == pytest.approx(0.95 - 0.9425)
+    assert math.isnan(comp.welch_p) and not comp.paired and comp.within_noise is None
+
+
+def test_identical_differences_fall_back_to_welch():
+    # Every seed gains exactly 0.5 pp: no variance for a paired test; Welch still applies.
+    comp = compare([0.952, 0.953, 0.954], [0, 1, 2], [0.947, 0.948, 0.949], [0, 1, 2])
+    assert not comp.paired and comp.basis == "Welch (unpaired)"
+    assert comp.ci == comp.welch_ci and comp.within_noise is False
+    same = compare([0.95, 0.95], [0, 1], [0.95, 0.95], [0, 1])
+    assert math.isnan(same.welch_p) and same.within_noise is None

@@ -1,0 +1,254 @@
+"""The paper's tables from kdexp run dirs with known accuracies: exact strings, every rule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.stats import t as t_dist
+
+from analysis import collect
+from analysis.pipeline import analyse
+
+SEEDS = (0, 1, 2)
+# test@best-val per seed; val accuracies decide the best configuration, finals the `final` rule.
+BASE = {"acc": (0.9470, 0.9480, 0.9490), "final": (0.9460, 0.9470, 0.9480), "val": 0.9550}
+LOGIT_A5_T4 = {"acc": (0.9492, 0.9500, 0.9508), "final": (0.9490, 0.9500, 0.9510), "val": 0.9560}
+# Higher test accuracy but lower val accuracy: never the selected configuration under `val`.
+LOGIT_A9_T2 = {"acc": (0.9520, 0.9530, 0.9540), "final": (0.9400, 0.9410, 0.9420), "val": 0.9540}
+FEATURE_A5 = {"acc": (0.9482, 0.9478, 0.9495), "final": (0.9482, 0.9478, 0.9495), "val": 0.9555}
+
+
+def build(tree, val_size=5000):
+    exp = "paper" if val_size else "paper_v1"
+    for seed, acc in zip((0, 1), (0.9530, 0.9540)):  # teachers live in their own experiment
+        tree.kdexp(acc=acc, final=acc, best_test=acc, experiment="teachers", student="resnet34", kind="teacher",
+                   seed=seed, val_size=val_size)
+    cells = [(dict(), BASE), (dict(teacher="resnet34", method="logit", alpha=0.5, T=4.0), LOGIT_A5_T4),
+             (dict(teacher="resnet34", method="logit", alpha=0.9, T=2.0), LOGIT_A9_T2),
+             (dict(teacher="resnet34", method="feature", alpha=0.5), FEATURE_A5)]
+    for config, values in cells:
+        for seed, acc, final in zip(SEEDS, values["acc"], values["final"]):
+            tree.kdexp(acc=acc, final=final, best_test=max(acc, final) + 0.001, val=values["val"],
+                       experiment=exp, seed=seed, val_size=val_size, **config)
+    return exp
+
+
+def table(analysis, exp, name):
+    return next(t for t in analysis.tables[exp] if t.name == name)
+
+
+def rows_by(tab, *lead):
+    return [r for r in tab.rows if tuple(r[:len(lead)]) == lead]
+
+
+def row_of(tab, *lead):
+    (row,) = rows_by(tab, *lead)
+    return dict(zip(tab.columns, row))
+
+
+def paired_by_hand(kd, base):
+    diffs = [a - b for a, b in zip(kd, base)]
+    n = len(diffs)
+    md = sum(diffs) / n
+    se = math.sqrt(sum((d - md) ** 2 for d in diffs) / (n - 1) / n)
+    half = t_dist.ppf(0.975, n - 1) * se
+    return md, 2 * t_dist.sf(abs(md / se), n - 1), (md - half, md + half)
+
+
+def welch_p_by_hand(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return 2 * t_dist.sf(abs(ma - mb) / math.sqrt(va + vb), df)
+
+
+def test_key_results_table_exact(tree):
+    exp = build(tree)
+    analysis = analyse(collect(tree.root))
+    tab = table(analysis, exp, "key_results")
+    assert tab.columns == ["Teacher", "Student", "KD", "alpha", "T", "Stem", "Seeds", "Val acc (%)",
+                           "Test@best (%)", "Test@final (%)"]
+    assert tab.rows == [
+        ["-", "resnet18", "none", "-", "-", "cifar", "3 [0, 1, 2]", "95.50 ± 0.00", "94.80 ± 0.10", "94.70 ± 0.10"],
+        ["resnet34", "resnet18", "feature", "0.5", "-", "cifar", "3 [0, 1, 2]", "95.55 ± 0.00", "94.85 ± 0.09",
+         "94.85 ± 0.09"],
+        ["resnet34", "resnet18", "logit", "0.5", "4", "cifar", "3 [0, 1, 2]", "95.60 ± 0.00", "95.00 ± 0.08",
+         "95.00 ± 0.10"],
+        ["resnet34", "resnet18", "logit", "0.9", "2", "cifar", "3 [0, 1, 2]", "95.40 ± 0.00", "95.30 ± 0.10",
+         "94.10 ± 0.10"],
+    ]
+    assert "Selection rule `val` (default for these runs)" in tab.notes[0]
+    teachers = table(analysis, "teachers", "teachers")
+    assert teachers.rows == [["-", "resnet34", "none", "-", "-", "cifar", "2 [0, 1]", "95.85 ± 0.07",
+                              "95.35 ± 0.07", "95.35 ± 0.07"]]
+
+
+def test_pair_summary_gap_deltas_and_best_configuration(tree):
+    exp = build(tree)
+    row = row_of(table(analyse(collect(tree.root)), exp, "pairs"), "resnet34", "resnet18")
+    assert row["Teacher (%)"] == "95.30"         # the seed-0 teacher, the one distilled from
+    assert row["Baseline (%)"] == "94.80 ± 0.10"
+    assert row["Gap (pp)"] == "+0.50"
+    assert row["Logit-KD best"] == "α=0.5, T=4 (n=3)"  # best on val, though α=0.9 has higher test acc
+    assert row["Logit-KD Δ (pp)"] == "+0.20"
+    assert row["Feature-KD best"] == "α=0.5 (n=3)"
+    assert row["Feature-KD Δ (pp)"] == "+0.05 (within noise)"
+    assert row["Best method"] == "logit"
+
+
+def test_significance_values_by_hand(tree):
+    exp = build(tree)
+    tab = table(analyse(collect(tree.root)), exp, "significance")
+    logit = row_of(tab, "resnet34", "resnet18", "logit", "0.5")
+    md, p, ci = paired_by_hand(LOGIT_A5_T4["acc"], BASE["acc"])
+    assert md == pytest.approx(0.002)
+    assert logit["n (KD/base)"] == "3/3" and logit["Δ (pp)"] == "+0.20"
+    assert logit["95% CI (pp)"] == f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" == "[+0.15, +0.25]"
+    assert logit["CI basis"] == "paired by seed (0, 1, 2)"
+    assert logit["p (paired)"] == f"{p:.3f}" == "0.003"
+    assert logit["p (Welch)"] == f"{welch_p_by_hand(LOGIT_A5_T4['acc'], BASE['acc']):.3f}" == "0.057"
+    assert logit["Verdict"] == "significant gain"
+    feature = row_of(tab, "resnet34", "resnet18", "feature")
+    md, p, ci = paired_by_hand(FEATURE_A5["acc"], BASE["acc"])
+    assert feature["Δ (pp)"] == f"{100 * md:+.2f}" == "+0.05"
+    assert feature["95% CI (pp)"] == f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+    assert feature["Verdict"] == "within noise"
+
+
+def test_unpaired_seeds_use_welch(tree):
+    for seed, acc in zip((0, 1, 2), (0.9470, 0.9480, 0.9490)):
+        tree.kdexp(acc=acc, seed=seed)
+    for seed, acc in zip((3, 4, 5), (0.9500, 0.9510, 0.9520)):
+        tree.kdexp(acc=acc, seed=seed, teacher="resnet34", method="logit")
+    row = row_of(table(analyse(collect(tree.root)), "exp", "significance"), "resnet34")
+    assert row["CI basis"] == "Welch (unpaired)" and row["p (paired)"] == "-"
+    assert row["p (Welch)"] == f"{welch_p_by_hand([0.95, 0.951, 0.952], [0.947, 0.948, 0.949]):.3f}"
+
+
+def test_selection_rules(tree):
+    exp = build(tree)
+    frame = collect(tree.root)
+    final = analyse(frame, select="final")
+    row = row_of(table(final, exp, "pairs"), "resnet34", "resnet18")
+    assert (row["Baseline (%)"], row["Logit-KD Δ (pp)"]) == ("94.70 ± 0.10", "+0.30")
+    assert "Selection rule `final` (chosen with --select)" in table(final, exp, "pairs").notes[0]
+    optimistic = analyse(frame, select="test")
+    key = table(optimistic, exp, "key_results")
+    assert key.columns[-1] == "Best test (%) (optimistic)"
+    assert key.rows[0][-1] == "94.90 ± 0.10"  # max(test@best-val, final) + 0.1 pp per seed
+    for tab in optimistic.tables[exp]:
+        assert any("OPTIMISTIC" in n for n in tab.notes) or tab.name == "fidelity", tab.name
+    pairs = table(optimistic, exp, "pairs")
+    assert "best test (optimistic)" in " ".join(pairs.notes)
+
+
+def test_default_rule_without_a_val_split_is_final_and_val_is_refused(tree):
+    exp = build(tree, val_size=0)
+    frame = collect(tree.root)
+    analysis = analyse(frame)
+    assert analysis.experiments[0].rule.name == "final"
+    assert row_of(table(analysis, exp, "pairs"), "resnet34", "resnet18")["Baseline (%)"] == "94.70 ± 0.10"
+    key = table(analysis, exp, "key_results")
+    assert key.rows[0][7:] == ["-", "-", "94.70 ± 0.10"]
+    forced = analyse(frame, select="val")
+    skipped = [r for r in forced.problems.rows if r[0] == "skipped"]
+    assert len(skipped) == 14  # 12 students + 2 teachers: none has test@best-val
+    assert skipped[0][1].startswith("no validation split: test@best-val unavailable")
+    assert row_of(table(forced, exp, "pairs"), "resnet34", "resnet18")["Baseline (%)"] == "-"
+
+
+def test_grid_marks_the_best_configuration(tree):
+    exp = build(tree)
+    analysis = analyse(collect(tree.root))
+    grid = table(analysis, exp, "grid__resnet34_to_resnet18__logit")
+    assert grid.columns == ["alpha", "T=2", "T=4"]
+    assert grid.rows == [["0.5", "-", "95.00 ± 0.08 *"], ["0.9", "95.30 ± 0.10", "-"]]
+    assert not [t for t in analysis.tables[exp] if t.name.endswith("__feature")]  # one cell: no grid
+
+
+def test_teacher_accuracy_falls_back_to_fidelity_records(tree):
+    tree.kdexp(acc=0.948, seed=0)
+    tree.kdexp(acc=0.950, seed=0, teacher="resnet50", method="logit",
+               fidelity={"agreement": 0.95, "kl_t1": 0.2, "kl_t4": 0.03, "teacher_test_acc": 0.9536})
+    tab = table(analyse(collect(tree.root)), "exp", "pairs")
+    assert tab.rows[0][3] == "95.36 †" and tab.rows[0][5] == "+0.56"
+    assert any(n.startswith("† no teacher run found") for n in tab.notes)
+
+
+def test_a_config_key_without_a_column_splits_cells(tree):
+    for lr, accs in ((0.1, (0.95, 0.951)), (0.05, (0.93, 0.931))):
+        for seed, acc in enumerate(accs):
+            tree.kdexp(acc=acc, seed=seed, extra_config={"trainer.lr": lr})
+    tab = table(analyse(collect(tree.root)), "exp", "key_results")
+    assert tab.columns[6] == "trainer.lr"
+    assert [(r[6], r[9]) for r in tab.rows] == [("0.05", "93.05 ± 0.07"), ("0.1", "95.05 ± 0.07")]
+
+
+def test_experiments_get_their_own_tables_and_a_comparison(tree):
+    for exp, accs in (("mine", (0.950, 0.952)), ("theirs", (0.940, 0.942))):
+        for seed, acc in enumerate(accs):
+            tree.kdexp(acc=acc, seed=seed, experiment=exp)
+    analysis = analyse(collect(tree.root))
+    assert [e.name for e in analysis.experiments] == ["mine", "theirs"]
+    (comp,) = analysis.shared
+    assert comp.columns[-2:] == ["mine: test@best-val (%)", "theirs: test@best-val (%)"]
+    assert comp.rows == [["baseline", "-", "resnet18", "none", "-", "-", "cifar", "95.10 ± 0.14 (n=2)",
+                          "94.10 ± 0.14 (n=2)"]]
+    only = analyse(collect(tree.root), only=["mine"])
+    assert [e.name for e in only.experiments] == ["mine"]
+    assert {r[1] for r in only.problems.rows} == {"other experiment 'theirs' (not selected with --experiment)"}
+
+
+def test_temperature_sweep_ablation(tree):
+    for seed in (0, 1):
+        tree.kdexp(acc=0.948 + seed * 0.001, seed=seed)
+        for T, gain in ((1.0, -0.001), (4.0, 0.002), (16.0, 0.0)):
+            tree.kdexp(acc=0.948 + seed * 0.001 + gain + seed * 0.0002, seed=seed, teacher="resnet50",
+                       method="logit", alpha=0.5, T=T)
+    tab = table(analyse(collect(tree.root)), "exp", "ablation_temperature")
+    assert [r[3] for r in tab.rows] == ["1", "4", "16"]
+    assert [r[6] for r in tab.rows] == ["-0.09", "+0.21", "+0.01"]
+    assert tab.rows[1][:6] == ["resnet50→resnet18", "cifar", "0.5", "4", "2", "95.06 ± 0.08"]
+
+
+def test_stem_ablation(tree):
+    for seed in (0, 1, 2):
+        tree.kdexp(acc=(0.9470, 0.9480, 0.9490)[seed], seed=seed)
+        tree.kdexp(acc=(0.8760, 0.8771, 0.8782)[seed], seed=seed, stem="imagenet")
+    tab = table(analyse(collect(tree.root)), "exp", "ablation_stem")
+    assert [r[5] for r in tab.rows] == ["cifar", "imagenet"]
+    assert tab.rows[1][8:10] == ["87.71 ± 0.11", "-7.09"]
+    assert tab.rows[1][10] == f"{welch_p_by_hand([0.876, 0.8771, 0.8782], [0.947, 0.948, 0.949]):.3f}" \
+        .replace("0.000", "<0.001")
+
+
+def test_clip_ablation_with_gradient_norms(tree):
+    for seed in (0, 1):
+        tree.kdexp(acc=(0.9495, 0.9505)[seed], seed=seed, teacher="resnet50", method="feature", alpha=0.7,
+                   clip=True, grad_norm_max=(1.5, 2.0)[seed], proj_grad_norm_max=0.15, clip_fraction=0.6,
+                   epochs=10)
+        tree.kdexp(acc=(0.9500, 0.9512)[seed], seed=seed, teacher="resnet50", method="feature", alpha=0.7,
+                   clip=False, grad_norm_max=(5.0, 16.0)[seed], proj_grad_norm_max=0.21,
+                   clip_fraction=(0.96, 1.0)[seed], epochs=10)
+    tab = table(analyse(collect(tree.root)), "exp", "ablation_clip")
+    fixed, bugged = (dict(zip(tab.columns, r)) for r in tab.rows)
+    assert fixed["clip_projection"] == "true (fixed)" and bugged["clip_projection"] == "false (bugged, v1)"
+    assert (fixed["Max pre-clip grad norm"], fixed["Max projection grad norm"], fixed["Clipped steps (%)"]) == \
+        ("2.00", "0.15", "60.0")
+    assert (bugged["Max pre-clip grad norm"], bugged["Max projection grad norm"], bugged["Clipped steps (%)"]) == \
+        ("16.00", "0.21", "98.0")
+    # Per-epoch max norm is grad_norm_max / epoch: above 1.0 only in epoch 1 of 10 (2.0 / 2 is not).
+    assert fixed["Epochs clipped (%)"] == "10.0"
+    assert bugged["Δ bugged − fixed (pp)"] == "+0.06"
+    assert bugged["p (Welch)"] == f"{welch_p_by_hand([0.95, 0.9512], [0.9495, 0.9505]):.3f}"
+
+
+def test_fidelity_table(tree):
+    for seed, agreement in enumerate((0.9530, 0.9540)):
+        tree.kdexp(acc=0.95, seed=seed, teacher="resnet50", method="logit",
+                   fidelity={"agreement": agreement, "kl_t1": 0.24 + seed * 0.01, "kl_t4": 0.03,
+                             "teacher_test_acc": 0.9536})
+    tab = table(analyse(collect(tree.root)), "exp", "fidelity")
+    assert tab.rows == [["resnet50", "resnet18", "logit", "0.5", "4", "cifar", "2 [0, 1]", "95.35 ± 0.07",
+                         "0.2450 ± 0.0071", "0.0300 ± 0.0000", "95.36 ± 0.00"]]

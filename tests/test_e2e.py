@@ -1,0 +1,149 @@
+"""Real runs of the entry point on generated data: every method learns, writes its files, is
+deterministic, resumes exactly after a kill, and is never retrained once completed."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY, run_train, student_args
+from kdexp.records import read_metrics, read_result
+
+TIMING = {"epoch_seconds", "images_per_s"}
+METHODS = {
+    "ce": ("experiment=baseline",),
+    "logit": ("method=logit", "method.alpha=0.5", "method.T=4"),
+    "feature": ("method=feature", "method.alpha=0.5"),
+}
+
+
+def _run_dir(out, proc):
+    dirs = [p.parent for p in out.rglob("result.json")]
+    assert len(dirs) == 1, (dirs, proc.stderr[-2000:])
+    return dirs[0]
+
+
+def _numbers(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory, teacher_run, fake_root):
+    runs = {}
+    for name, args in METHODS.items():
+        out = tmp_path_factory.mktemp(name)
+        extra = args if name != "ce" else ()
+        base = student_args(out, fake_root, *extra) if name != "ce" else \
+            (*TINY, f"data.root={fake_root}", f"paths.output_dir={out}", *args)
+        teacher_dir = f"paths.teachers_dir={teacher_run}/teachers"
+        proc = run_train(*base, teacher_dir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _run_dir(out, proc)
+    return runs
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_learns_above_chance(method_runs, name):
+    result = read_result(method_runs[name])
+    assert result["status"] == "completed" and result["method"] == name
+    assert result["test_acc_final"] > 0.25 and result["best_val_acc"] > 0.25  # chance is 0.1
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_result_and_metrics_carry_every_field(method_runs, name):
+    run_dir = method_runs[name]
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    common = {"epoch", "lr", "loss", "loss_ce", "train_acc", "val_acc", "test_acc", "grad_norm_max",
+              "grad_norm_mean", "proj_grad_norm_max", "clip_fraction", "epoch_seconds", "images_per_s"}
+    extra = {"ce": set(), "logit": {"loss_kd", "agreement", "kl_t1", "kl_t4"},
+             "feature": {"loss_kd", "loss_mse", "loss_cos", "agreement", "kl_t1", "kl_t4"}}[name]
+    assert set(rows[0]) == common | extra
+    assert rows[0]["lr"] == pytest.approx(0.1) and rows[1]["lr"] < rows[0]["lr"]
+    assert (rows[0]["proj_grad_norm_max"] is not None) == (name == "feature")
+    result = read_result(run_dir)
+    for key in ["best_val_acc", "best_val_epoch", "test_acc_at_best_val", "test_acc_final", "best_test_acc",
+                "per_class_test_acc", "params", "wall_seconds", "torch", "device", "git_commit", "kind",
+                "grad_norm_max", "clip_fraction", "images_per_s"]:
+        assert key in result, key
+    assert len(result["per_class_test_acc"]) == 10
+    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    assert (result["best_val_epoch"], result["test_acc_at_best_val"]) == (best["epoch"], best["test_acc"])
+    assert result["test_acc_final"] == rows[-1]["test_acc"]
+    if name == "ce":
+        assert result["fidelity"] is None and result["kind"] == "baseline"
+    else:
+        assert set(result["fidelity"]) == {"agreement", "kl_t1", "kl_t4", "teacher_test_acc"}
+        assert result["params"]["teacher"] > 0
+    assert (result["params"]["method"] > 0) == (name == "feature")
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_same_seed_gives_identical_metrics(method_runs, tmp_path, teacher_run, fake_root):
+    proc = run_train(*student_args(tmp_path, fake_root, *METHODS["feature"]), f"paths.teachers_dir={teacher_run}/teachers")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = read_metrics(_run_dir(tmp_path, proc))
+    assert _numbers(again) == _numbers(read_metrics(method_runs["feature"]))
+
+
+def test_a_completed_run_is_skipped_not_retrained(method_runs, teacher_run, fake_root):
+    run_dir = method_runs["logit"]
+    out = next(p for p in run_dir.parents if p.name == "quickstart").parent
+    before = (run_dir / "result.json").read_bytes()
+    proc = run_train(*student_args(out, fake_root, *METHODS["logit"]), f"paths.teachers_dir={teacher_run}/teachers")
+    assert proc.returncode == 0
+    assert "skipping" in proc.stdout + proc.stderr and "result.json says completed" in proc.stdout + proc.stderr
+    assert (run_dir / "result.json").read_bytes() == before
+
+
+def test_killed_run_resumes_to_identical_metrics(tmp_path, teacher_run, fake_root):
+    args = student_args(tmp_path / "a", fake_root, *METHODS["logit"], "trainer.epochs=4",
+                        f"paths.teachers_dir={teacher_run}/teachers")
+    proc = subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = next((tmp_path / "a").rglob("metrics.jsonl"), None)
+        if metrics and len(metrics.read_text().splitlines()) >= 2:
+            proc.send_signal(signal.SIGTERM)  # what SLURM sends on preemption or at the time limit
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert metrics is not None and not (metrics.parent / "result.json").exists(), "run was not interrupted"
+    interrupted_at = len(read_metrics(metrics.parent))
+    assert 2 <= interrupted_at < 4
+    resumed = run_train(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {metrics.parent} after epoch {interrupted_at}" in resumed.stdout + resumed.stderr
+    straight = run_train(*student_args(tmp_path / "b", fake_root, *METHODS["logit"], "trainer.epochs=4",
+                                       f"paths.teachers_dir={teacher_run}/teachers"))
+    assert straight.returncode == 0
+    reference = read_metrics(next((tmp_path / "b").rglob("metrics.jsonl")).parent)
+    assert _numbers(read_metrics(metrics.parent)) == _numbers(reference)
+    assert read_result(metrics.parent)["test_acc_final"] == reference[-1]["test_acc"]
+
+
+def test_nan_loss_fails_the_run_with_its_epoch_and_is_retried_only_when_asked(tmp_path, fake_root):
+    args = (*TINY, f"data.root={fake_root}", f"paths.output_dir={tmp_path}", "experiment=baseline",
+            "trainer.lr=1e30", "trainer.clip_norm=null")
+    proc = run_train(*args)
+    assert proc.returncode != 0
+    result = read_result(next(tmp_path.rglob("result.json")).parent)
+    assert result["status"] == "failed" and result["failed_epoch"] == 1
+    assert "NonFiniteLossError" in result["error"]
+    again = run_train(*args)
+    assert again.returncode == 0 and "retry_failed=true" in again.stdout + again.stderr
+    retried = run_train(*args, "retry_failed=true")
+    assert retried.returncode != 0 and "NonFiniteLossError" in retried.stderr
+
+
+def test_missing_teacher_fails_without_training(tmp_path, fake_root):
+    proc = run_train(*student_args(tmp_path, fake_root, "method=logit"))
+    assert proc.returncode != 0
+    assert "teacher checkpoint not found" in proc.stderr and "experiment=teacher" in proc.stderr
+    result = read_result(next(tmp_path.rglob("result.json")).parent)
+    assert result["status"] == "failed" and "TeacherError" in result["error"]
+    assert not list(tmp_path.rglob("metrics.jsonl"))

@@ -2,6 +2,8 @@
 self-contained HTML report that renders in headless Chromium."""
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shutil
 import subprocess
@@ -35,12 +37,18 @@ def build(tree):
     (truncated / "metrics.jsonl").write_text('{"epoch": 1, "val_acc": 0.5}\n{"epoch": 2, "val_')
 
 
-@pytest.fixture
-def report(tree, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Built once for the module: figures are the slow part."""
+    from conftest import RunTree
+
+    tmp = tmp_path_factory.mktemp("report")
+    tree = RunTree(tmp / "runs")
     build(tree)
-    out = tmp_path / "report"
-    assert main([str(tree.root), "--out", str(out)]) == 0
-    return out, capsys.readouterr().out
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([str(tree.root), "--out", str(tmp / "report")]) == 0
+    return tmp / "report", stdout.getvalue()
 
 
 def test_terminal_output(report):
@@ -89,7 +97,8 @@ def test_format_subset(tree, tmp_path):
     out = tmp_path / "md-only"
     assert main([str(tree.root), "--out", str(out), "--format", "md"]) == 0
     assert (out / "key_results.md").exists()
-    assert not list(out.glob("*.tex")) and not list(out.glob("*.csv")) and not (out / "report.html").exists()
+    assert not list(out.glob("*.tex")) and not (out / "report.html").exists()
+    assert [p.name for p in out.glob("*.csv")] == ["runs.csv"]  # the per-run record is always written
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-QS := KDEXP_OUTPUTS=outputs $(PY) -m kdexp.train protocol=quickstart
+TRAIN := KDEXP_OUTPUTS=outputs $(PY) -m kdexp.train
 
 .PHONY: install quickstart test slurm-deps clean
 
@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	$(QS) experiment=teacher model.width=16
-	$(QS) -m experiment=baseline seed=0,1
-	$(QS) -m experiment=quickstart
+	$(TRAIN) protocol=quickstart experiment=teacher model.width=16
+	$(TRAIN) -m protocol=quickstart experiment=baseline seed=0,1
+	$(TRAIN) -m protocol=quickstart experiment=quickstart
 	$(PY) -m analysis outputs/quickstart --out outputs/quickstart/report
 	@echo "runs: outputs/quickstart/   report: outputs/quickstart/report/report.html"
 

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from kdexp import __version__
+
 from . import render
 from .collect import collect
 from .figures import Figure, make_figures, slug
@@ -25,7 +27,9 @@ _EXTENSIONS = {"md": (".md", render.markdown), "latex": (".tex", render.latex), 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m analysis",
+                                description="Run directories (kdexp's or the study's) -> the paper's tables, "
+                                            "figures and a self-contained HTML report.")
     p.add_argument("roots", nargs="+", type=Path, help="directories searched recursively for runs")
     p.add_argument("--out", type=Path, help="write tables, figures and report.html here")
     p.add_argument("--format", default=",".join(FORMATS),
@@ -79,7 +83,8 @@ def summary(analysis: Analysis) -> str:
     if n_problems:
         listed = analysis.problems.rows[:20]
         lines = [f"  {status}: {run_dir}: {reason}" for status, reason, _, run_dir in listed]
-        more = [f"  ... and {n_problems - len(listed)} more (see problems.* / report.html)"] if n_problems > 20 else []
+        more = ([f"  ... and {n_problems - len(listed)} more (see problems.* / report.html)"]
+                if n_problems > len(listed) else [])
         parts.append("\n".join([f"Missing / failed / skipped runs: {n_problems}"] + lines + more))
     if analysis.cells:
         lines = [f"  {c.state}: [{c.experiment}] {c.family}: {c.cell}" for c in analysis.cells[:20]]
@@ -88,8 +93,6 @@ def summary(analysis: Analysis) -> str:
 
 
 def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: str) -> None:
-    from kdexp import __version__
-
     out.mkdir(parents=True, exist_ok=True)
     single = len(analysis.experiments) == 1
     figures: dict[str, list[Figure]] = {}

@@ -21,7 +21,6 @@ CELL_FIELDS = ("kind", "teacher", "teacher_stem", "teacher_width", "teacher_seed
 STUDENT_CONTEXT = ("student", "stem", "width", "epochs", "val_size", "data")
 # What a pair's rows share; the method and its hyperparameters vary within a pair.
 PAIR_CONTEXT = ("teacher", "teacher_stem", "teacher_width", "teacher_seed") + STUDENT_CONTEXT
-KD_METHODS = ("logit", "feature")
 
 
 def clean(value: Any) -> Any:
@@ -104,9 +103,10 @@ class Experiment:
     cells: list[Cell]
     extras: list[str]
     rule: Rule
+    rule_note: str  # printed under every table
 
     @classmethod
-    def build(cls, name: str, runs: list[dict[str, Any]], rule: Rule) -> "Experiment":
+    def build(cls, name: str, runs: list[dict[str, Any]], rule: Rule, rule_note: str) -> "Experiment":
         extras = extra_keys(runs)
         cells: dict[tuple, Cell] = {}
         for run in runs:
@@ -114,7 +114,7 @@ class Experiment:
             key.update({k: (run["config"] or {}).get(k) for k in extras})
             ident = tuple(repr(v) for v in key.values())
             cells.setdefault(ident, Cell(name, key)).runs.append(run)
-        return cls(name, sorted(cells.values(), key=lambda c: c.sort_key), extras, rule)
+        return cls(name, sorted(cells.values(), key=lambda c: c.sort_key), extras, rule, rule_note)
 
     def of_kind(self, *kinds: str) -> list[Cell]:
         return [c for c in self.cells if c["kind"] in kinds]

@@ -49,8 +49,8 @@ KNOWN_CONFIG_KEYS = frozenset({
 def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per run directory found recursively under `roots` (a path or several).
 
-    Columns are `COLUMNS`; `status` is one of `STATUSES`. Of several completed runs of the same
-    configuration (same `config_hash`) the newest is kept and the others marked "duplicate".
+    Columns are `schema.COLUMNS`; `status` is one of `schema.STATUSES`. Of several completed
+    runs of one configuration (same `config_hash`) the newest is kept, the others marked "duplicate".
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
@@ -92,6 +92,7 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
         return _problem(row, "corrupt", f"no {CONFIG_FILE}: the configuration is unknown")
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
         return _problem(row, "corrupt", f"{CONFIG_FILE} is not valid YAML ({_one_line(err)})")
+    cfg = resolve_interpolations(cfg)
     try:
         result = records.read_result(run_dir)
     except (ValueError, UnicodeDecodeError) as err:
@@ -109,6 +110,8 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
     if result_error:
         return _problem(row, "corrupt", result_error)
     if result is None:
+        if cfg.get("dry_run") is True:
+            return _problem(row, "incomplete", "dry run: composed and validated, never trained")
         return _problem(row, "incomplete",
                         f"no {records.RESULT_FILE} (running or killed); {len(history)} epochs logged")
     if result.get("schema_version") != records.SCHEMA_VERSION:
@@ -128,8 +131,8 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
 
 
 def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> None:
-    model, teacher = cfg.get("model") or {}, cfg.get("teacher") or {}
-    method, trainer, data = cfg.get("method") or {}, cfg.get("trainer") or {}, cfg.get("data") or {}
+    model, teacher, method, trainer, data = (_node(cfg, key)
+                                             for key in ("model", "teacher", "method", "trainer", "data"))
     row.update(
         experiment=cfg.get("experiment_name"), protocol=cfg.get("protocol_name"),
         student=model.get("arch"), stem=model.get("stem"), width=model.get("width"),
@@ -150,6 +153,11 @@ def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> Non
     row["config_hash"] = config_hash(flat)
 
 
+def _node(cfg: dict, key: str) -> dict:
+    value = cfg.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def infer_method(method_cfg: dict) -> str:
     """Method name from the config node (result.json's `method` overrides it once written)."""
     target = str(method_cfg.get("_target_", "")).lower()
@@ -166,8 +174,7 @@ def infer_method(method_cfg: dict) -> str:
 def _fill_result(row: dict[str, Any], result: dict) -> None:
     if result.get("kind"):
         row["kind"] = result["kind"]
-    fidelity = result.get("fidelity") or {}
-    params = result.get("params") or {}
+    fidelity, params = _node(result, "fidelity"), _node(result, "params")
     row.update(
         epochs_completed=result.get("epochs_completed", row["epochs_completed"]),
         best_val_acc=result.get("best_val_acc"), best_val_epoch=result.get("best_val_epoch"),
@@ -220,6 +227,44 @@ def load_history(run_dir: str | Path, source: str) -> list[dict]:
     if source == "study":
         return study_format.read_history(Path(run_dir))
     return _read_metrics(Path(run_dir))[0]
+
+
+_INTERPOLATION = re.compile(r"\$\{(\.*)([A-Za-z_][\w.]*)\}")
+
+
+def resolve_interpolations(cfg: dict) -> dict:
+    """Resolve `${a.b}` and relative `${.b}` references in Hydra's saved (unresolved) config.
+
+    Hydra writes `.hydra/config.yaml` before resolving (e.g. `teacher.stem: ${model.stem}`).
+    OmegaConf would resolve it but costs milliseconds per run; plain references are all the
+    columns need. Resolver calls (`${oc.env:...}`) and unknown keys stay as written.
+    """
+    def lookup(path: list[str], node_path: list[str], dots: str, depth: int) -> Any:
+        base = [] if not dots else node_path[: len(node_path) - (len(dots) - 1)]
+        node: Any = cfg
+        for part in base + path:
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(part)
+            node = node[part]
+        return resolve(node, base + path[:-1], depth + 1)
+
+    def resolve(value: Any, node_path: list[str], depth: int = 0) -> Any:
+        if not isinstance(value, str) or "${" not in value or depth > 20:
+            return value
+        whole = _INTERPOLATION.fullmatch(value)
+        try:
+            if whole:  # the whole value is one reference: keep the target's type
+                return lookup(whole[2].split("."), node_path, whole[1], depth)
+            return _INTERPOLATION.sub(
+                lambda m: str(lookup(m[2].split("."), node_path, m[1], depth)), value)
+        except KeyError:
+            return value
+
+    def walk(node: dict, node_path: list[str]) -> dict:
+        return {k: walk(v, node_path + [k]) if isinstance(v, dict) else resolve(v, node_path)
+                for k, v in node.items()}
+
+    return walk(cfg, [])
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, Any]:

@@ -11,6 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from .aggregate import Cell, Experiment
 from .collect import load_history
@@ -58,7 +59,8 @@ def _save(fig: MplFigure, out_dir: Path, name: str, title: str) -> Figure:
 
 
 def _pair_slug(exp: Experiment, ref: Cell) -> str:
-    return slug(f"{exp.name}__{ref['teacher']}_to_{ref['student']}__{ref['stem']}_w{ref['width']}_e{ref['epochs']}")
+    return slug(f"{exp.name}__{ref['teacher']}_to_{ref['student']}__"
+                f"{ref['stem']}_w{ref['width']}_e{ref['epochs']}")
 
 
 def heatmap(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
@@ -131,6 +133,7 @@ def learning_curves(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure
             ax.plot(epochs, 100 * mean, color=color, label=f"{label}, n={len(c.runs)}")
             ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{'validation' if key == 'val_acc' else 'test'} accuracy (%)")
         ax.grid(alpha=0.3)
         _zoom_to_plateau(ax, [curves[(label, key)] for label, _ in shown])
@@ -157,17 +160,17 @@ def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
             best = exp.best_config(cells, kd)
             comp = exp.versus_baseline(best) if best is not None else None
             if comp is not None and not math.isnan(comp.delta):
-                bars.append((pair_name(cells[0]), kd, comp))
+                stem = "" if cells[0]["stem"] == "cifar" else f" ({cells[0]['stem']} stem)"
+                bars.append((pair_name(cells[0]) + stem, kd, comp))
     if not bars:
         return None
     pairs = sorted({p for p, _, _ in bars})
+    methods = [kd for kd in ("logit", "feature") if any(k == kd for _, k, _ in bars)]
+    width = 0.8 / len(methods)
     fig, (ax,) = _new(max(5.0, 1.9 * len(pairs) + 1.5), 4.2)
-    width = 0.38
-    for offset, kd in ((-width / 2, "logit"), (width / 2, "feature")):
+    for i, kd in enumerate(methods):
         here = [(pairs.index(p), comp) for p, k, comp in bars if k == kd]
-        if not here:
-            continue
-        xs = np.array([x for x, _ in here]) + offset
+        xs = np.array([x for x, _ in here]) + (i - (len(methods) - 1) / 2) * width
         deltas = np.array([100 * c.delta for _, c in here])
         low = np.array([100 * (c.delta - c.ci[0]) if not math.isnan(c.ci[0]) else 0 for _, c in here])
         high = np.array([100 * (c.ci[1] - c.delta) if not math.isnan(c.ci[1]) else 0 for _, c in here])
@@ -176,6 +179,8 @@ def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
             mark = {True: "n.s.", False: "*", None: "n<2"}[c.within_noise]
             top = 100 * (c.ci[1] if not math.isnan(c.ci[1]) else c.delta)
             ax.annotate(mark, (x, max(top, 0)), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(bottom, top + 0.12 * (top - bottom))  # room for the marks above the bars
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(pairs)), pairs)
     ax.set_ylabel(f"Δ vs baseline (pp, {exp.rule.label})")
@@ -212,12 +217,14 @@ def grad_norms(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | No
             drawn.append(mean)
         clip_norm = fixed[0].runs[0].get("clip_norm")
         if key == "grad_norm_max" and clip_norm:
-            ax.axhline(clip_norm, color="black", linewidth=0.8, linestyle=":", label=f"clip threshold {clip_norm:g}")
+            ax.axhline(clip_norm, color="black", linewidth=0.8, linestyle=":",
+                       label=f"clip threshold {clip_norm:g}")
         values = np.concatenate(drawn) if drawn else np.array([])
         positive = values[values > 0]
         if len(positive) and positive.max() / positive.min() > 10:  # log only where it spans decades
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(what)
         ax.grid(alpha=0.3, which="both")
         if drawn:

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .aggregate import Experiment, group_by_experiment, run_records
 from .expected import CellState, problem_cells, unfinished_runs
-from .rules import RULES, default_rule, rule_note
+from .rules import RULES, Rule, default_rule, rule_note
 from .tables import Table, comparison, experiment_tables
 
 
@@ -17,7 +17,6 @@ class Analysis:
     frame: pd.DataFrame
     experiments: list[Experiment]
     tables: dict[str, list[Table]]           # experiment name → its tables
-    rule_notes: dict[str, str]
     problems: Table                          # runs not averaged in, and why
     cells: list[CellState]                   # expected cells without a completed run
     unfinished: int                          # failed/incomplete/corrupt configs never completed
@@ -47,7 +46,7 @@ def analyse(frame: pd.DataFrame, select: str | None = None,
                 for r in runs if r["status"] != "completed"]
     problems += [["note", r["notes"], r["experiment"] or "-", r["run_dir"]] for r in usable if r["notes"]]
     only = set(only) if only else None
-    experiments, tables, notes = [], {}, {}
+    experiments, tables = [], {}
     for name, exp_runs in group_by_experiment(usable).items():
         if only is not None and name not in only:
             problems += [["skipped", f"other experiment {name!r} (not selected with --experiment)", name,
@@ -56,23 +55,26 @@ def analyse(frame: pd.DataFrame, select: str | None = None,
         rule = RULES[select] if select else default_rule(exp_runs)
         problems += [["skipped", _lacking(rule, r), name, r["run_dir"]]
                      for r in exp_runs if r.get(rule.column) is None]
-        exp = Experiment.build(name, exp_runs, rule)
-        notes[name] = rule_note(rule, chosen_by_default=select is None)
+        exp = Experiment.build(name, exp_runs, rule, rule_note(rule, chosen_by_default=select is None))
         experiments.append(exp)
         # Teachers are matched across experiments: they are usually trained in their own.
-        tables[name] = experiment_tables(exp, usable, notes[name])
+        tables[name] = experiment_tables(exp, usable)
     problem_table = Table("problems", "Missing / failed / skipped runs",
                           ["Status", "Reason", "Experiment", "Run dir"], sorted(problems),
                           ["None of these runs is averaged into any table, except 'note' rows "
                            "(complete runs whose curves are partly unreadable)."])
     shared = [t for t in [comparison(experiments)] if t is not None]
-    return Analysis(frame, experiments, tables, notes, problem_table, problem_cells(frame),
-                    len(unfinished_runs(frame)), shared)
+    cells, unfinished = problem_cells(frame), unfinished_runs(frame)
+    if only is not None:  # --strict judges the selected experiments only
+        cells = [c for c in cells if c.experiment in only]
+        unfinished = unfinished[unfinished["experiment"].isin(only)]
+    return Analysis(frame, experiments, tables, problem_table, cells, len(unfinished), shared)
 
 
-def _lacking(rule, run: dict) -> str:
+def _lacking(rule: Rule, run: dict) -> str:
     if rule.name == "test" and run["source"] == "study":
-        return "best test unavailable: the study's history has no test accuracy (not averaged under --select test)"
+        return ("best test unavailable: the study's history has no test accuracy "
+                "(not averaged under --select test)")
     if rule.name == "val":
         return "no validation split: test@best-val unavailable (not averaged under --select val)"
     return f"no {rule.short} recorded (not averaged under --select {rule.name})"

@@ -11,11 +11,10 @@ from tabulate import tabulate
 from .tables import Table
 
 
-def markdown(table: Table, title: bool = True) -> str:
+def markdown(table: Table) -> str:
     body = tabulate(table.rows, headers=table.columns, tablefmt="github", disable_numparse=True)
-    head = f"### {table.title}\n\n" if title else ""
     notes = "".join(f"\n_{n}_\n" for n in table.notes)
-    return f"{head}{body}\n{notes}"
+    return f"### {table.title}\n\n{body}\n{notes}"
 
 
 def terminal(table: Table) -> str:
@@ -27,7 +26,8 @@ def terminal(table: Table) -> str:
 _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
                   "±": r"$\pm$", "→": r"$\to$", "Δ": r"$\Delta$", "α": r"$\alpha$", "β": r"$\beta$",
-                  "−": r"$-$", "≥": r"$\geq$", "‖": r"$\|$", "†": r"$^\dagger$", "–": "--", "·": r"$\cdot$"}
+                  "−": r"$-$", "×": r"$\times$", "≥": r"$\geq$", "‖": r"$\|$", "†": r"$^\dagger$", "–": "--",
+                  "·": r"$\cdot$"}
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
 
 
@@ -57,7 +57,9 @@ def csv_text(table: Table) -> str:
 def html_table(table: Table) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
-    body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in table.rows)
+    # Long cells (paths, reasons) may wrap; numbers never do.
+    body = "".join("<tr>" + "".join(f'<td class="long">{esc(v)}</td>' if len(v) > 50 else f"<td>{esc(v)}</td>"
+                                    for v in row) + "</tr>" for row in table.rows)
     notes = "".join(f'<p class="note">{esc(n)}</p>' for n in table.notes)
-    return (f'<h3 id="{esc(table.name)}">{esc(table.title)}</h3>\n<table><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table>\n{notes}\n")
+    return (f'<h3 id="{esc(table.name)}">{esc(table.title)}</h3>\n<div class="scroll"><table><thead><tr>{head}'
+            f"</tr></thead><tbody>{body}</tbody></table></div>\n{notes}\n")

@@ -21,6 +21,8 @@ h3 { margin-top: 1.6em; font-size: 1.1em; }
 table { border-collapse: collapse; font-size: .85em; margin: .4em 0; }
 th, td { border-bottom: 1px solid #ddd; padding: .25em .6em; text-align: left; white-space: nowrap; }
 th { border-bottom: 2px solid #444; background: #f6f6f6; }
+td.long { white-space: normal; overflow-wrap: anywhere; min-width: 24em; }
+div.scroll { overflow-x: auto; }
 tbody tr:nth-child(even) { background: #fafafa; }
 p.note { font-size: .8em; color: #555; margin: .2em 0; max-width: 80em; }
 .meta td { border: none; padding: .1em .8em .1em 0; }
@@ -47,7 +49,7 @@ def render_report(analysis: Analysis, figures: dict[str, list[Figure]], command:
              "</table>", _toc(analysis)]
     for exp in analysis.experiments:
         parts.append(f'<h2 id="exp-{esc(exp.name)}">Experiment: {esc(exp.name)}</h2>')
-        parts.append(f'<p class="rule">{esc(analysis.rule_notes[exp.name])}</p>')
+        parts.append(f'<p class="rule">{esc(exp.rule_note)}</p>')
         parts += [html_table(t) for t in analysis.tables[exp.name]]
         for fig in figures.get(exp.name, []):
             parts.append(_figure(fig))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -85,7 +86,11 @@ def compare(a: Sequence[float], a_seeds: Sequence[int], b: Sequence[float], b_se
     delta = mean_std(a)[0] - mean_std(b)[0] if a and b else NAN
     welch = (NAN, NAN, NAN, (NAN, NAN))
     if len(a) >= 2 and len(b) >= 2 and not (_constant(a) and _constant(b)):
-        res = sps.ttest_ind(a, b, equal_var=False)
+        with warnings.catch_warnings():
+            # scipy warns about one constant sample (e.g. a baseline at 100 %); Welch is still
+            # defined by the other sample's variance. Both constant is excluded above.
+            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+            res = sps.ttest_ind(a, b, equal_var=False)
         ci = res.confidence_interval(confidence_level=level)
         welch = (float(res.statistic), float(res.df), float(res.pvalue), (float(ci.low), float(ci.high)))
     paired_seeds: tuple[int, ...] = ()

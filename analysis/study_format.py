@@ -18,6 +18,7 @@ EXPERIMENT = "study"
 STUDY_CLIP_NORM = 1.0       # the study's recipe clips at 1.0
 STUDY_VAL_SIZE = 5000       # protocol v2: fixed 45k/5k split
 STUDY_TEACHER_SEED = 0      # protocol v2: students distil from the seed-0 teacher
+STUDY_WIDTH = 64            # torchvision's ResNets: base width 64
 _REQUIRED = ("model", "seed", "test_acc_final")
 
 
@@ -43,7 +44,7 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     has_val = data.get("best_val_acc") is not None
     history = data.get("history") if isinstance(data.get("history"), list) else []
     row.update(
-        protocol="v2" if has_val else "v1", student=data["model"], stem=stem, seed=data["seed"],
+        protocol="v2" if has_val else "v1", student=data["model"], stem=stem, width=STUDY_WIDTH, seed=data["seed"],
         epochs=data.get("epochs"), val_size=STUDY_VAL_SIZE if has_val else 0, data="cifar10",
         clip_norm=STUDY_CLIP_NORM, kind="student" if teacher else "baseline",
         epochs_completed=len(history) or data.get("epochs"),
@@ -55,7 +56,7 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     )
     if teacher:
         # One `stem` field describes both networks of a run.
-        row.update(teacher=teacher, teacher_stem=stem, teacher_seed=STUDY_TEACHER_SEED,
+        row.update(teacher=teacher, teacher_stem=stem, teacher_width=STUDY_WIDTH, teacher_seed=STUDY_TEACHER_SEED,
                    pair=f"{teacher}→{data['model']}")
     method = "ce" if kd_type == "none" else kd_type
     set_method(row, method, alpha=data.get("alpha"), T=data.get("temperature"), beta=data.get("feat_beta"),

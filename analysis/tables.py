@@ -119,15 +119,15 @@ STUDY_METRICS = [("best_val_acc", "Val acc (%)"), ("test_at_best_val", "Test@bes
                  ("test_final", "Test@final (%)")]
 
 
-def _rule_notes(exp: Experiment, rule_note: str) -> list[str]:
-    notes = [rule_note]
+def _rule_notes(exp: Experiment) -> list[str]:
+    notes = [exp.rule_note]
     if exp.rule.optimistic:
         notes.append("OPTIMISTIC: best test accuracy over epochs selects the checkpoint on the test set.")
     return notes
 
 
 # ---------------------------------------------------------------- 1. key results
-def runs_table(exp: Experiment, cells: list[Cell], name: str, title: str, rule_note: str) -> Table:
+def runs_table(exp: Experiment, cells: list[Cell], name: str, title: str) -> Table:
     """The study's aggregation: one row per configuration, val / test@best / test@final."""
     fields, headers = _optional(cells, exp)
     metrics = list(STUDY_METRICS)
@@ -136,31 +136,31 @@ def runs_table(exp: Experiment, cells: list[Cell], name: str, title: str, rule_n
     columns = IDENTITY_HEADERS + headers + ["Seeds"] + [h for _, h in metrics]
     rows = [_identity(c) + _values(c, fields) + [seeds_text(c.seeds)] + [stat_text(c, col) for col, _ in metrics]
             for c in cells]
-    notes = _rule_notes(exp, rule_note) + [
+    notes = _rule_notes(exp) + [
         STD_NOTE, "Test@best: test accuracy at the best-validation epoch; Test@final: after the last epoch."]
     return Table(name, title, columns, rows, notes)
 
 
-def key_results(exp: Experiment, rule_note: str) -> list[Table]:
+def key_results(exp: Experiment) -> list[Table]:
     tables = []
     students = exp.of_kind("student", "baseline")
     if students:
-        tables.append(runs_table(exp, students, "key_results", f"Key results: {exp.name}", rule_note))
+        tables.append(runs_table(exp, students, "key_results", f"Key results: {exp.name}"))
     teachers = exp.of_kind("teacher")
     if teachers:
-        tables.append(runs_table(exp, teachers, "teachers", f"Teachers: {exp.name}", rule_note))
+        tables.append(runs_table(exp, teachers, "teachers", f"Teachers: {exp.name}"))
     return tables
 
 
-def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]], rule_note: str) -> Table | None:
+def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | None:
     """Per pair: teacher, baseline, gap, the best Logit-/Feature-KD configuration and its Δ."""
     pairs = exp.pairs()
     if not pairs:
         return None
     label = exp.rule.label
-    first_cells = [cells[0] for cells in pairs.values()]
-    fields, headers = _optional(first_cells, exp)
-    fields = [f for f in fields if f in PAIR_CONTEXT or f in exp.extras]
+    context = [f for f in _OPTIONAL_COLUMNS if f in PAIR_CONTEXT] + [k for k in exp.extras
+                                                                    if not k.startswith("method.")]
+    fields = _varying([cells[0] for cells in pairs.values()], context)
     headers = [_OPTIONAL_COLUMNS.get(f, f) for f in fields]
     columns = (["Teacher", "Student", "Stem"] + headers
                + ["Teacher (%)", "Baseline (%)", "Gap (pp)", "Logit-KD best", "Logit-KD Δ (pp)",
@@ -180,7 +180,7 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]], rule_note: str
             config_text(best["logit"]), delta_text(comps["logit"]),
             config_text(best["feature"]), delta_text(comps["feature"]),
             _best_method(exp, base, best, comps)])
-    notes = _rule_notes(exp, rule_note) + [
+    notes = _rule_notes(exp) + [
         f"All accuracies: {label}. Gap = teacher − baseline; Δ = best configuration − baseline "
         "(percentage points); 'within noise': its 95% CI contains 0 (see the significance table).",
         "Teacher: the teacher run the students distilled from (same architecture, stem, width, data and "
@@ -223,10 +223,10 @@ def _best_method(exp: Experiment, base: Cell | None, best: dict[str, Cell | None
 
 
 # ---------------------------------------------------------------- 2. grids
-def grids(exp: Experiment, rule_note: str) -> list[Table]:
+def grids(exp: Experiment) -> list[Table]:
     """Per pair and method: rows α, columns T (logit) or β (feature); mean ± std of the rule's metric."""
     tables, slugs = [], set()
-    notes = _rule_notes(exp, rule_note) + [
+    notes = _rule_notes(exp) + [
         STD_NOTE, "* best configuration (highest mean validation accuracy where runs have a "
         "validation split, else the selected accuracy)."]
     for cells in exp.pairs().values():
@@ -257,8 +257,8 @@ def grids(exp: Experiment, rule_note: str) -> list[Table]:
     return tables
 
 
-# ---------------------------------------------------------------- 4. significance
-def significance(exp: Experiment, rule_note: str) -> Table | None:
+# ---------------------------------------------------------------- 4. significance of every Δ
+def significance(exp: Experiment) -> Table | None:
     cells = [c for c in exp.of_kind("student") if exp.baseline_for(c) is not None]
     if not cells:
         return None
@@ -274,7 +274,7 @@ def significance(exp: Experiment, rule_note: str) -> Table | None:
         rows.append(_identity(c) + _values(c, fields) + [
             f"{comp.n_a}/{comp.n_b}", pp(comp.delta), ci_text(comp.ci), comp.basis,
             p_text(comp.welch_p), p_text(comp.paired_p) if comp.paired else DASH, verdict(comp)])
-    notes = _rule_notes(exp, rule_note) + [
+    notes = _rule_notes(exp) + [
         f"Δ = KD − baseline ({exp.rule.label}), percentage points. Welch's t-test: scipy.stats.ttest_ind "
         "(unequal variances), as the study reports. Where both sides ran the same seeds the 95% CI and "
         "the verdict are paired by seed (scipy.stats.ttest_rel); otherwise Welch's interval.",
@@ -284,7 +284,7 @@ def significance(exp: Experiment, rule_note: str) -> Table | None:
 
 
 # ---------------------------------------------------------------- 3. ablations
-def temperature_sweep(exp: Experiment, rule_note: str) -> Table | None:
+def temperature_sweep(exp: Experiment) -> Table | None:
     """Logit-KD at one α over several T (kd_grid=tsweep); full α×T grids are in the grid tables."""
     rows = []
     for cells in exp.pairs().values():
@@ -300,7 +300,7 @@ def temperature_sweep(exp: Experiment, rule_note: str) -> Table | None:
         return None
     return Table("ablation_temperature", f"Temperature sweep: {exp.name}",
                  ["Pair", "Stem", "alpha", "T", "n", f"{exp.rule.label} (%)", "Δ vs baseline (pp)",
-                  "95% CI (pp)", "Verdict"], rows, _rule_notes(exp, rule_note) + [STD_NOTE])
+                  "95% CI (pp)", "Verdict"], rows, _rule_notes(exp) + [STD_NOTE])
 
 
 def _ablation_groups(exp: Experiment, ignore: tuple[str, ...]) -> list[list[Cell]]:
@@ -310,7 +310,7 @@ def _ablation_groups(exp: Experiment, ignore: tuple[str, ...]) -> list[list[Cell
     return list(groups.values())
 
 
-def stem_ablation(exp: Experiment, rule_note: str) -> Table | None:
+def stem_ablation(exp: Experiment) -> Table | None:
     """Same configuration with the CIFAR and the ImageNet stem; Δ against the CIFAR-stem cell."""
     rows = []
     for group in _ablation_groups(exp, ("stem", "teacher_stem")):
@@ -331,10 +331,10 @@ def stem_ablation(exp: Experiment, rule_note: str) -> Table | None:
     return Table("ablation_stem", f"CIFAR vs ImageNet stem: {exp.name}",
                  ["Kind", "Pair / model", "KD", "alpha", "T", "Stem", "Teacher stem", "Seeds",
                   f"{exp.rule.label} (%)", "Δ vs CIFAR stem (pp)", "p (Welch)"], rows,
-                 _rule_notes(exp, rule_note) + [STD_NOTE])
+                 _rule_notes(exp) + [STD_NOTE])
 
 
-def clip_ablation(exp: Experiment, rule_note: str) -> Table | None:
+def clip_ablation(exp: Experiment) -> Table | None:
     """Feature-KD with projections inside (fixed) vs outside (v1's bug) the gradient clipping."""
     rows = []
     for group in _ablation_groups(exp, ("kd",)):
@@ -357,14 +357,14 @@ def clip_ablation(exp: Experiment, rule_note: str) -> Table | None:
                  ["Pair", "alpha", "beta", "clip_projection", "Seeds", f"{exp.rule.label} (%)",
                   "Max pre-clip grad norm", "Max projection grad norm", "Clipped steps (%)",
                   "Epochs clipped (%)", "Δ bugged − fixed (pp)", "p (Welch)"], rows,
-                 _rule_notes(exp, rule_note) + [
+                 _rule_notes(exp) + [
                      STD_NOTE, "Gradient norms: the largest over all steps and seeds (pre-clip norm of "
                      "the clipped parameter set; projections alone). Clipped steps: mean over seeds of the "
                      "fraction of steps whose pre-clip norm exceeded the clip threshold (not logged by the "
                      "study: '-'); epochs clipped: fraction of epochs whose largest norm exceeded it."])
 
 
-def fidelity(exp: Experiment, rule_note: str) -> Table | None:
+def fidelity(exp: Experiment) -> Table | None:
     cells = [c for c in exp.of_kind("student") if c.values("agreement")[0]]
     if not cells:
         return None
@@ -372,8 +372,8 @@ def fidelity(exp: Experiment, rule_note: str) -> Table | None:
                             _mean_std_plain(c, "kl_t4"), stat_text(c, "teacher_test_acc")] for c in cells]
     return Table("fidelity", f"Teacher fidelity: {exp.name}",
                  IDENTITY_HEADERS + ["Seeds", "Agreement (%)", "KL T=1", "KL T=4", "Teacher test (%)"], rows,
-                 [STD_NOTE, "Agreement: teacher–student top-1 agreement on the test split; KL(teacher ‖ "
-                  "student) at T=1 and T=4 (nats, not %)."])
+                 _rule_notes(exp) + [STD_NOTE, "Agreement: teacher–student top-1 agreement on the test split; "
+                                     "KL(teacher ‖ student) at T=1 and T=4 (nats, not %)."])
 
 
 def _max_text(cell: Cell, column: str) -> str:
@@ -418,12 +418,12 @@ def comparison(experiments: list[Experiment]) -> Table | None:
                  [STD_NOTE, "Each experiment under its own selection rule (in the header)."])
 
 
-def experiment_tables(exp: Experiment, all_runs: list[dict[str, Any]], rule_note: str) -> list[Table]:
+def experiment_tables(exp: Experiment, all_runs: list[dict[str, Any]]) -> list[Table]:
     """Every table of one experiment, in reading order; ablations only where their runs exist."""
-    tables = key_results(exp, rule_note)
-    optional = [pair_summary(exp, all_runs, rule_note), significance(exp, rule_note)]
+    tables = key_results(exp)
+    optional = [pair_summary(exp, all_runs), significance(exp)]
     tables += [t for t in optional if t is not None]
-    tables += grids(exp, rule_note)
-    ablations = [temperature_sweep(exp, rule_note), stem_ablation(exp, rule_note),
-                 clip_ablation(exp, rule_note), fidelity(exp, rule_note)]
+    tables += grids(exp)
+    ablations = [temperature_sweep(exp), stem_ablation(exp),
+                 clip_ablation(exp), fidelity(exp)]
     return tables + [t for t in ablations if t is not None]

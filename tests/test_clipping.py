@@ -6,7 +6,7 @@ from kdexp.loop import build_optimizer, clip_gradients
 from kdexp.methods import ModelOutputs
 from kdexp.methods.feature import FeatureKD
 from kdexp.models import build_model
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 
 def _setup(clip_projection: bool):

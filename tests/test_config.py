@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg, run_train
+from helpers import compose_cfg, run_train
 from kdexp.config import ConfigError, validate
 
 PAIRS = {"r34_to_r18": ("resnet34", "resnet18"), "r50_to_r18": ("resnet50", "resnet18"),

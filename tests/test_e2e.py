@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, run_train, student_args
+from helpers import REPO, TINY, run_train, student_args
 from kdexp.records import read_metrics, read_result
 
 TIMING = {"epoch_seconds", "images_per_s"}

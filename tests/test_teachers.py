@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 from kdexp.checkpoint import save
 from kdexp.models import build_model
 from kdexp.teachers import FrozenTeacher, TeacherError, export_teacher, load_teacher, resolve_teacher_path

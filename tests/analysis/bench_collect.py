@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import RunTree  # noqa: E402
+from runtree import RunTree  # noqa: E402
 
 from analysis import collect  # noqa: E402
 from analysis.expected import problem_cells  # noqa: E402

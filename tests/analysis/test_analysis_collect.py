@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from analysis import collect
-from analysis.schema import COLUMNS
+from analysis.schema import COLUMNS, STATUSES
+from runtree import tree  # noqa: F401 (fixtures)
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "study-v2-sample"
 
@@ -74,6 +75,7 @@ def test_unfinished_failed_and_corrupt_runs_are_kept_with_a_reason(tree):
     old_schema = tree.kdexp(acc=0.9, seed=8)
     (old_schema / "result.json").write_text(json.dumps({**result, "schema_version": 0}))
     frame = collect(tree.root)
+    assert set(frame["status"]) <= set(STATUSES)
     expect = {
         running: ("incomplete", "no result.json (running or killed); 4 epochs logged"),
         failed: ("failed", "failed in epoch 2: RuntimeError: CUDA out of memory"),
@@ -138,7 +140,8 @@ def test_several_roots_and_an_empty_root(tree, tmp_path):
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"the study's sample is not at {SAMPLE}")
 def test_the_studys_real_sample():
     row = collect(SAMPLE).iloc[0]
-    assert (row.source, row.status, row.experiment, row.protocol, row.kind) == ("study", "completed", "study", "v2", "student")
+    assert (row.source, row.status, row.experiment, row.protocol, row.kind) == \
+        ("study", "completed", "study", "v2", "student")
     assert (row.teacher, row.student, row.kd, row.alpha, row["T"], row.stem, row.seed, row.epochs) == \
         ("resnet50", "resnet18", "logit", 0.5, 4.0, "cifar", 0, 100)
     assert (row.best_val_acc, row.best_val_epoch, row.test_at_best_val, row.test_final) == (0.955, 99, 0.9486, 0.9489)
@@ -148,6 +151,7 @@ def test_the_studys_real_sample():
     assert row.grad_norm_max == pytest.approx(25.657209396362305)
     assert math.isnan(row.proj_grad_norm_max)  # logged as 0.0 for Logit-KD, where it means nothing
     assert (row.epochs_completed, row.val_size, row.teacher_seed) == (100, 5000, 0)
+    assert (row.width, row.teacher_width) == (64, 64)  # torchvision's ResNets
 
 
 def test_study_files_defaults_and_corruption(tree):
@@ -184,3 +188,17 @@ def test_study_best_test_from_history_when_it_has_test(tree):
     run = tree.study(test_best=0.93, history=history, epochs=4)
     row = one(collect(tree.root), run)
     assert (row.best_test, row.best_test_epoch, row.clipped_epoch_fraction) == (0.94, 2, 0.0)
+
+
+def test_hydras_unresolved_config_is_resolved():
+    from analysis.collect import resolve_interpolations
+
+    cfg = {"recipe_epochs": {"student": 100}, "model": {"stem": "imagenet"},
+           "teacher": {"stem": "${model.stem}"}, "trainer": {"epochs": "${recipe_epochs.student}"},
+           "paths": {"output_dir": "out", "teachers_dir": "${.output_dir}/teachers", "up": "${..model.stem}"},
+           "data": {"root": "${oc.env:KDEXP_DATA,data}/fake", "gone": "${no.such.key}"}}
+    resolved = resolve_interpolations(cfg)
+    assert resolved["teacher"]["stem"] == "imagenet"
+    assert resolved["trainer"]["epochs"] == 100  # a whole-value reference keeps the target's type
+    assert resolved["paths"] == {"output_dir": "out", "teachers_dir": "out/teachers", "up": "imagenet"}
+    assert resolved["data"] == cfg["data"]  # resolvers and unknown keys stay as written

@@ -6,6 +6,7 @@ import pytest
 from analysis import collect
 from analysis.__main__ import main
 from analysis.expected import expand, normalise, problem_cells
+from runtree import tree  # noqa: F401 (fixtures)
 
 SWEEP = {"method.alpha": "0.3,0.7", "seed": "range(0,2)"}
 
@@ -98,3 +99,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "no runs found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path / "empty"), "--format", "md,docx"])
+
+
+def test_strict_judges_only_the_selected_experiments(tree):
+    tree.kdexp(acc=0.95, experiment="done", seed=0)
+    tree.kdexp(acc=0.95, experiment="broken", seed=0, status="failed")
+    assert main([str(tree.root), "--strict"]) == 1
+    assert main([str(tree.root), "--strict", "--experiment", "done"]) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from analysis.__main__ import main
+from runtree import module_tree, tree  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
@@ -38,17 +39,14 @@ def build(tree):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(module_tree):
     """Built once for the module: figures are the slow part."""
-    from conftest import RunTree
-
-    tmp = tmp_path_factory.mktemp("report")
-    tree = RunTree(tmp / "runs")
-    build(tree)
+    build(module_tree)
+    out = module_tree.root.parent / "report"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert main([str(tree.root), "--out", str(tmp / "report")]) == 0
-    return tmp / "report", stdout.getvalue()
+        assert main([str(module_tree.root), "--out", str(out)]) == 0
+    return out, stdout.getvalue()
 
 
 def test_terminal_output(report):
@@ -93,7 +91,8 @@ def test_report_is_self_contained(report):
 
 
 def test_format_subset(tree, tmp_path):
-    build(tree)
+    for seed in (0, 1):
+        tree.kdexp(acc=0.95, seed=seed)
     out = tmp_path / "md-only"
     assert main([str(tree.root), "--out", str(out), "--format", "md"]) == 0
     assert (out / "key_results.md").exists()

@@ -76,3 +76,14 @@ def test_identical_differences_fall_back_to_welch():
     assert comp.ci == comp.welch_ci and comp.within_noise is False
     same = compare([0.95, 0.95], [0, 1], [0.95, 0.95], [0, 1])
     assert math.isnan(same.welch_p) and same.within_noise is None
+
+
+def test_one_constant_side_is_still_a_welch_test():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        comp = compare([0.957, 0.914], [0, 1], [1.0, 1.0], [0, 1])
+    _, t, df, p, ci = welch_by_hand([0.957, 0.914], [1.0, 1.0])
+    assert (comp.welch_t, comp.welch_df, comp.welch_p) == pytest.approx((t, df, p), rel=1e-9)
+    assert comp.paired  # the differences vary, so the paired test is defined too

@@ -9,6 +9,7 @@ from analysis import collect
 from analysis.__main__ import main
 from analysis.pipeline import analyse
 from analysis.render import csv_text
+from runtree import tree  # noqa: F401 (fixtures)
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "study-v2-sample"
 FIVE = (-1, -1, 0, 1, 1)  # mean 0, sample std exactly 1 (ddof=1) over seeds 0..4
@@ -87,7 +88,8 @@ def test_cli_prints_the_study_table_for_the_real_sample(capsys):
     out = capsys.readouterr().out
     assert "Key results: study" in out
     line = next(line for line in out.splitlines() if line.startswith("resnet50"))
-    assert line.split() == ["resnet50", "resnet18", "logit", "0.5", "4", "cifar", "1", "[0]", "95.50", "94.86", "94.89"]
+    assert line.split() == ["resnet50", "resnet18", "logit", "0.5", "4", "cifar", "1", "[0]",
+                            "95.50", "94.86", "94.89"]
 
 
 def test_best_test_is_unavailable_for_the_study_and_said_so(tree):
@@ -108,3 +110,15 @@ def test_protocol_v2_seeds_are_expected(tree):
     assert [(c.family, c.cell, c.state) for c in analysis.cells] == [
         ("study protocol v2: student resnet50→resnet18 logit α=0.5 T=4 (cifar stem)", "seed=4", "missing")]
     assert not analysis.complete
+
+
+def test_kdexps_numbers_beside_the_studys(tree):
+    build_v2(tree)
+    for seed, acc in enumerate((0.9480, 0.9490, 0.9500, 0.9510, 0.9520)):
+        tree.kdexp(acc=acc, experiment="paper_v2", seed=seed, epochs=100)
+    analysis = analyse(collect(tree.root), select="val")
+    (comp,) = analysis.shared
+    assert comp.columns[-2:] == ["paper_v2: test@best-val (%)", "study: test@best-val (%)"]
+    assert comp.rows == [["baseline", "-", "resnet18", "none", "-", "-", "cifar", "95.00 ± 0.16 (n=5)",
+                          "94.86 ± 0.14 (n=5)"]]
+

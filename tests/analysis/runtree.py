@@ -1,5 +1,8 @@
 """Run trees for the analysis tests: kdexp run dirs written with kdexp.records' writers (and a
-Hydra-shaped `.hydra/`), and the study's `results.json` files in its published schema."""
+Hydra-shaped `.hydra/`), and the study's `results.json` files in its published schema.
+
+A plain module, not a conftest.py: another conftest module would shadow tests/conftest.py for
+the test files that `from conftest import ...`. Test modules import the fixtures from here."""
 from __future__ import annotations
 
 import json
@@ -56,17 +59,23 @@ class RunTree:
             method_cfg.update(alpha=alpha, T=T)
         elif method == "feature":
             method_cfg.update(alpha=alpha, beta=beta, clip_projection=clip, normalize_by_teacher_std=False)
+        # As Hydra saves it: unresolved, with the interpolations kdexp's configs use.
         cfg = {
-            "seed": seed, "experiment_name": experiment, "protocol_name": experiment, "export_teacher": False,
+            "seed": seed, "recipe_epochs": {"student": epochs, "teacher": epochs},
+            "experiment_name": experiment, "protocol_name": experiment, "export_teacher": False,
             "dry_run": False, "retry_failed": False,
-            "data": {"name": data, "root": "data", "val_size": val_size, "split_seed": 1234, "download": False},
-            "model": {"arch": student, "stem": stem, "width": width},
-            "teacher": ({"arch": teacher, "stem": teacher_stem, "width": teacher_width, "seed": teacher_seed,
-                         "ckpt": None} if teacher else {"arch": None}),
+            "data": {"name": data, "root": "${paths.data_dir}/fake", "val_size": val_size, "split_seed": 1234,
+                     "download": False},
+            "model": {"arch": student, "stem": stem, "width": width, "num_classes": 10},
+            "teacher": ({"arch": teacher, "stem": "${model.stem}" if teacher_stem == stem else teacher_stem,
+                         "width": teacher_width, "seed": teacher_seed, "ckpt": None}
+                        if teacher else {"arch": None, "stem": "cifar", "width": 64, "seed": 0, "ckpt": None}),
             "method": method_cfg,
-            "trainer": {"epochs": epochs, "batch_size": 128, "lr": 0.1, "clip_norm": 1.0,
-                        "device": "cpu", "progress": False, "max_steps_per_epoch": None},
-            "paths": {"data_dir": "data", "output_dir": "outputs", "teachers_dir": "outputs/teachers"},
+            "trainer": {"epochs": "${recipe_epochs.%s}" % ("teacher" if kind == "teacher" else "student"),
+                        "batch_size": 128, "lr": 0.1, "clip_norm": 1.0, "device": "cpu", "progress": False,
+                        "max_steps_per_epoch": None},
+            "paths": {"data_dir": "${oc.env:KDEXP_DATA,data}", "output_dir": "${oc.env:KDEXP_OUTPUTS,outputs}",
+                      "teachers_dir": "${.output_dir}/teachers"},
         }
         for key, value in (extra_config or {}).items():  # "trainer.lr": 0.05
             node = cfg
@@ -147,3 +156,9 @@ class RunTree:
 @pytest.fixture
 def tree(tmp_path: Path) -> RunTree:
     return RunTree(tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def module_tree(tmp_path_factory) -> RunTree:
+    """A tree shared by a module's tests, for trees that are slow to analyse."""
+    return RunTree(tmp_path_factory.mktemp("tree") / "runs")

@@ -1,0 +1,36 @@
+"""Helpers shared by test modules (imported by name; conftest files hold fixtures only, since
+several conftest.py files cannot all be imported as `conftest`)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from kdexp.config import register_configs
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = str(REPO / "conf")
+register_configs()
+
+# Tiny but real: the quickstart protocol (generated data, CPU) with small widths.
+TINY = ("protocol=quickstart", "model.width=4", "trainer.progress=false")
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh process (as a user or a SLURM job runs it)."""
+    return subprocess.run([sys.executable, "-m", "kdexp.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def student_args(out: Path, fake_root: Path, *extra: str) -> tuple[str, ...]:
+    return (*TINY, "teacher=resnet18", "teacher.width=8", f"data.root={fake_root}",
+            f"paths.output_dir={out}", *extra)

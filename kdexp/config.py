@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """Bad input that no training could fix; raised before anything is written."""
 
 
+AMP_MODES = ("auto", "none", "bf16")
+COMPILE_NEEDS_CUDA = ("trainer.compile=true needs a CUDA device: it captures CUDA graphs, and on the CPU "
+                      "torch.compile takes minutes per batch shape for no gain; use trainer.compile=false")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"
@@ -64,6 +69,13 @@ class TrainerConfig:
     eval_every: int = 1
     max_steps_per_epoch: Optional[int] = None
     progress: bool = True
+    # Speed options (kdexp/execution.py); "auto"/null picks the fast setting on CUDA and the
+    # reference one on the CPU, so the CPU path and its exact results stay the study's.
+    amp: str = "auto"  # auto | none | bf16
+    channels_last: Optional[bool] = None
+    fused: Optional[bool] = None  # fused SGD
+    compile: bool = False  # torch.compile(mode="reduce-overhead") of forward+loss+backward; CUDA only
+    teacher_cache: Optional[bool] = None  # precomputed teacher logits for logit-only methods
 
 
 def register_configs() -> None:
@@ -131,6 +143,8 @@ def validate(cfg: DictConfig) -> Any:
     _check(tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:"),
            f"trainer.device={tr.device!r} must be auto, cpu, cuda or cuda:N")
     _check(cfg.data.loader in ("tensor", "torch"), f"data.loader={cfg.data.loader!r} must be tensor or torch")
+    _check(tr.amp in AMP_MODES, f"trainer.amp={tr.amp!r} must be one of {list(AMP_MODES)}")
+    _check(not (tr.compile and tr.device == "cpu"), COMPILE_NEEDS_CUDA)
     _check(cfg.data.val_size >= 0, f"data.val_size={cfg.data.val_size} must be >= 0 (0 = no validation split)")
     method = build_method(cfg.method)
     if method.needs_teacher:
@@ -141,6 +155,12 @@ def validate(cfg: DictConfig) -> Any:
     else:
         _check(t.arch is None, f"method={method.name} trains without a teacher but teacher.arch={t.arch}: "
                f"use teacher=none (or a KD method such as method=logit)")
+    if tr.teacher_cache:
+        why = "needs teacher features" if method.needs_teacher else "has no teacher"
+        _check(method.needs_teacher and not method.needs_features, f"trainer.teacher_cache=true caches teacher "
+               f"logits, but method={method.name} {why}: use trainer.teacher_cache=null")
+        _check(cfg.data.loader == "tensor", "trainer.teacher_cache=true looks logits up by each image's crop and "
+               "flip, which only data.loader=tensor reports: use data.loader=tensor or trainer.teacher_cache=false")
     if method.needs_features:
         _check(t.stem == m.stem, f"method={method.name} matches feature maps stage by stage, so "
                f"teacher.stem ({t.stem}) must equal model.stem ({m.stem})")

@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import kdexp
+from kdexp import teacher_cache
 from kdexp.config import ConfigError, run_role, validate
-from kdexp.data import EvalBatches, build_train_batches, load_splits
+from kdexp.data import EvalBatches, Splits, build_train_batches, load_splits
 from kdexp.data.fake import write_fake_cifar
 from kdexp.evaluation import accuracy, predict
+from kdexp.execution import Execution
 from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
 from kdexp.models import build_model, count_parameters
 from kdexp.records import read_result, write_result
@@ -87,7 +90,7 @@ def _dry_run(cfg: DictConfig, run_dir: Path) -> str:
     return "dry_run"
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -107,24 +110,39 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _build(cfg: DictConfig, method, run_dir: Path) -> Loop:
-    device = _device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device)
+    execution = Execution.resolve(cfg.trainer, device, method, cfg.data.loader)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     d = cfg.data
     if d.name == "fake":
         write_fake_cifar(d.root, d.fake_train_size, d.fake_test_size)
     splits = load_splits(d.root, d.val_size, d.split_seed, d.download, d.verify_md5)
-    teacher = load_teacher(cfg, device) if method.needs_teacher else None
-    student = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem, cfg.model.width).to(device)
+    teacher = execution.prepare(load_teacher(cfg, device)) if method.needs_teacher else None
+    teacher_logits = None
+    if execution.teacher_cache:
+        teacher_logits = teacher_cache.load_or_build(resolve_teacher_path(cfg), teacher, splits.train_x, execution)
+    return build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits)
+
+
+def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, teacher: nn.Module | None,
+               device: torch.device, run_dir: Path, teacher_logits: torch.Tensor | None = None) -> Loop:
+    """The loop from data and teacher in memory (shared with kdexp.bench)."""
+    d = cfg.data
+    student = execution.prepare(build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem,
+                                            cfg.model.width).to(device))
     method.bind(student, teacher)
-    method.to(device)
-    optimizer = build_optimizer(student, method, cfg.trainer)
-    test = EvalBatches(splits.test_x, splits.test_y, d.eval_batch_size, device)
-    val = EvalBatches(splits.val_x, splits.val_y, d.eval_batch_size, device) if d.val_size else None
+    execution.prepare(method.to(device))
+    optimizer = build_optimizer(student, method, cfg.trainer, execution.fused)
+    test = EvalBatches(splits.test_x, splits.test_y, d.eval_batch_size, device, execution.channels_last)
+    val = EvalBatches(splits.val_x, splits.val_y, d.eval_batch_size, device, execution.channels_last) \
+        if d.val_size else None
     train = build_train_batches(d.loader, splits.train_x, splits.train_y, cfg.trainer.batch_size, cfg.seed,
-                                device, cfg.trainer.max_steps_per_epoch, num_workers=d.num_workers)
-    teacher_logits = predict(teacher, test) if teacher is not None else None
+                                device, cfg.trainer.max_steps_per_epoch, execution.channels_last,
+                                num_workers=d.num_workers)
+    teacher_test_logits = predict(teacher, test) if teacher is not None else None
     return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.trainer), train, val, test,
-                cfg.trainer, run_dir, teacher_test_logits=teacher_logits)
+                cfg.trainer, run_dir, teacher_test_logits=teacher_test_logits, execution=execution,
+                teacher_logits=teacher_logits)
 
 
 def _identity(cfg: DictConfig) -> dict:

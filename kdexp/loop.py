@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from kdexp import checkpoint
-from kdexp.data.loaders import EvalBatches, TrainBatches
+from kdexp.data.loaders import Batch, EvalBatches, TrainBatches
 from kdexp.evaluation import accuracy, fidelity, per_class_accuracy, predict
+from kdexp.execution import Execution
 from kdexp.methods import DistillationMethod, ModelOutputs
 from kdexp.records import write_metrics
+from kdexp.teacher_cache import lookup
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +29,17 @@ class NonFiniteLossError(RuntimeError):
         self.epoch = epoch
 
 
-def build_optimizer(student: nn.Module, method: nn.Module, trainer) -> torch.optim.SGD:
+def build_optimizer(student: nn.Module, method: nn.Module, trainer, fused: bool = False) -> torch.optim.SGD:
     """One SGD over the student and the method's own parameters (same lr schedule, momentum,
     nesterov, weight decay). Each group says whether it is clipped: the clip then covers exactly
-    the optimiser's parameters, so a method's parameters cannot be forgotten by accident."""
+    the optimiser's parameters, so a method's parameters cannot be forgotten by accident.
+    `fused`: one kernel for the whole update instead of PyTorch's default implementation."""
     groups = [{"params": list(student.parameters()), "clip": True, "name": "student"}]
     method_params = list(method.parameters())
     if method_params:
         groups.append({"params": method_params, "clip": method.clip_with_student, "name": "method"})
     return torch.optim.SGD(groups, lr=trainer.lr, momentum=trainer.momentum, nesterov=trainer.nesterov,
-                           weight_decay=trainer.weight_decay)
+                           weight_decay=trainer.weight_decay, fused=True if fused else None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -77,7 +80,13 @@ class Loop:
     trainer: object
     run_dir: Path
     teacher_test_logits: torch.Tensor | None = None
+    execution: Execution = field(default_factory=Execution)
+    teacher_logits: torch.Tensor | None = None  # the teacher-logit cache: replaces the live teacher in training
     state: TrainState = field(default_factory=TrainState)
+
+    def __post_init__(self) -> None:
+        self._compiled = self.execution.compiled(self.losses, self.trainer.deterministic) \
+            if self.execution.compile else None
 
     def fit(self) -> TrainState:
         for epoch in range(self.state.epoch + 1, self.trainer.epochs + 1):
@@ -129,19 +138,33 @@ class Loop:
             "epoch_seconds": seconds, "images_per_s": seen / seconds,
         }
 
-    def step(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Forward both networks, the method's loss parts, backward; returns parts and logits."""
-        needs_features = self.method.needs_features
-        teacher_out = None
-        if self.teacher is not None:
-            t = self.teacher(batch.x, with_features=needs_features)
-            teacher_out = ModelOutputs(*t) if needs_features else ModelOutputs(t)
-        s = self.student(batch.x, with_features=needs_features)
-        student_out = ModelOutputs(*s) if needs_features else ModelOutputs(s)
-        parts = self.method(student_out, teacher_out, batch.y)
+    def step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward, the method's loss parts, backward; returns parts and the student's logits."""
+        cached = lookup(self.teacher_logits, batch) if self.teacher_logits is not None else None
+        losses = self.losses
+        if self._compiled is not None and len(batch.y) == self.trainer.batch_size:
+            # The epoch's last, partial batch runs eagerly: one step, instead of a second capture.
+            torch.compiler.cudagraph_mark_step_begin()
+            losses = self._compiled
         self.optimizer.zero_grad(set_to_none=True)
+        parts, logits = losses(batch.x, batch.y, cached)
         parts["loss"].backward()
-        return parts, student_out.logits.detach()
+        return parts, logits.detach()
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor,
+               teacher_logits: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward both networks (the teacher only without cached logits) and the method's loss parts."""
+        with self.execution.autocast(x.device):
+            teacher_out = ModelOutputs(teacher_logits) if teacher_logits is not None else self._forward(self.teacher, x)
+            student_out = self._forward(self.student, x)
+            parts = self.method(student_out, teacher_out, y)
+        return parts, student_out.logits
+
+    def _forward(self, model: nn.Module | None, x: torch.Tensor) -> ModelOutputs | None:
+        if model is None:
+            return None
+        out = model(x, with_features=self.method.needs_features)
+        return ModelOutputs(*out) if self.method.needs_features else ModelOutputs(out)
 
     def evaluate(self, epoch: int) -> dict:
         row: dict = {"val_acc": None}
@@ -175,6 +198,7 @@ class Loop:
         self.student.load_state_dict(ckpt["student"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        _match_layouts(self.optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState()
         self.state.__dict__.update(ckpt["state"])
@@ -182,6 +206,15 @@ class Loop:
         write_metrics(self.run_dir, self.state.history)  # drop any line written after this checkpoint
         log.info("resuming %s after epoch %d", self.run_dir, self.state.epoch)
         return True
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each momentum buffer its parameter's memory layout: a checkpoint written with another
+    trainer.channels_last has buffers in the other layout, which fused SGD silently mismatches."""
+    for p, state in optimizer.state.items():
+        buf = state.get("momentum_buffer")
+        if buf is not None and buf.stride() != p.stride():
+            state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

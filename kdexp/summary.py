@@ -1,12 +1,17 @@
 """The multirun's closing summary: how many jobs completed, failed, were skipped or dry-run.
 
 Jobs may run on other machines (SLURM), so each job leaves its outcome as a small file in the
-sweep dir and the driver reads them back when the sweep ends."""
+sweep dir and the driver reads them back when the sweep ends. Several multiruns of one experiment
+share its sweep dir (and job numbers) and may run at once, so each driver gets its own folder,
+named by an id it puts in the environment its jobs inherit (locally and through sbatch)."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,32 +24,34 @@ from omegaconf import DictConfig
 from kdexp.records import atomic_write_json
 
 OUTCOMES = ".kdexp-outcomes"
+RUN_ID_ENV = "KDEXP_MULTIRUN_ID"
 log = logging.getLogger(__name__)
-
-
-class MultirunFailures(RuntimeError):
-    pass
 
 
 def record_outcome(run_dir: Path, outcome: str) -> None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return
-    atomic_write_json(Path(hc.sweep.dir) / OUTCOMES / f"{hc.job.num}.json",
-                      {"outcome": outcome, "run_dir": str(run_dir)})
+    atomic_write_json(_folder(hc.sweep.dir) / f"{hc.job.num}.json", {"outcome": outcome, "run_dir": str(run_dir)})
+
+
+def _folder(sweep_dir: str) -> Path:
+    return Path(sweep_dir) / OUTCOMES / os.environ.get(RUN_ID_ENV, "default")
 
 
 class MultirunSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        shutil.rmtree(Path(config.hydra.sweep.dir) / OUTCOMES, ignore_errors=True)
+        os.environ[RUN_ID_ENV] = uuid.uuid4().hex
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        folder = Path(config.hydra.sweep.dir) / OUTCOMES
+        folder = _folder(config.hydra.sweep.dir)
         outcomes = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        shutil.rmtree(folder, ignore_errors=True)
         counts = Counter(o["outcome"] for o in outcomes)
         line = "multirun summary: " + ", ".join(f"{counts[k]} {k}" for k in
                                                 ("completed", "failed", "skipped", "dry_run") if counts[k])
         failed = [o["run_dir"] for o in outcomes if o["outcome"] == "failed"]
         print(line + "".join(f"\n  failed: {d}/result.json" for d in failed), flush=True)
-        if failed:
-            raise MultirunFailures(f"{len(failed)} of {len(outcomes)} jobs failed (listed above)")
+        if failed:  # Hydra turns a callback's exception into a warning: exit here so the driver fails
+            print(f"{len(failed)} of {len(outcomes)} jobs failed (listed above)", file=sys.stderr, flush=True)
+            sys.exit(1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdexp import job
@@ -29,7 +30,11 @@ def main(cfg: DictConfig) -> str:
         sys.exit(2)
     except Exception:
         record_outcome(run_dir, "failed")
-        raise
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # A raising job stops the sweep before the summary; it lists this failure and exits 1.
+        log.exception("job failed: %s", run_dir)
+        return "failed"
     record_outcome(run_dir, outcome)
     return outcome
 

@@ -33,6 +33,8 @@ class LogitKD(DistillationMethod):
 
 
 def kd_loss(student_logits, teacher_logits, T: float):
-    """T^2 * KL(p_t || p_s) at temperature T, batch-mean."""
+    """T^2 * KL(p_t || p_s) at temperature T, batch-mean; in fp32 even for bf16 logits (autocast),
+    which would otherwise be divided by T in bf16."""
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     return F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
                     reduction="batchmean", log_target=True) * (T * T)

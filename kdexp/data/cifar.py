@@ -1,0 +1,111 @@
+"""CIFAR-10 from the standard `cifar-10-batches-py` layout, read by torchvision's loader.
+
+The whole dataset is held as uint8 NCHW tensors (150 MB): augmentation then runs on tensors, on
+the CPU or the GPU, with no per-image Python work.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.datasets import CIFAR10
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+BATCH_DIR = CIFAR10.base_folder  # "cifar-10-batches-py"
+
+
+class DataError(RuntimeError):
+    """The dataset is missing or unreadable; the message says which file and what to do."""
+
+
+@dataclass
+class Splits:
+    """uint8 images (N, 3, 32, 32) and int64 labels for each split; val is empty without a split."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+class _CheckedCIFAR10(CIFAR10):
+    """torchvision's CIFAR10 whose integrity check can skip the md5 (for generated data)."""
+
+    def __init__(self, root: str, train: bool, download: bool, verify_md5: bool):
+        self._verify_md5 = verify_md5
+        super().__init__(root, train=train, download=download)
+
+    def _check_integrity(self) -> bool:
+        if self._verify_md5:
+            return super()._check_integrity()
+        files = self.train_list + self.test_list
+        return all((Path(self.root) / self.base_folder / name).is_file() for name, _ in files)
+
+    def _load_meta(self) -> None:
+        if self._verify_md5:
+            return super()._load_meta()
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+def _missing_message(root: Path) -> str:
+    return (
+        f"CIFAR-10 not found under data.root={root} (expected {root / BATCH_DIR}/data_batch_1..5 and "
+        f"test_batch). Either pass data.download=true to fetch it with torchvision, or download "
+        f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into {root}; "
+        f"for a quick offline try use data=fake."
+    )
+
+
+def _find_bad_file(root: Path) -> str:
+    """Name the first batch file that cannot be unpickled into CIFAR's dict, for a clear error."""
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list + [(CIFAR10.meta["filename"], None)]:
+        path = root / BATCH_DIR / name
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            if "data" in entry and len(entry["data"]) != len(entry["labels"]):
+                return f"{path} (images and labels differ in length)"
+        except Exception as err:  # any unpickling failure means this file is the bad one
+            return f"{path} ({type(err).__name__}: {err})"
+    return f"{root / BATCH_DIR} (files do not match their md5 checksums)"
+
+
+def _load_split(root: Path, train: bool, download: bool, verify_md5: bool):
+    try:
+        ds = _CheckedCIFAR10(str(root), train=train, download=download, verify_md5=verify_md5)
+    except RuntimeError as err:
+        if "not found or corrupted" in str(err) and not (root / BATCH_DIR).exists():
+            raise DataError(_missing_message(root)) from None
+        raise DataError(f"CIFAR-10 batch file is corrupt: {_find_bad_file(root)}. "
+                        f"Delete {root / BATCH_DIR} and download it again.") from None
+    except Exception:
+        raise DataError(f"CIFAR-10 batch file is corrupt: {_find_bad_file(root)}. "
+                        f"Delete {root / BATCH_DIR} and download it again.") from None
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW, still uint8
+    return x, torch.tensor(ds.targets, dtype=torch.long)
+
+
+def load_splits(root: str | Path, val_size: int, split_seed: int, download: bool = False,
+                verify_md5: bool = True) -> Splits:
+    """Train/val/test tensors. The val split is a fixed random subset of the 50k training images,
+    drawn from `split_seed` alone so every run seed sees the same split (the study's v2 protocol)."""
+    root = Path(root)
+    if not download and not (root / BATCH_DIR).is_dir():
+        raise DataError(_missing_message(root))
+    train_x, train_y = _load_split(root, True, download, verify_md5)
+    test_x, test_y = _load_split(root, False, False, verify_md5)
+    if not 0 <= val_size < len(train_x):
+        raise DataError(f"data.val_size={val_size} must be in [0, {len(train_x) - 1}] "
+                        f"(the training set has {len(train_x)} images)")
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    return Splits(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
+                  test_x, test_y)

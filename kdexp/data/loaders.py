@@ -1,0 +1,166 @@
+"""Seeded batches from uint8 tensors: the epoch's order, crops and flips are a pure function of
+(seed, epoch), so an interrupted run resumes with exactly the batches it would have seen.
+
+`TrainBatches` (data.loader=tensor, the default) augments whole batches with tensor indexing on
+whatever device holds the data. `TorchLoaderBatches` (data.loader=torch) is the reference path the
+study's code used: PIL transforms in DataLoader workers, kept for parity checks.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from kdexp.data.cifar import CIFAR_MEAN, CIFAR_STD
+
+PAD = 4
+SIZE = 32
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # A distinct, reproducible stream per (seed, epoch); seed 0 is a real seed like any other.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a per-batch host-to-GPU copy would make the CPU wait for the GPU.
+    return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+
+
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    mean, std = _mean_std(images_u8.device)
+    return (images_u8.float() / 255.0 - mean) / std
+
+
+def crop_flip(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Random-crop-32-with-padding-4 then horizontal flip, as torchvision does, for a whole batch:
+    view b is rows dy[b]..dy[b]+31 and columns dx[b]..dx[b]+31 of the zero-padded image, columns
+    reversed where flip[b]."""
+    padded = F.pad(images_u8, (PAD, PAD, PAD, PAD))
+    ar = torch.arange(SIZE, device=images_u8.device)
+    rows = dy[:, None] + ar
+    cols = dx[:, None] + torch.where(flip[:, None], SIZE - 1 - ar, ar)
+    batch = torch.arange(len(images_u8), device=images_u8.device)[:, None, None]
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # normalised float images
+    y: torch.Tensor
+    index: torch.Tensor | None = None  # dataset index and view, for teacher-logit caches
+    dy: torch.Tensor | None = None
+    dx: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+
+
+class TrainBatches:
+    """Shuffled, augmented training batches; the last partial batch is kept (as DataLoader does)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 device: torch.device, max_steps: int | None = None, channels_last: bool = False):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.max_steps, self.channels_last = max_steps, channels_last
+
+    def __len__(self) -> int:
+        steps = -(-len(self.images) // self.batch_size)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        g = epoch_generator(self.seed, epoch)
+        n = len(self.images)
+        order = torch.randperm(n, generator=g).to(self.device)
+        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g).to(self.device)
+        flips = torch.randint(0, 2, (n,), generator=g).bool().to(self.device)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            dy, dx, flip = offsets[idx, 0], offsets[idx, 1], flips[idx]
+            x = normalize(crop_flip(self.images[idx], dy, dx, flip))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x, self.labels[idx], idx, dy, dx, flip)
+
+
+class _PILDataset(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images = images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10 holds it
+        self.labels = labels.tolist()
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(SIZE, padding=PAD),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+class TorchLoaderBatches(TrainBatches):
+    """The reference path: torchvision PIL transforms in DataLoader workers, seeded per epoch."""
+
+    def __init__(self, images, labels, batch_size, seed, device, max_steps=None, channels_last=False,
+                 num_workers: int = 0):
+        super().__init__(images, labels, batch_size, seed, torch.device("cpu"), max_steps, channels_last)
+        self.target_device, self.num_workers = device, num_workers
+        self.dataset = _PILDataset(images, labels)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
+                            num_workers=self.num_workers, generator=epoch_generator(self.seed, epoch),
+                            pin_memory=self.target_device.type == "cuda",
+                            worker_init_fn=_seed_numpy_in_worker)
+        for step, (x, y) in enumerate(loader):
+            if step >= len(self):
+                break
+            x = x.to(self.target_device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x, y.to(self.target_device, non_blocking=True))
+
+
+def _seed_numpy_in_worker(worker_id: int) -> None:
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def build_train_batches(loader: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                        seed: int, device: torch.device, max_steps: int | None = None,
+                        channels_last: bool = False, num_workers: int = 0) -> TrainBatches:
+    if loader == "tensor":
+        return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last)
+    if loader == "torch":
+        return TorchLoaderBatches(images, labels, batch_size, seed, device, max_steps, channels_last,
+                                  num_workers)
+    raise ValueError(f"data.loader={loader!r}: choose 'tensor' or 'torch'")
+
+
+class EvalBatches:
+    """Fixed-order, un-augmented batches of one split (val or test)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+                 channels_last: bool = False):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.channels_last = batch_size, channels_last
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.images), self.batch_size):
+            x = normalize(self.images[start:start + self.batch_size])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[start:start + self.batch_size]

@@ -185,13 +185,21 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
         "(percentage points); 'within noise': its 95% CI contains 0 (see the significance table).",
         "Teacher: the teacher run the students distilled from (same architecture, stem, width, data and "
         "seed = teacher.seed).",
-        f"Best configuration per pair and method: highest mean "
-        f"{'validation accuracy' if exp.selection_column(exp.of_kind('student')) == 'best_val_acc' else label}"
-        " over the grid; n = seeds of that configuration."]
+        _best_config_note(exp, label)]
     if used_fidelity:
         notes.append("† no teacher run found: the teacher's test accuracy recorded in the students' "
                      "fidelity data (teacher_test_acc), averaged over those runs.")
     return Table("pairs", f"Per pair: {exp.name}", columns, rows, notes)
+
+
+def _best_config_note(exp, label: str) -> str:
+    if exp.selection_column(exp.of_kind("student")) == "best_val_acc":
+        return ("Best configuration per pair and method: highest mean validation accuracy over the grid; "
+                "n = seeds of that configuration.")
+    # Without a validation split the grid cell is picked on test numbers: say so, as for `--select test`.
+    return (f"Best configuration per pair and method: highest mean {label} over the grid; n = seeds of that "
+            "configuration. No validation split: the cell is chosen on the test set (as the study's v1 did), "
+            "so each best-configuration Δ is OPTIMISTIC.")
 
 
 def _teacher_acc(exp: Experiment, ref: Cell, cells: list[Cell],

@@ -96,8 +96,8 @@ class Loop:
             self.state.history.append(row)
             self.state.epoch = epoch
             self.scheduler.step()
+            self.save()  # first: metrics.jsonl never shows an epoch that a resume would redo
             write_metrics(self.run_dir, self.state.history)
-            self.save()
             log.info(_epoch_line(row, self.trainer.epochs))
         return self.state
 
@@ -203,7 +203,7 @@ class Loop:
         self.state = TrainState()
         self.state.__dict__.update(ckpt["state"])
         checkpoint.set_rng_state(ckpt["rng"])
-        write_metrics(self.run_dir, self.state.history)  # drop any line written after this checkpoint
+        write_metrics(self.run_dir, self.state.history)  # the log as of this checkpoint
         log.info("resuming %s after epoch %d", self.run_dir, self.state.epoch)
         return True
 

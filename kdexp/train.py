@@ -23,21 +23,23 @@ log = logging.getLogger("kdexp")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> str:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         outcome = job.run(cfg, run_dir)
     except ConfigError as err:  # bad input: one clear line, not a traceback
         print(f"kdexp: invalid config: {err}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        outcome = "failed"  # in a sweep, let the other jobs run and the summary list this one
     except Exception:
-        record_outcome(run_dir, "failed")
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if not multirun:
             raise
         # A raising job stops the sweep before the summary; it lists this failure and exits 1.
         log.exception("job failed: %s", run_dir)
-        return "failed"
+        outcome = "failed"
     record_outcome(run_dir, outcome)
     return outcome
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,0 +1,217 @@
+"""The study as a chain of driver jobs: what each stage runs, after what, and what it costs.
+
+A driver is one CPU-only SLURM job. A training driver runs one Hydra multirun; its jobs are
+composed here (launch.sweep), so the plan knows every run dir, whether it has completed, and
+which teacher it needs: a student driver depends on the teacher driver that exports the
+checkpoint its config names. The other drivers are small CPU steps (v2 selection, analysis)
+marked done by the file they write. Build a plan inside `launch.sweep.hydra_session()`.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig
+
+from kdexp.job import resolve_teacher_export_path
+from kdexp.records import read_result
+from kdexp.teachers import resolve_teacher_path
+from launch.sweep import compose_job, expand, fixed, launcher_exists, run_dir
+
+# A100 seconds per training epoch at full width (study-notes: fp32, deterministic cudnn; R101 estimated).
+EPOCH_SECONDS = {"resnet18": 6.4, "resnet34": 10.0, "resnet50": 18.6, "resnet101": 35.0}
+# A distilled student's epoch adds the teacher's forward pass: about a third of the teacher's
+# training epoch (forward + backward ~ 3 forwards).
+TEACHER_SHARE = 1 / 3
+COST_NOTE = ("A100 estimate from seconds per epoch " +
+             ", ".join(f"R{arch.removeprefix('resnet')} {s:g}" for arch, s in EPOCH_SECONDS.items()) +
+             "; a distilled student's epoch = its own + 1/3 of its teacher's (the teacher's forward pass)")
+
+GRIDS = ("logit", "feature")  # kd_grid names, which are also the method names
+V1_PAIRS = ("r34_to_r18", "r50_to_r18", "r50_to_r34")
+V2_PAIRS = (*V1_PAIRS, "r101_to_r34")
+STUDY_DIR = ".study"
+
+
+@dataclass
+class Job:
+    """One training run of a driver's multirun."""
+
+    overrides: list[str]
+    cfg: DictConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir(self.cfg)
+
+    @property
+    def gpu_hours(self) -> float:
+        seconds = EPOCH_SECONDS[self.cfg.model.arch]
+        if self.cfg.teacher.arch:
+            seconds += TEACHER_SHARE * EPOCH_SECONDS[self.cfg.teacher.arch]
+        return self.cfg.trainer.epochs * seconds / 3600
+
+    def status(self) -> str:
+        """completed | failed | missing (not run, still running or killed) | corrupt."""
+        try:
+            result = read_result(self.run_dir)
+        except ValueError:
+            return "corrupt"
+        return result["status"] if result else "missing"
+
+
+@dataclass
+class Driver:
+    name: str
+    stage: str
+    lines: list[str]                  # the shell lines the driver job runs; its command is the last
+    jobs: list[Job] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+    dependency: str = "afterok"
+    output: Path | None = None        # CPU steps: the file they write marks them done
+    files: dict[Path, str] = field(default_factory=dict)  # written before the driver is submitted
+    awaits_selection: bool = False    # v2 finals before selected.json: cells unknown, never done
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(j.gpu_hours for j in self.jobs)
+
+    def done(self) -> bool:
+        if self.output is not None:
+            return self.output.is_file()
+        return not self.awaits_selection and all(j.status() == "completed" for j in self.jobs)
+
+
+@dataclass
+class Plan:
+    protocol: str
+    cluster: str
+    experiment_dir: Path
+    stages: list[str]
+    drivers: list[Driver]
+    launcher: DictConfig              # the cluster's launcher node: the drivers' partition, account, ...
+
+    @property
+    def study_dir(self) -> Path:
+        return self.experiment_dir / STUDY_DIR
+
+    def stage_drivers(self, stage: str) -> list[Driver]:
+        return [d for d in self.drivers if d.stage == stage]
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    cluster: str
+    teacher_launcher: str
+    output_dir: Path
+    extra: tuple[str, ...]
+    python: str
+    exp_dir: Path
+
+    def command(self, module: str, *args: str) -> str:
+        return shlex.join([self.python, "-m", module, *args])
+
+    def train(self, name: str, stage: str, overrides: Sequence[str], teacher: bool = False,
+              cell: Sequence[str] = ()) -> Driver:
+        """A driver running `python -m kdexp.train -m overrides ...`; `cell` is composed into its
+        jobs but left out of its command (the v2 finals read it from selected.json when they start)."""
+        launcher = self.teacher_launcher if teacher else self.cluster
+        argv = [*overrides, f"paths.output_dir={self.output_dir}", f"hydra/launcher={launcher}", *self.extra]
+        jobs = [Job(o, compose_job(o)) for o in expand([*argv, *cell])]
+        return Driver(name, stage, [self.command("kdexp.train", "-m", *argv)], jobs)
+
+
+def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[str], python: str) -> Plan:
+    """Every driver of the study, in submission order (each after the drivers it depends on)."""
+    if not launcher_exists(cluster):
+        raise ValueError(f"no launcher config hydra/launcher={cluster} (see conf/hydra/launcher/)")
+    teacher_launcher = f"{cluster}_teacher" if launcher_exists(f"{cluster}_teacher") else cluster
+    base = compose_job([f"protocol={protocol}", f"hydra/launcher={cluster}", f"paths.output_dir={output_dir}",
+                        *fixed(extra)])
+    exp_dir = Path(base.hydra.sweep.dir)
+    ctx = _Ctx(cluster, teacher_launcher, output_dir, tuple(extra), python, exp_dir)
+    stages, build = PROTOCOLS[protocol]
+    drivers = build(ctx)
+    _link_teachers(drivers)
+    _check_experiment_dir(drivers, exp_dir)
+    drivers.append(Driver("analysis", "analysis",
+                          [ctx.command("analysis", str(exp_dir), "--out", str(exp_dir / "report"))],
+                          after=[d.name for d in drivers], dependency="afterany",
+                          output=exp_dir / "report" / "report.html"))
+    return Plan(protocol, cluster, exp_dir, stages, drivers, base.hydra.launcher)
+
+
+def _v1(ctx: _Ctx) -> list[Driver]:
+    teachers = [ctx.train(f"teacher-{arch}", "teachers", ["experiment=teacher", "protocol=v1", f"model={arch}"],
+                          teacher=True) for arch in ("resnet34", "resnet50")]
+    students = [ctx.train(f"{grid}-{pair}", "students", ["experiment=paper_v1", f"kd_grid={grid}", f"pair={pair}"])
+                for pair in V1_PAIRS for grid in GRIDS]
+    baselines = ctx.train("baselines", "students",
+                          ["experiment=baseline", "protocol=v1", "seeds=paper", "model=resnet18,resnet34"])
+    return [*teachers, *students, baselines]
+
+
+def _v2(ctx: _Ctx) -> list[Driver]:
+    teachers = [ctx.train(f"teacher-{arch}", "teachers",
+                          ["experiment=teacher", "protocol=v2", "seeds=paper", f"model={arch}"], teacher=True)
+                for arch in ("resnet34", "resnet50", "resnet101")]
+    selection = {(pair, grid): ctx.train(f"selection-{grid}-{pair}", "selection",
+                                         ["experiment=paper_v2", f"kd_grid={grid}", f"pair={pair}"])
+                 for pair in V2_PAIRS for grid in GRIDS}
+    manifest = ctx.exp_dir / STUDY_DIR / "selection-runs.json"
+    selected = ctx.exp_dir / "selected.json"
+    runs = {pair: {grid: [str(j.run_dir) for j in selection[pair, grid].jobs] for grid in GRIDS} for pair in V2_PAIRS}
+    select = Driver("select", "select", [ctx.command("launch.select", "pick", str(manifest), "--out", str(selected))],
+                    after=[d.name for d in selection.values()], output=selected,
+                    files={manifest: json.dumps(runs, indent=1) + "\n"})
+    chosen = json.loads(selected.read_text())["selected"] if selected.is_file() else None
+    finals = [_final(ctx, pair, grid, selected, chosen) for pair in V2_PAIRS for grid in GRIDS]
+    baselines = ctx.train("baselines", "finals",
+                          ["experiment=baseline", "protocol=v2", "seeds=five", "model=resnet18,resnet34"])
+    return [*teachers, *selection.values(), select, *finals, baselines]
+
+
+def _quickstart(ctx: _Ctx) -> list[Driver]:
+    """The Makefile's quickstart as a study: a width-16 R18 teacher, the smoke grid, 2 baselines."""
+    teacher = ctx.train("teacher-resnet18", "teachers",
+                        ["experiment=teacher", "protocol=quickstart", "model.width=16"], teacher=True)
+    students = ctx.train("logit-quickstart", "students", ["protocol=quickstart", "experiment=quickstart"])
+    baselines = ctx.train("baselines", "students", ["experiment=baseline", "protocol=quickstart", "seed=0,1"])
+    return [teacher, students, baselines]
+
+
+def _final(ctx: _Ctx, pair: str, grid: str, selected: Path, chosen: dict | None) -> Driver:
+    cell = chosen[pair][grid]["overrides"] if chosen else []
+    driver = ctx.train(f"final-{grid}-{pair}", "finals",
+                       ["protocol=v2", "seeds=five", f"pair={pair}", f"method={grid}"], cell=cell)
+    # the cell's overrides (e.g. method.alpha=0.5 method.T=4) as separate words: $cell unquoted
+    driver.lines = [f"cell=$({ctx.command('launch.select', 'cell', str(selected), pair, grid)})",
+                    f"{driver.lines[-1]} $cell"]
+    driver.after.append("select")
+    driver.awaits_selection = chosen is None
+    return driver
+
+
+def _link_teachers(drivers: list[Driver]) -> None:
+    """Each student driver waits (afterok) for the drivers exporting the teachers it loads."""
+    exporters = {resolve_teacher_export_path(j.cfg): d.name for d in drivers for j in d.jobs if j.cfg.export_teacher}
+    for d in drivers:
+        needed = {resolve_teacher_path(j.cfg) for j in d.jobs if j.cfg.teacher.arch}
+        d.after += sorted({exporters[p] for p in needed if p in exporters} - set(d.after))
+
+
+def _check_experiment_dir(drivers: list[Driver], exp_dir: Path) -> None:
+    """Every run must land in the study's experiment dir: that is where .study/ and the report go."""
+    stray = sorted({str(j.cfg.hydra.sweep.dir) for d in drivers for j in d.jobs} - {str(exp_dir)})
+    if stray:
+        raise ValueError(f"the study writes to {exp_dir} but some of its runs would go to {stray}")
+
+
+PROTOCOLS: dict[str, tuple[list[str], Callable[[_Ctx], list[Driver]]]] = {
+    "v1": (["teachers", "students", "analysis"], _v1),
+    "v2": (["teachers", "selection", "select", "finals", "analysis"], _v2),
+    "quickstart": (["teachers", "students", "analysis"], _quickstart),
+}

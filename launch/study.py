@@ -1,0 +1,208 @@
+"""Submit the whole study to SLURM as a chain of stage drivers, and return at once.
+
+    python -m launch.study --cluster slurm_a100|slurm_local [--protocol v1|v2|quickstart] [--dry-run]
+                           [--output-dir DIR] [--driver-sbatch=OPTION ...] [HYDRA_OVERRIDE ...]
+
+Design. Each stage's *driver* is a small CPU-only sbatch job (1 CPU, 2 GB, no GPU, 3-day limit:
+it only waits, but for its whole GPU array) running one Hydra multirun,
+`python -m kdexp.train -m ... hydra/launcher=<cluster>`: hydra-submitit-launcher submits the
+GPU job array and the driver blocks until it ends, exiting non-zero when a run failed. Stages
+are chained by SLURM dependencies between drivers, so this command only submits drivers and
+returns (the login session may close).
+  v1, quickstart: 1 teachers (one driver each; launcher <cluster>_teacher where it exists)
+                  2 students: per pair a logit-grid and a feature-grid driver, afterok its
+                    teacher's driver (quickstart: its smoke grid); a baselines driver, no dependency
+                  3 analysis: `python -m analysis`, afterany every driver
+  v2:             1 teachers (seeds 0-2 per arch; students distil from seed 0)
+                  2 selection: seed 0, every cell, 4 pairs, on val (experiment=paper_v2)
+                  3 select: `python -m launch.select` writes <experiment>/selected.json
+                  4 finals: per pair and method the selected cell x seeds 0-4 (read from
+                    selected.json when the driver starts; seed 0 is the selection run, reused),
+                    baselines R18/R34 x 5 seeds
+                  5 analysis
+Drivers waiting on a failed driver are cancelled by SLURM (--kill-on-invalid-dep); the analysis
+(afterany) still runs and reports what is missing. Every driver runs in this command's cwd with
+this python (sys.executable), with the partition, account, qos and setup lines of the cluster's
+launcher config (--driver-sbatch adds or overrides sbatch options); extra HYDRA_OVERRIDEs go to
+every training job. Driver scripts, logs and job ids live in <output-dir>/<experiment>/.study/.
+Re-running submits only what is missing: a driver whose runs all have a completed result.json
+(run dirs composed with Hydra's compose API, exactly as the multirun will) is skipped, one still
+queued from an earlier submission is kept, and the select / analysis steps rerun when anything
+upstream runs. A resubmitted multirun skips its completed runs and, unless retry_failed=true is
+among the overrides, its failed ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from hydra.errors import HydraException
+
+from kdexp.records import atomic_write_json
+from launch import sbatch
+from launch.plan import COST_NOTE, PROTOCOLS, Driver, Plan, build_plan
+from launch.sweep import compose_job, fixed, hydra_session
+
+JOBS_FILE = "jobs.json"
+
+
+@dataclass
+class Decision:
+    action: str                 # submit | keep (queued from an earlier submission) | skip (done)
+    why: str
+    job_id: str | None = None
+    stale: str | None = None    # an earlier, still queued job of this driver to cancel first
+
+
+def decide(plan: Plan, previous: dict[str, str], queued: set[str]) -> dict[str, Decision]:
+    """What to do with each driver, given the job ids of an earlier submission still queued."""
+    decisions: dict[str, Decision] = {}
+    steps = {d.name for d in plan.drivers if d.output}
+    for d in plan.drivers:
+        running = {a: decisions[a].action for a in d.after if decisions[a].action != "skip"}
+        # a CPU step redoes its file after anything upstream ran; the finals, after a new selection
+        inputs_change = bool(running) if d.output else bool(steps & set(running))
+        prev = previous.get(d.name)
+        if prev in queued and "submit" not in running.values():
+            decisions[d.name] = Decision("keep", f"still queued as job {prev}", job_id=prev)
+        elif d.done() and not inputs_change:
+            decisions[d.name] = Decision("skip", _done_note(d))
+        else:
+            decisions[d.name] = Decision("submit", _todo_note(d), stale=prev if prev in queued else None)
+    return decisions
+
+
+def _done_note(d: Driver) -> str:
+    return f"{d.output} exists" if d.output else f"all {_n(len(d.jobs), 'run')} completed"
+
+
+def _todo_note(d: Driver) -> str:
+    if d.awaits_selection:
+        return "cells read from selected.json when it starts; seed 0 is the selection run, reused"
+    counts = Counter(j.status() for j in d.jobs)
+    notes = [f"{counts['completed']}/{len(d.jobs)} runs completed"] if counts["completed"] else []
+    if counts["failed"]:
+        notes.append(f"{counts['failed']} failed (skipped unless retry_failed=true)")
+    return ", ".join(notes)
+
+
+def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
+    """The plan: stages, drivers with their runs, GPU-hours, dependencies and exact commands."""
+    out = [f"kdexp study: protocol {plan.protocol} on {plan.cluster} -> {plan.experiment_dir}"]
+    for i, stage in enumerate(plan.stages, 1):
+        drivers = plan.stage_drivers(stage)
+        runs = sum(len(d.jobs) for d in drivers)
+        size = f"{_n(runs, 'training run')}, {sum(d.gpu_hours for d in drivers):.1f} GPU-h" if runs else "CPU only"
+        out.append(f"\nstage {i}/{len(plan.stages)} {stage}: {_n(len(drivers), 'driver')}, {size}")
+        for d in drivers:
+            dec = decisions[d.name]
+            what = f"{_n(len(d.jobs), 'run')}, {d.gpu_hours:.1f} GPU-h" if d.jobs else "CPU step"
+            waits = ", ".join(d.after) if len(d.after) <= 3 else f"all {len(d.after)} drivers above"
+            after = f", {d.dependency} on {waits}" if d.after else ""
+            why = f" ({dec.why})" if dec.why else ""
+            out.append(f"  {d.name}: {what}{after} -> {dec.action.upper()}{why}")
+            out += [f"    {line}" for line in d.lines]
+    # v2: a final's seed 0 is the selection run of its cell (same config, same run dir): counted once
+    distinct = {j.run_dir: j for d in plan.drivers for j in d.jobs}
+    out.append(f"\ntotal: {_n(len(distinct), 'distinct training run')}, "
+               f"{sum(j.gpu_hours for j in distinct.values()):.1f} GPU-hours ({COST_NOTE})")
+    out.append(f"drivers: CPU-only sbatch jobs ({' '.join(sbatch.DRIVER_RESOURCES)}); "
+               f"scripts and logs in {plan.study_dir}")
+    return "\n".join(out)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def submit(plan: Plan, decisions: dict[str, Decision], extra_sbatch: Sequence[str]) -> None:
+    """sbatch every driver marked submit, each with its dependencies on the jobs it waits for."""
+    plan.study_dir.mkdir(parents=True, exist_ok=True)
+    jobs_file = plan.study_dir / JOBS_FILE
+    ids = _load_ids(jobs_file)
+    for d in plan.drivers:
+        dec = decisions[d.name]
+        if dec.action != "submit":
+            continue
+        if dec.stale:  # queued after a driver that is resubmitted now: it would start too early
+            sbatch.cancel(dec.stale)
+        for path, text in d.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        script = plan.study_dir / f"{d.name}.sbatch"
+        script.write_text(sbatch.script(f"kdexp-{plan.experiment_dir.name}-{d.name}",
+                                        plan.study_dir / f"{d.name}-%j.out", d.lines, Path.cwd(),
+                                        plan.launcher, extra_sbatch))
+        waits = [decisions[a].job_id for a in d.after if decisions[a].action != "skip"]
+        dec.job_id = sbatch.submit(script, f"{d.dependency}:{':'.join(waits)}" if waits else None)
+        ids[d.name] = dec.job_id
+        atomic_write_json(jobs_file, ids)  # after each sbatch: a later failure must not lose an id
+
+
+def _load_ids(path: Path) -> dict[str, str]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def follow_up(plan: Plan, decisions: dict[str, Decision]) -> str:
+    active = {n: d.job_id for n, d in decisions.items() if d.action != "skip"}
+    skipped = [n for n, d in decisions.items() if d.action == "skip"]
+    kept = [n for n, d in decisions.items() if d.action == "keep"]
+    if not active:
+        return "nothing to submit: every stage is complete"
+    lines = [f"\nsubmitted {len(active) - len(kept)} driver job(s); kept {len(kept)} still queued; "
+             f"skipped {len(skipped)} complete{': ' + ', '.join(skipped) if skipped else ''}"]
+    lines += [f"  {name}: job {job_id}" for name, job_id in active.items()]
+    lines += ["follow them:", "  squeue -u $USER",
+              f"  sacct -X -j {','.join(active.values())} -o JobID,JobName%40,State,Start,End,Elapsed",
+              f"  tail -f {plan.study_dir}/<driver>-<job id>.out   (GPU job logs: {plan.experiment_dir}/.submitit/)",
+              f"report when done: {plan.experiment_dir}/report/report.html"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cluster", required=True, help="hydra/launcher config of the GPU jobs, e.g. slurm_a100")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="v2", help="default: v2 (as kdexp.train)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    p.add_argument("--output-dir", type=Path, help="paths.output_dir of every run (default: the config's)")
+    p.add_argument("--driver-sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra sbatch option for the drivers, e.g. --driver-sbatch=--partition=cpu")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every training job, e.g. data.root=...")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        with hydra_session():
+            output_dir = args.output_dir or Path(compose_job(fixed(args.overrides)).paths.output_dir)
+            plan = build_plan(args.protocol, args.cluster, output_dir.absolute(), args.overrides, sys.executable)
+    except (ValueError, HydraException) as err:  # a bad cluster name or override: one line, no traceback
+        print(f"launch.study: {err}", file=sys.stderr)
+        return 2
+    previous = _load_ids(plan.study_dir / JOBS_FILE)
+    live = sbatch.queued(previous.values()) if sbatch.available() else set()
+    decisions = decide(plan, previous, live)
+    print(describe(plan, decisions), flush=True)
+    if args.dry_run:
+        return 0
+    if not sbatch.available():
+        print("launch.study: sbatch not found: run this on a SLURM login node", file=sys.stderr)
+        return 2
+    try:
+        submit(plan, decisions, args.driver_sbatch)
+    except sbatch.SlurmError as err:  # the ids submitted so far are in .study/jobs.json: a re-run keeps them
+        print(f"launch.study: {err}", file=sys.stderr)
+        return 1
+    print(follow_up(plan, decisions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

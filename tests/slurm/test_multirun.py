@@ -1,0 +1,141 @@
+"""kdexp multiruns through hydra-submitit-launcher on the real one-node SLURM (hydra/launcher=slurm_local):
+one run dir per array task; a failing task fails the driver with a summary; resubmission skips every
+finished run; a preempted task is requeued and resumes to exactly an uninterrupted run's metrics."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import REPO, TINY, run_train, student_args
+from kdexp.records import read_metrics, read_result
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
+
+# One thread per job: several jobs share 2 cores, and SLURM and local runs then compute alike.
+ENV = {"OMP_NUM_THREADS": "1"}
+SHORT = ("trainer.epochs=2", "trainer.max_steps_per_epoch=3")
+SLURM = ("hydra/launcher=slurm_local",)
+TIMING = {"epoch_seconds", "images_per_s"}
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml"))
+
+
+def slurm_job_id(run_dir: Path) -> str:
+    """The SLURM job (array task) that ran this run: hydra-submitit-launcher records it."""
+    return str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.id)
+
+
+def sacct(job_id: str, fields: str) -> list[list[str]]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-D", "-o", fields, "-j", job_id], check=True,
+                         capture_output=True, text=True).stdout
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def wait_for(predicate, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+def test_grid_runs_one_slurm_array_task_per_job(tmp_path, fake_root, slurm_cluster):
+    teacher = run_train(*TINY, "experiment=teacher", "model.width=8", *SHORT, f"data.root={fake_root}",
+                        f"paths.output_dir={tmp_path}", env=ENV)  # a plain local run first
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    out = tmp_path / "grid"
+    proc = run_train("-m", *student_args(out, fake_root, "kd_grid=smoke", "seed=0,1", *SHORT,
+                                         f"paths.teachers_dir={tmp_path}/teachers"), *SLURM, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multirun summary: 4 completed" in proc.stdout
+    dirs = run_dirs(out)
+    assert len(dirs) == 4  # 2 cells x 2 seeds
+    for d in dirs:
+        assert read_result(d)["status"] == "completed"
+        assert [r["epoch"] for r in read_metrics(d)] == [1, 2]
+    tasks = {slurm_job_id(d) for d in dirs}
+    arrays = {t.split("_")[0] for t in tasks}
+    assert len(tasks) == 4 and len(arrays) == 1, tasks
+
+    def accounted():  # slurmdbd records the tasks a moment after they end
+        records = sacct(arrays.copy().pop(), "JobID,JobName,State")
+        return records if len(records) == 4 and all(state == "COMPLETED" for *_, state in records) else None
+
+    records = wait_for(accounted, "4 COMPLETED array tasks in sacct", 30)
+    assert {job for job, _, _ in records} == tasks
+    assert {name for _, name, _ in records} == {"kdexp-test"}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, fake_root, slurm_cluster):
+    """A 2-job baseline multirun whose second job's loss turns NaN: (output dir, args, driver process)."""
+    out = tmp_path_factory.mktemp("mixed")
+    args = ("-m", *TINY, "experiment=baseline", "trainer.lr=0.1,1e30", "trainer.clip_norm=null", *SHORT,
+            f"data.root={fake_root}", f"paths.output_dir={out}", *SLURM)
+    return out, args, run_train(*args, env=ENV)
+
+
+def test_failing_task_fails_the_driver_after_the_others_complete(mixed):
+    out, _, proc = mixed
+    assert proc.returncode != 0
+    assert "multirun summary: 1 completed, 1 failed" in proc.stdout
+    results = {d: read_result(d) for d in run_dirs(out)}
+    failed = [d for d, r in results.items() if r["status"] == "failed"]
+    assert len(results) == 2 and len(failed) == 1
+    assert f"failed: {failed[0]}/result.json" in proc.stdout
+    assert results[failed[0]]["failed_epoch"] == 1 and "NonFiniteLossError" in results[failed[0]]["error"]
+
+
+def test_resubmission_skips_every_finished_run(mixed):
+    """Completed runs are never redone; failed ones only with retry_failed=true."""
+    out, args, first = mixed
+    before = {d: (d / "result.json").read_bytes() for d in run_dirs(out)}
+    again = run_train(*args, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "multirun summary: 2 skipped" in again.stdout
+    assert {d: (d / "result.json").read_bytes() for d in run_dirs(out)} == before
+    for d in before:
+        assert "skipping" in (d / "train.log").read_text()
+
+
+def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slurm_cluster):
+    # ~1 s epochs, so the signal after epoch 1 lands well before the run would end
+    args = ("protocol=quickstart", "trainer.progress=false", "experiment=baseline", "model.width=8",
+            "trainer.epochs=6", "trainer.max_steps_per_epoch=8", f"data.root={fake_root}")
+    driver = subprocess.Popen([sys.executable, "-m", "kdexp.train", "-m", *args, f"paths.output_dir={tmp_path / 'slurm'}",
+                               *SLURM], cwd=REPO, env={**os.environ, **ENV},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    straight = subprocess.Popen([sys.executable, "-m", "kdexp.train", *args, f"paths.output_dir={tmp_path / 'local'}"],
+                                cwd=REPO, env={**os.environ, **ENV},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = wait_for(lambda: next((d for d in run_dirs(tmp_path / "slurm") if (d / "last.pt").exists()), None),
+                       "the SLURM run's first checkpoint")
+    job = slurm_job_id(run_dir)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before preempting
+    # submitit requeues the job; SLURM holds a requeued job ~120 s (BeginTime): release it now
+    wait_for(lambda: "PENDING" in squeue_state(job), f"job {job} requeued", 60)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    output, _ = driver.communicate(timeout=180)
+    assert driver.returncode == 0, output[-3000:]
+    assert "multirun summary: 1 completed" in output
+    assert straight.wait(timeout=180) == 0
+    log = (run_dir / "train.log").read_text()
+    assert f"resuming {run_dir} after epoch" in log, log[-2000:]
+    assert read_metrics(run_dir)[-1]["epoch"] == 6
+    assert "REQUEUED" in {state.split()[0] for _, state in sacct(job, "JobID,State")}
+    reference = run_dirs(tmp_path / "local")[0]
+    numbers = [[{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(d)] for d in (run_dir, reference)]
+    assert numbers[0] == numbers[1]
+
+
+def squeue_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout

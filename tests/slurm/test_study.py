@@ -1,0 +1,95 @@
+"""The staged study on the real one-node SLURM: `launch.study --protocol quickstart` on generated data
+submits its drivers and returns; SLURM then runs the teacher, the students strictly after it (by
+dependency), the baselines alongside, and the analysis last, which writes the key-results table.
+Running the command again submits nothing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import REPO
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
+
+DRIVERS = {"teacher-resnet18", "logit-quickstart", "baselines", "analysis"}
+
+
+def study(out: Path, fake_root: Path) -> subprocess.CompletedProcess:
+    # tinier than the quickstart: width 4 everywhere, 2 short epochs, and seed=0 trims its seeds 0,1
+    # to one (1 teacher, 2 students, 1 baseline)
+    argv = [sys.executable, "-m", "launch.study", "--cluster", "slurm_local", "--protocol", "quickstart",
+            "--output-dir", str(out), f"data.root={fake_root}", "model.width=4", "teacher.width=4",
+            "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "seed=0"]
+    # one thread per job: several tiny jobs share 2 cores
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def accounting(job_ids: list[str]) -> dict[str, tuple[str, datetime, datetime]]:
+    """job id -> (state, start, end) from sacct, once every job (array tasks too) has ended."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(job_ids)],
+                         check=True, capture_output=True, text=True).stdout
+    records = {}
+    for line in out.splitlines():
+        job, state, start, end = line.split("|")
+        if end in ("Unknown", "None"):
+            return {}
+        records[job] = (state, datetime.fromisoformat(start), datetime.fromisoformat(end))
+    return records
+
+
+def wait_until_ended(job_ids: list[str], timeout: float = 240) -> dict[str, tuple[str, datetime, datetime]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        records = {} if queue else accounting(job_ids)
+        if set(job_ids) <= set(records):
+            return records
+        time.sleep(1)
+    pytest.fail(f"jobs {job_ids} still queued or unaccounted after {timeout} s")
+
+
+def run_jobs(exp_dir: Path) -> dict[Path, str]:
+    """Each training run's dir -> the SLURM job (array task) that ran it."""
+    return {p.parent.parent: str(OmegaConf.load(p).hydra.job.id) for p in exp_dir.rglob(".hydra/hydra.yaml")}
+
+
+def test_study_runs_stages_in_dependency_order(slurm_cluster, tmp_path, fake_root):
+    proc = study(tmp_path, fake_root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    exp = tmp_path / "quickstart"
+    drivers = json.loads((exp / ".study" / "jobs.json").read_text())
+    assert set(drivers) == DRIVERS
+    assert "squeue -u $USER" in proc.stdout and ",".join(drivers.values()) in proc.stdout
+
+    wait_until_ended([drivers["analysis"]])
+    runs = run_jobs(exp)
+    assert len(runs) == 4, runs
+    jobs = wait_until_ended([*drivers.values(), *runs.values()])
+    assert {state for state, _, _ in jobs.values()} == {"COMPLETED"}, jobs
+    _, teacher_start, teacher_end = jobs[drivers["teacher-resnet18"]]
+    for run_dir, job in runs.items():
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["status"] == "completed"
+        _, start, end = jobs[job]
+        if result["kind"] == "student":  # started only after its teacher's driver had ended
+            assert start >= teacher_end, (run_dir, start, teacher_end)
+        elif result["kind"] == "teacher":
+            assert teacher_start <= start and end <= teacher_end
+    assert jobs[drivers["logit-quickstart"]][1] >= teacher_end
+    analysis_start = jobs[drivers["analysis"]][1]
+    assert all(analysis_start >= end for job, (_, _, end) in jobs.items() if job != drivers["analysis"])
+    assert "logit" in (exp / "report" / "key_results.md").read_text()
+
+    again = study(tmp_path, fake_root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to submit: every stage is complete" in again.stdout
+    assert json.loads((exp / ".study" / "jobs.json").read_text()) == drivers

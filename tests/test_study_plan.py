@@ -1,0 +1,254 @@
+"""The study's plan without SLURM (launch.study / launch.plan / launch.select): stages, run counts,
+dependencies and GPU-hours of protocols v1 and v2; what a re-run skips, keeps or resubmits; the
+v2 selection step; and that a driver's multirun writes exactly the run dirs the plan composed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import REPO
+from kdexp.records import write_result
+from launch import select, study
+from launch.plan import GRIDS, V1_PAIRS, V2_PAIRS, Plan, build_plan
+from launch.sweep import hydra_session
+
+PAIR_ARCHS = {"r34_to_r18": ("resnet34", "resnet18"), "r50_to_r18": ("resnet50", "resnet18"),
+              "r50_to_r34": ("resnet50", "resnet34"), "r101_to_r34": ("resnet101", "resnet34")}
+# v2 cells chosen before the plan is built, so the finals compose with them
+SELECTED = {pair: {"logit": {"overrides": ["method.alpha=0.7", "method.T=2"]},
+                   "feature": {"overrides": ["method.alpha=0.3"]}} for pair in V2_PAIRS}
+
+
+def make_plan(protocol: str, cluster: str, out: Path, *extra: str) -> Plan:
+    with hydra_session():
+        return build_plan(protocol, cluster, out, extra, sys.executable)
+
+
+def driver(plan: Plan, name: str):
+    return next(d for d in plan.drivers if d.name == name)
+
+
+def runs(plan: Plan, prefix: str) -> list:
+    return [j for d in plan.drivers if d.name.startswith(prefix) for j in d.jobs]
+
+
+def pair_of(job) -> tuple[str, str]:
+    return job.cfg.teacher.arch, job.cfg.model.arch
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory) -> Plan:
+    return make_plan("v1", "slurm_a100", tmp_path_factory.mktemp("v1"))
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory) -> Plan:
+    """v2 on the local launcher with dry_run=true, so a driver's command can run here."""
+    out = tmp_path_factory.mktemp("v2")
+    (out / "paper_v2").mkdir()
+    (out / "paper_v2" / "selected.json").write_text(json.dumps({"selected": SELECTED}))
+    return make_plan("v2", "local", out, "dry_run=true")
+
+
+def test_v1_plan_has_three_stages_with_the_papers_run_counts(v1):
+    assert v1.stages == ["teachers", "students", "analysis"]
+    teachers = v1.stage_drivers("teachers")
+    assert sorted(j.cfg.model.arch for d in teachers for j in d.jobs) == ["resnet34", "resnet50"]
+    assert all(j.cfg.export_teacher and j.cfg.trainer.epochs == 200 for d in teachers for j in d.jobs)
+    assert len(runs(v1, "logit-")) == 81 and len(runs(v1, "feature-")) == 27
+    assert Counter(pair_of(j) for j in runs(v1, "logit-")) == {PAIR_ARCHS[p]: 27 for p in V1_PAIRS}
+    assert sorted((j.cfg.model.arch, j.cfg.seed) for j in runs(v1, "baselines")) == \
+        [(arch, seed) for arch in ("resnet18", "resnet34") for seed in (0, 1, 2)]
+    assert {j.cfg.data.val_size for d in v1.drivers for j in d.jobs} == {0}
+    [analysis] = v1.stage_drivers("analysis")
+    assert not analysis.jobs and analysis.dependency == "afterany"
+    assert analysis.after == [d.name for d in v1.drivers if d is not analysis]
+    assert analysis.lines == [f"{sys.executable} -m analysis {v1.experiment_dir} --out {v1.experiment_dir}/report"]
+
+
+def test_v1_plan_has_no_duplicated_runs(v1):
+    dirs = [j.run_dir for d in v1.drivers for j in d.jobs]
+    assert len(dirs) == len(set(dirs)) == 2 + 81 + 27 + 6
+
+
+def test_temperature_never_multiplies_feature_runs(v1):
+    feature = runs(v1, "feature-")
+    assert not [o for j in feature for o in j.overrides if o.startswith("method.T")]
+    assert {j.cfg.method._target_ for j in feature} == {"kdexp.methods.feature.FeatureKD"}
+    assert len({(*pair_of(j), j.cfg.method.alpha, j.cfg.seed) for j in feature}) == 27
+
+
+def test_v1_students_wait_for_their_teacher_and_teachers_get_the_teacher_launcher(v1):
+    for pair in V1_PAIRS:
+        teacher = f"teacher-{PAIR_ARCHS[pair][0]}"
+        assert driver(v1, f"logit-{pair}").after == driver(v1, f"feature-{pair}").after == [teacher]
+        assert driver(v1, f"logit-{pair}").dependency == "afterok"
+    assert driver(v1, "baselines").after == [] and driver(v1, "teacher-resnet34").after == []
+    commands = {d.name: d.lines[-1] for d in v1.drivers}
+    assert commands["teacher-resnet50"] == (f"{sys.executable} -m kdexp.train -m experiment=teacher protocol=v1 "
+                                            f"model=resnet50 paths.output_dir={v1.experiment_dir.parent} "
+                                            "hydra/launcher=slurm_a100_teacher")
+    assert commands["logit-r50_to_r34"].endswith("kd_grid=logit pair=r50_to_r34 "
+                                                 f"paths.output_dir={v1.experiment_dir.parent} hydra/launcher=slurm_a100")
+
+
+def test_v1_dry_run_prints_stages_commands_and_gpu_hours(v1):
+    text = study.describe(v1, study.decide(v1, {}, set()))
+    # teachers 200 epochs x (R34 10 s + R50 18.6 s) = 1.6 h; baselines 3 seeds x 100 x (6.4 + 10) s = 1.4 h;
+    # KD 36 runs per pair x 100 x (student + teacher / 3): R34->R18 9.7 h, R50->R18 12.6 h, R50->R34 16.2 h
+    assert "stage 1/3 teachers: 2 drivers, 2 training runs, 1.6 GPU-h" in text
+    assert "stage 2/3 students: 7 drivers, 114 training runs, 39.9 GPU-h" in text
+    assert "stage 3/3 analysis: 1 driver, CPU only" in text
+    assert "total: 116 distinct training runs, 41.5 GPU-hours" in text and "1/3 of its teacher's" in text
+    assert all(f"    {d.lines[-1]}" in text for d in v1.drivers)
+    assert "--time=3-00:00:00" in text and ".study" in text
+
+
+def test_v2_plan_selects_on_48_seed0_runs(v2):
+    assert v2.stages == ["teachers", "selection", "select", "finals", "analysis"]
+    teachers = [j for d in v2.stage_drivers("teachers") for j in d.jobs]
+    assert sorted((j.cfg.model.arch, j.cfg.seed) for j in teachers) == \
+        [(arch, seed) for arch in ("resnet101", "resnet34", "resnet50") for seed in (0, 1, 2)]
+    selection = v2.stage_drivers("selection")
+    chosen = [j for d in selection for j in d.jobs]
+    assert len(selection) == 8 and len(chosen) == 4 * (9 + 3) == 48
+    assert {j.cfg.seed for j in chosen} == {0} and {j.cfg.data.val_size for j in chosen} == {5000}
+    for pair in V2_PAIRS:
+        assert len(driver(v2, f"selection-logit-{pair}").jobs) == 9
+        assert len(driver(v2, f"selection-feature-{pair}").jobs) == 3
+        assert driver(v2, f"selection-logit-{pair}").after == [f"teacher-{PAIR_ARCHS[pair][0]}"]
+    select_step = driver(v2, "select")
+    assert select_step.after == [d.name for d in selection] and select_step.dependency == "afterok"
+    [manifest] = select_step.files.values()
+    assert json.loads(manifest) == {p: {g: [str(j.run_dir) for j in driver(v2, f"selection-{g}-{p}").jobs]
+                                        for g in GRIDS} for p in V2_PAIRS}
+
+
+def test_v2_finals_run_the_selected_cells_over_five_seeds(v2):
+    finals = v2.stage_drivers("finals")
+    assert len(finals) == 9 and sum(len(d.jobs) for d in finals) == 8 * 5 + 2 * 5
+    assert sorted((j.cfg.model.arch, j.cfg.seed) for j in driver(v2, "baselines").jobs) == \
+        [(arch, seed) for arch in ("resnet18", "resnet34") for seed in range(5)]
+    for pair in V2_PAIRS:
+        final = driver(v2, f"final-logit-{pair}")
+        assert "select" in final.after and final.lines[0].startswith("cell=$(") and final.lines[-1].endswith(" $cell")
+        assert {(j.cfg.method.alpha, j.cfg.method.T) for j in final.jobs} == {(0.7, 2)}
+        assert sorted(j.cfg.seed for j in final.jobs) == [0, 1, 2, 3, 4]
+        # seed 0 of the selected cell is its selection run: the same dir, not a second run
+        seed0 = next(j.run_dir for j in final.jobs if j.cfg.seed == 0)
+        assert seed0 in {j.run_dir for j in driver(v2, f"selection-logit-{pair}").jobs}
+    text = study.describe(v2, study.decide(v2, {}, set()))
+    assert "stage 2/5 selection: 8 drivers, 48 training runs" in text and "stage 4/5 finals: 9 drivers" in text
+    assert "total: 99 distinct training runs" in text  # 9 teachers + 48 + 40 + 10 - 8 reused seed-0 finals
+
+
+def test_v2_finals_driver_multirun_writes_exactly_the_planned_run_dirs(v2):
+    final = driver(v2, "final-feature-r50_to_r34")
+    proc = subprocess.run(["bash", "-c", "\n".join(["set -eo pipefail", *final.lines])], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multirun summary: 5 dry_run" in proc.stdout
+    written = {p.parent.parent for p in v2.experiment_dir.rglob(".hydra/overrides.yaml")}
+    assert written == {j.run_dir for j in final.jobs}
+    assert all(OmegaConf.load(d / ".hydra/config.yaml").method.alpha == 0.3 for d in written)
+
+
+def test_v2_finals_are_redone_after_a_new_selection(v2):
+    final = driver(v2, "final-logit-r34_to_r18")
+    for job in final.jobs:
+        complete(job)
+    decisions = study.decide(v2, {}, set())
+    assert decisions["select"].action == "submit"  # its selection runs are not all complete
+    assert final.done() and decisions[final.name].action == "submit"
+
+
+@pytest.fixture
+def quickstart(tmp_path) -> Plan:
+    return make_plan("quickstart", "slurm_local", tmp_path)
+
+
+def complete(job, status: str = "completed") -> None:
+    write_result(job.run_dir, {"status": status})
+
+
+def actions(plan: Plan, previous: dict | None = None, queued: set | None = None) -> dict[str, str]:
+    return {n: d.action for n, d in study.decide(plan, previous or {}, queued or set()).items()}
+
+
+def test_rerun_skips_complete_drivers_and_notes_failed_runs(quickstart):
+    assert set(actions(quickstart).values()) == {"submit"}
+    for name in ("teacher-resnet18", "baselines"):
+        for job in driver(quickstart, name).jobs:
+            complete(job)
+    first, *rest = driver(quickstart, "logit-quickstart").jobs
+    complete(first, "failed")
+    decisions = study.decide(quickstart, {}, set())
+    assert {n: d.action for n, d in decisions.items()} == {
+        "teacher-resnet18": "skip", "baselines": "skip", "logit-quickstart": "submit", "analysis": "submit"}
+    assert decisions["teacher-resnet18"].why == "all 1 run completed"
+    assert "1 failed (skipped unless retry_failed=true)" in decisions["logit-quickstart"].why
+    for job in [first, *rest]:
+        complete(job)
+    assert actions(quickstart)["analysis"] == "submit"  # no report yet
+    (quickstart.experiment_dir / "report").mkdir()
+    (quickstart.experiment_dir / "report" / "report.html").write_text("")
+    assert set(actions(quickstart).values()) == {"skip"}
+
+
+def test_rerun_keeps_queued_drivers_unless_what_they_wait_for_is_resubmitted(quickstart):
+    previous = {"teacher-resnet18": "11", "logit-quickstart": "12", "baselines": "13", "analysis": "14"}
+    assert set(actions(quickstart, previous, {"11", "12", "13", "14"}).values()) == {"keep"}
+    decisions = study.decide(quickstart, previous, {"12", "14"})  # the teacher's driver ended (and failed)
+    assert decisions["teacher-resnet18"].action == "submit" and decisions["baselines"].action == "submit"
+    assert (decisions["logit-quickstart"].action, decisions["logit-quickstart"].stale) == ("submit", "12")
+    assert (decisions["analysis"].action, decisions["analysis"].stale) == ("submit", "14")
+
+
+def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    assert study.main(["--cluster", "slurm_local", "--protocol", "quickstart", "--dry-run",
+                       "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1/3 teachers" in out and "GPU-hours" in out and "-> SUBMIT" in out
+    assert not any(tmp_path.iterdir())
+
+
+def selection_run(root: Path, name: str, method: dict, val: float, status: str = "completed") -> str:
+    run_dir = root / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    overrides = ["seed=0", *(f"method.{k}={v}" for k, v in method.items()), "pair=r34_to_r18"]
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"seed": 0, "method": method}), run_dir / ".hydra" / "config.yaml")
+    write_result(run_dir, {"status": status, "best_val_acc": val if status == "completed" else None})
+    return str(run_dir)
+
+
+def test_select_keeps_the_best_cell_and_the_first_of_ties(tmp_path, capsys):
+    logit = [selection_run(tmp_path, "a", {"alpha": 0.7, "T": 2}, 0.90),
+             selection_run(tmp_path, "b", {"alpha": 0.5, "T": 2}, 0.92),
+             selection_run(tmp_path, "c", {"alpha": 0.3, "T": 4}, 0.92)]  # ties b; first in (alpha, T) order
+    feature = [selection_run(tmp_path, "d", {"alpha": 0.3}, 0.5), selection_run(tmp_path, "e", {"alpha": 0.7}, 0.6)]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"r34_to_r18": {"logit": logit, "feature": feature}}))
+    out = tmp_path / "selected.json"
+    assert select.main(["pick", str(manifest), "--out", str(out)]) == 0
+    chosen = json.loads(out.read_text())["selected"]["r34_to_r18"]
+    assert chosen["logit"]["overrides"] == ["method.alpha=0.3", "method.T=4"] and chosen["logit"]["candidates"] == 3
+    assert chosen["feature"]["overrides"] == ["method.alpha=0.7"]
+    capsys.readouterr()
+    assert select.main(["cell", str(out), "r34_to_r18", "logit"]) == 0
+    assert capsys.readouterr().out == "method.alpha=0.3 method.T=4\n"
+
+
+def test_select_refuses_an_incomplete_grid(tmp_path, capsys):
+    runs_ = [selection_run(tmp_path, "a", {"alpha": 0.3}, 0.5), selection_run(tmp_path, "b", {"alpha": 0.7}, 0, "failed")]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"r34_to_r18": {"feature": runs_}}))
+    assert select.main(["pick", str(manifest), "--out", str(tmp_path / "selected.json")]) == 1
+    assert f"{runs_[1]}: failed" in capsys.readouterr().err
+    assert not (tmp_path / "selected.json").exists()

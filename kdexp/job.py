@@ -25,7 +25,7 @@ from kdexp.execution import Execution
 from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
 from kdexp.models import build_model, count_parameters
 from kdexp.records import read_result, write_result
-from kdexp.teachers import TeacherError, export_teacher, load_teacher, resolve_teacher_path
+from kdexp.teachers import export_teacher, load_teacher, resolve_teacher_path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
         loop = _build(cfg, method, run_dir)
         loop.resume()
         state = loop.fit()
-        result = _result(cfg, loop, state, started)
+        result = _result(cfg, method, loop, state, started)
         if cfg.export_teacher:
             path = resolve_teacher_export_path(cfg)
             export_teacher(loop.student, path, cfg.seed, cfg.data, state.history[-1]["test_acc"], str(run_dir))
@@ -58,8 +58,9 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
         return "completed"
     except Exception as err:
         epoch = err.epoch if isinstance(err, NonFiniteLossError) else (loop.state.epoch + 1 if loop else None)
-        write_result(run_dir, {**_identity(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}",
-                               "failed_epoch": epoch, "wall_seconds": time.time() - started, **_provenance()})
+        write_result(run_dir, {**_identity(cfg, method), "status": "failed",
+                               "error": f"{type(err).__name__}: {err}", "failed_epoch": epoch,
+                               "wall_seconds": time.time() - started, **_provenance()})
         raise
 
 
@@ -145,12 +146,11 @@ def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, te
                 teacher_logits=teacher_logits)
 
 
-def _identity(cfg: DictConfig) -> dict:
-    method_name = validate(cfg).name
-    return {"kind": run_role(cfg), "method": method_name, "epochs": cfg.trainer.epochs}
+def _identity(cfg: DictConfig, method) -> dict:
+    return {"kind": run_role(cfg), "method": method.name, "epochs": cfg.trainer.epochs}
 
 
-def _result(cfg: DictConfig, loop: Loop, state, started: float) -> dict:
+def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
     history = state.history
     selected = state.best_val or state.last_eval
     fid = None
@@ -159,7 +159,7 @@ def _result(cfg: DictConfig, loop: Loop, state, started: float) -> dict:
         fid["teacher_test_acc"] = accuracy(loop.teacher_test_logits, loop.test.labels)
     method_norms = [r["proj_grad_norm_max"] for r in history if r["proj_grad_norm_max"] is not None]
     return {
-        **_identity(cfg), "status": "completed", "error": None, "failed_epoch": None,
+        **_identity(cfg, method), "status": "completed", "error": None, "failed_epoch": None,
         "epochs_completed": state.epoch,
         "best_val_acc": state.best_val["val_acc"] if state.best_val else None,
         "best_val_epoch": state.best_val["epoch"] if state.best_val else None,
@@ -174,10 +174,15 @@ def _result(cfg: DictConfig, loop: Loop, state, started: float) -> dict:
         "clip_fraction": sum(r["clip_fraction"] for r in history) / len(history),
         "params": {"student": count_parameters(loop.student), "method": count_parameters(loop.method),
                    "teacher": count_parameters(loop.teacher) if loop.teacher is not None else None},
-        "wall_seconds": time.time() - started,
+        "wall_seconds": time.time() - started,  # this process only (a resumed run started later)
+        "train_seconds": sum(r["epoch_seconds"] for r in history),  # every epoch, across resumes
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
-        "device": str(next(loop.student.parameters()).device), **_provenance(),
+        "device": _device_name(next(loop.student.parameters()).device), **_provenance(),
     }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _provenance() -> dict:
@@ -193,5 +198,3 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-
-__all__ = ["run", "ConfigError", "TeacherError"]

@@ -147,3 +147,16 @@ def test_missing_teacher_fails_without_training(tmp_path, fake_root):
     result = read_result(next(tmp_path.rglob("result.json")).parent)
     assert result["status"] == "failed" and "TeacherError" in result["error"]
     assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
+def test_analysis_turns_real_runs_into_the_key_results_table(method_runs, teacher_run, tmp_path):
+    roots = sorted({str(next(q for q in p.parents if q.name == "quickstart")) for p in method_runs.values()})
+    proc = subprocess.run([sys.executable, "-m", "analysis", *roots, str(teacher_run), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    key = (tmp_path / "key_results.md").read_text()
+    for name in ("none", "logit", "feature"):
+        assert f"| {name} " in key or f"| {name}  " in key, key
+    results = {name: read_result(d) for name, d in method_runs.items()}
+    assert f"{100 * results['logit']['test_acc_at_best_val']:.2f}" in key  # one seed: the value itself
+    assert (tmp_path / "report.html").stat().st_size > 10_000

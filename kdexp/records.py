@@ -17,6 +17,8 @@ from typing import Any, Iterable
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 SCHEMA_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -25,6 +27,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results and teachers are shared files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

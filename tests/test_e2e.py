@@ -160,3 +160,14 @@ def test_analysis_turns_real_runs_into_the_key_results_table(method_runs, teache
     results = {name: read_result(d) for name, d in method_runs.items()}
     assert f"{100 * results['logit']['test_acc_at_best_val']:.2f}" in key  # one seed: the value itself
     assert (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def test_corrupt_last_checkpoint_is_a_clear_failure(tmp_path, fake_root):
+    args = (*TINY, f"data.root={fake_root}", f"paths.output_dir={tmp_path}", "experiment=baseline", "dry_run=true")
+    assert run_train(*args).returncode == 0  # creates the run dir
+    run_dir = next(tmp_path.rglob(".hydra")).parent
+    (run_dir / "last.pt").write_bytes(b"not a checkpoint")
+    proc = run_train(*args[:-1])
+    assert proc.returncode != 0
+    assert f"cannot read checkpoint {run_dir / 'last.pt'}" in proc.stderr and "delete it" in proc.stderr
+    assert read_result(run_dir)["status"] == "failed"

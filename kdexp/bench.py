@@ -16,7 +16,6 @@ included). The cache's one-off build and the study's GPU-hours follow from the m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -157,9 +156,10 @@ class Bench:
         for name in self.args.cases.split(","):
             case = CASES[name]
             variants = ["reference", "fast"] + (["fast_cached"] if case.method == "logit" else [])
-            for variant in variants:
+            reference = None
+            for variant in variants:  # "reference" first: every ratio is against it
                 row = {"case": name, "variant": variant, **self.measure(case, variant)}
-                reference = row if variant == "reference" else reference
+                reference = reference or row
                 row["speedup"] = reference["s_per_epoch"] / row["s_per_epoch"]
                 rows.append(row)
                 print(f"{name:16s} {variant:12s} {row['s_per_epoch']:9.2f} s/epoch {row['images_per_s']:9.0f} img/s "

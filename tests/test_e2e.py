@@ -66,9 +66,11 @@ def test_result_and_metrics_carry_every_field(method_runs, name):
     result = read_result(run_dir)
     for key in ["best_val_acc", "best_val_epoch", "test_acc_at_best_val", "test_acc_final", "best_test_acc",
                 "per_class_test_acc", "params", "wall_seconds", "torch", "device", "git_commit", "kind",
-                "grad_norm_max", "clip_fraction", "images_per_s"]:
+                "grad_norm_max", "clip_fraction", "images_per_s", "train_seconds"]:
         assert key in result, key
     assert len(result["per_class_test_acc"]) == 10
+    assert result["execution"] == {"precision": "fp32", "channels_last": False, "fused": False, "compile": False,
+                                   "teacher_cache": False}  # the CPU runs the reference loop
     best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
     assert (result["best_val_epoch"], result["test_acc_at_best_val"]) == (best["epoch"], best["test_acc"])
     assert result["test_acc_final"] == rows[-1]["test_acc"]

@@ -22,12 +22,28 @@ class KDResNet(ResNet):
     """torchvision's ResNet with a configurable base width and stem; forward can expose stages."""
 
     def __init__(self, arch: str, num_classes: int = 10, stem: str = "cifar", width: int = 64):
+        # torchvision's __init__ hard-codes 64 channels, so the trunk is built here with its
+        # `_make_layer` and its init; width 64 gives torchvision's network, parameter for parameter.
+        nn.Module.__init__(self)
         block, layers = ARCHS[arch]
-        # torchvision hard-codes 64 channels; build at width 64 when asked so parameters and init
-        # are exactly torchvision's, else rebuild the trunk at the requested width.
-        super().__init__(block, layers, num_classes=num_classes)
-        if width != 64:
-            self._rebuild(block, layers, num_classes, width)
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
         if stem == "cifar":
             # The study replaces conv1 after construction, so it keeps PyTorch's default Conv2d
             # init (not torchvision's kaiming-normal); we do the same on purpose.
@@ -35,22 +51,6 @@ class KDResNet(ResNet):
             self.maxpool = nn.Identity()
         self.arch, self.stem, self.width = arch, stem, width
         self.stage_channels = [width * m * block.expansion for m in (1, 2, 4, 8)]
-
-    def _rebuild(self, block: type[nn.Module], layers: list[int], num_classes: int, width: int) -> None:
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
-        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
-        for m in self.modules():  # torchvision's init, applied to the rebuilt trunk
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
 
     def forward(self, x: torch.Tensor, with_features: bool = False):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

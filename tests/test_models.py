@@ -44,3 +44,15 @@ def test_imagenet_stem_downsamples_four_times():
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'resnet19'"):
         build_model("resnet19")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_width_64_imagenet_stem_is_torchvisions_network(arch):
+    """Our trunk is built by hand (for the width knob): it must be torchvision's, weight for weight."""
+    import torchvision
+
+    ours, theirs = build_model(arch, stem="imagenet").eval(), getattr(torchvision.models, arch)(num_classes=10).eval()
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    ours.load_state_dict(theirs.state_dict())  # strict: same names, shapes and buffers
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)

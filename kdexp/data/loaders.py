@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -105,7 +106,6 @@ class _PILDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        from PIL import Image
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 

@@ -129,6 +129,9 @@ def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, te
                device: torch.device, run_dir: Path, teacher_logits: torch.Tensor | None = None) -> Loop:
     """The loop from data and teacher in memory (shared with kdexp.bench)."""
     d = cfg.data
+    # The student's initial weights depend on the seed alone (not on whether a teacher was built
+    # first), so seed i of a KD run and of its baseline start alike: the seed-paired comparison.
+    torch.manual_seed(cfg.seed)
     student = execution.prepare(build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem,
                                             cfg.model.width).to(device))
     method.bind(student, teacher)

@@ -173,3 +173,30 @@ def test_corrupt_last_checkpoint_is_a_clear_failure(tmp_path, fake_root):
     assert proc.returncode != 0
     assert f"cannot read checkpoint {run_dir / 'last.pt'}" in proc.stderr and "delete it" in proc.stderr
     assert read_result(run_dir)["status"] == "failed"
+
+
+def test_kd_student_starts_from_its_baselines_weights(tmp_path, fake_root):
+    """Seed i of a distilled student and of its baseline share initial weights (and, by
+    construction, data order: tests/test_data.py), which the seed-paired comparison relies on."""
+    import torch
+
+    from helpers import compose_cfg
+    from kdexp.config import validate
+    from kdexp.data import load_splits
+    from kdexp.execution import Execution
+    from kdexp.job import build_loop
+    from kdexp.models import build_model
+    from kdexp.teachers import FrozenTeacher
+
+    splits = load_splits(fake_root, 200, 1234, verify_md5=False)
+    cpu = torch.device("cpu")
+    initial = {}
+    for name, overrides in {"baseline": ("experiment=baseline",),
+                            "logit": ("method=logit", "teacher=resnet18", "teacher.width=8")}.items():
+        cfg = compose_cfg(*TINY, f"data.root={fake_root}", *overrides)
+        method = validate(cfg)
+        torch.manual_seed(cfg.seed)
+        teacher = FrozenTeacher(build_model("resnet18", width=8)) if method.needs_teacher else None
+        loop = build_loop(cfg, method, Execution(), splits, teacher, cpu, tmp_path / name)
+        initial[name] = loop.student.state_dict()
+    assert all(torch.equal(initial["baseline"][k], initial["logit"][k]) for k in initial["baseline"])

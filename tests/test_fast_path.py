@@ -239,4 +239,6 @@ def test_resume_with_another_layout_continues_the_same_run(tmp_path, splits, tea
     assert resumed.resume()
     again = _numbers(resumed.fit().history)
     for key, value in straight[1].items():
-        assert again[1][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
+        # rel 1e-5, plus abs 1e-6 for near-zero values (a KL of ~7e-4 moves in its 5th digit with the layout)
+        expected = pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value
+        assert again[1][key] == expected, key

@@ -12,10 +12,11 @@ from helpers import REPO, TINY, run_train, student_args
 from kdexp.records import read_metrics, read_result
 
 TIMING = {"epoch_seconds", "images_per_s"}
+# Width 8: a width-4 Feature-KD student barely moves in 3 epochs (measured: 22% vs 45% at width 8).
 METHODS = {
-    "ce": ("experiment=baseline",),
-    "logit": ("method=logit", "method.alpha=0.5", "method.T=4"),
-    "feature": ("method=feature", "method.alpha=0.5"),
+    "ce": ("experiment=baseline", "model.width=8"),
+    "logit": ("method=logit", "method.alpha=0.5", "method.T=4", "model.width=8"),
+    "feature": ("method=feature", "method.alpha=0.5", "model.width=8"),
 }
 
 
@@ -48,8 +49,7 @@ def method_runs(tmp_path_factory, teacher_run, fake_root):
 def test_each_method_learns_above_chance(method_runs, name):
     result = read_result(method_runs[name])
     assert result["status"] == "completed" and result["method"] == name
-    # chance is 0.1 (+-0.013 on 500 test images): 0.2 is far above it for a width-4 net after 3 epochs
-    assert result["test_acc_final"] > 0.2 and result["best_val_acc"] > 0.2
+    assert result["test_acc_final"] > 0.25 and result["best_val_acc"] > 0.25  # chance is 0.1
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -121,9 +121,9 @@ def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slu
                        "the SLURM run's first checkpoint")
     job = slurm_job_id(run_dir)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before preempting
-    # submitit requeues the job; SLURM holds a requeued job ~120 s (BeginTime): release it now
+    # submitit requeues the job; SLURM holds a requeued job ~120 s (BeginTime): release it early
     wait_for(lambda: "PENDING" in squeue_state(job), f"job {job} requeued", 60)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    release_requeued(job)
     output, _ = driver.communicate(timeout=180)
     assert driver.returncode == 0, output[-3000:]
     assert "multirun summary: 1 completed" in output
@@ -139,3 +139,11 @@ def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slu
 
 def squeue_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+
+
+def release_requeued(job_id: str) -> None:
+    """Start a requeued job now instead of after SLURM's ~120 s hold, but not within the second of
+    the requeue: slurmd revokes the old attempt's credential with a whole-second timestamp and
+    refuses one issued in that same second ("Job credential revoked"), failing the job for good."""
+    time.sleep(2 - time.time() % 1)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)

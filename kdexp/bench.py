@@ -29,7 +29,7 @@ from kdexp import teacher_cache
 from kdexp.config import validate
 from kdexp.data import Splits
 from kdexp.execution import Execution
-from kdexp.job import build_loop, resolve_device, seed_everything
+from kdexp.job import build_loop, device_name, resolve_device, seed_everything
 from kdexp.models import build_model
 from kdexp.records import atomic_write_json
 from kdexp.teachers import FrozenTeacher
@@ -165,7 +165,7 @@ class Bench:
                 print(f"{name:16s} {variant:12s} {row['s_per_epoch']:9.2f} s/epoch {row['images_per_s']:9.0f} img/s "
                       f"x{row['speedup']:.2f}", flush=True)
         a = self.args
-        return {"device": _device_name(self.device), "torch": torch.__version__, "width": a.width,
+        return {"device": device_name(self.device), "torch": torch.__version__, "width": a.width,
                 "batch_size": a.batch_size, "steps": a.steps, "warmup": a.warmup, "images": len(self.splits.train_x),
                 "compile": self.compile, "results": rows, "cache_build": self.cache_build,
                 "study_gpu_hours": study_hours(rows, self.cache_build)}
@@ -175,10 +175,6 @@ def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     return images, torch.randint(0, 10, (n,), generator=g)
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def study_hours(rows: list[dict], cache_build: dict[str, dict]) -> dict:

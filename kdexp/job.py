@@ -180,7 +180,7 @@ def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
         "wall_seconds": time.time() - started,  # this process only (a resumed run started later)
         "train_seconds": sum(r["epoch_seconds"] for r in history),  # every epoch, across resumes
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
-        "device": _device_name(next(loop.student.parameters()).device),
+        "device": device_name(next(loop.student.parameters()).device),
         "execution": {"precision": loop.execution.precision, "channels_last": loop.execution.channels_last,
                       "fused": loop.execution.fused, "compile": loop.execution.compile,
                       "teacher_cache": loop.execution.teacher_cache},
@@ -188,7 +188,8 @@ def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
     }
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """What a result records as its device: the GPU's model name, so numbers name their hardware."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 

@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 import torch
-from helpers import TINY, run_train
 
+from helpers import TINY, run_train
 from kdexp import bench
 from kdexp.records import read_metrics, read_result
 

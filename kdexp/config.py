@@ -3,6 +3,7 @@ into one clear error (which key, what is wrong, what to do)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -11,6 +12,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdexp.models import ARCHS, STEMS
+from kdexp.records import kept_result
 
 
 class ConfigError(ValueError):
@@ -85,8 +87,16 @@ def register_configs() -> None:
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
-    if not OmegaConf.has_resolver("kdexp.run_label"):
-        OmegaConf.register_new_resolver("kdexp.run_label", run_label)
+    for name, resolver in (("kdexp.run_label", run_label), ("kdexp.metadata_dir", hydra_metadata_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def hydra_metadata_dir(run_dir: str, retry_failed: bool) -> str | None:
+    """`hydra.output_subdir`: `.hydra`, or None (Hydra then writes nothing) when this start will
+    skip a finished run, so `.hydra/config.yaml` stays the config that made its result: a grid
+    resubmitted with, say, another trainer.device, or v2's seed-0 final (its selection run)."""
+    return None if kept_result(Path(run_dir), retry_failed) else ".hydra"
 
 
 def run_role(cfg: DictConfig) -> str:

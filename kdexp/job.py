@@ -24,7 +24,7 @@ from kdexp.evaluation import accuracy, predict
 from kdexp.execution import Execution
 from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
 from kdexp.models import build_model, count_parameters
-from kdexp.records import read_result, write_result
+from kdexp.records import kept_result, write_result
 from kdexp.teachers import export_teacher, load_teacher, resolve_teacher_path
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
     Bad config raises ConfigError before anything is written; any later failure is recorded in
     result.json as status=failed and re-raised."""
     method = validate(cfg)
-    previous = _previous_result(run_dir)
-    if previous is not None and (previous["status"] == "completed" or not cfg.retry_failed):
+    previous = kept_result(run_dir, cfg.retry_failed)
+    if previous is not None:
         hint = "" if previous["status"] == "completed" else " (pass retry_failed=true to run it again)"
         log.info("skipping %s: result.json says %s%s", run_dir, previous["status"], hint)
         return "skipped"
@@ -62,14 +62,6 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
                                "error": f"{type(err).__name__}: {err}", "failed_epoch": epoch,
                                "wall_seconds": time.time() - started, **_provenance()})
         raise
-
-
-def _previous_result(run_dir: Path) -> dict | None:
-    try:
-        return read_result(run_dir)
-    except ValueError:  # a corrupt result.json is no result: the run is redone
-        log.warning("ignoring corrupt %s/result.json", run_dir)
-        return None
 
 
 def resolve_teacher_export_path(cfg: DictConfig) -> Path:

@@ -1,6 +1,7 @@
 """The files a run leaves behind, and the only code that writes them.
 
-A run dir holds `.hydra/` (written by Hydra), `metrics.jsonl` (one JSON object per evaluated
+A run dir holds `.hydra/` (written by Hydra when the run starts, but not by a start that skips
+a finished run: see `hydra_metadata_dir`), `metrics.jsonl` (one JSON object per evaluated
 epoch, rewritten atomically from the checkpoint's history on resume), `result.json` (written
 once, atomically, when the run ends: `status` is "completed" or "failed") and `last.pt`.
 Accuracies are fractions in [0, 1], as in the study's own files; tables turn them into percent.
@@ -8,6 +9,7 @@ Accuracies are fractions in [0, 1], as in the study's own files; tables turn the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -17,6 +19,7 @@ from typing import Any, Iterable
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
@@ -79,3 +82,16 @@ def read_result(run_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
+
+
+def kept_result(run_dir: Path, retry_failed: bool) -> dict | None:
+    """The result a new start of this run keeps, so it does not train: a completed one, or a failed
+    one unless retrying. A corrupt result.json is no result: the run is redone."""
+    try:
+        result = read_result(run_dir)
+    except ValueError:
+        log.warning("ignoring corrupt %s/%s", run_dir, RESULT_FILE)
+        return None
+    if result is None or (result["status"] == "failed" and retry_failed):
+        return None
+    return result

@@ -92,13 +92,17 @@ def test_same_seed_gives_identical_metrics(method_runs, tmp_path, teacher_run, f
 
 
 def test_a_completed_run_is_skipped_not_retrained(method_runs, teacher_run, fake_root):
+    """Resubmitted with a setting that is not part of the run dir's name (here trainer.progress),
+    the run is skipped and keeps the result and the .hydra/ config that made it."""
     run_dir = method_runs["logit"]
     out = next(p for p in run_dir.parents if p.name == "quickstart").parent
-    before = (run_dir / "result.json").read_bytes()
-    proc = run_train(*student_args(out, fake_root, *METHODS["logit"]), f"paths.teachers_dir={teacher_run}/teachers")
+    kept = ["result.json", *(f".hydra/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml"))]
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    proc = run_train(*student_args(out, fake_root, *METHODS["logit"]), f"paths.teachers_dir={teacher_run}/teachers",
+                     "trainer.progress=true")
     assert proc.returncode == 0
     assert "skipping" in proc.stdout + proc.stderr and "result.json says completed" in proc.stdout + proc.stderr
-    assert (run_dir / "result.json").read_bytes() == before
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
 
 
 def test_killed_run_resumes_to_identical_metrics(tmp_path, teacher_run, fake_root):

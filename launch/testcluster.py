@@ -34,6 +34,7 @@ CLUSTER_NAME = "kdexp"
 PARTITION = "a100"
 GPU_TYPE = "a100"
 GPUS = 4
+SHARDS_PER_GPU = 4  # gres/shard: jobs of hydra/launcher=slurm_local_shared share a GPU
 PACKAGES = "slurm-wlm munge slurmdbd mariadb-server"
 APT_COMMAND = f"apt-get update && apt-get install -y --no-install-recommends {PACKAGES}"
 INSTALL_HINT = f"run `launch/install_slurm.sh` as root (it runs: {APT_COMMAND})"
@@ -184,9 +185,9 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort={ports["slurmdbd"]}
 # slurmctld ignores AuthInfo towards slurmdbd; without this it dies with "no TRES"
 AccountingStoragePass={sock}
-AccountingStorageTRES=gres/gpu
-GresTypes=gpu
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_mem_mb()} Gres=gpu:{GPU_TYPE}:{GPUS} State=UNKNOWN
+AccountingStorageTRES=gres/gpu,gres/shard
+GresTypes=gpu,shard
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_mem_mb()} Gres=gpu:{GPU_TYPE}:{GPUS},shard:{GPUS * SHARDS_PER_GPU} State=UNKNOWN
 PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -221,7 +222,8 @@ def _write_files(d: Path, node: str, cpus: int, ports: dict[str, int]) -> Path:
     for i in range(GPUS):
         (d / f"dev/gpu{i}").symlink_to("/dev/null")
     (d / "etc/gres.conf").write_text(
-        f"NodeName={node} Name=gpu Type={GPU_TYPE} File={d}/dev/gpu[0-{GPUS - 1}]\n")
+        f"NodeName={node} Name=gpu Type={GPU_TYPE} File={d}/dev/gpu[0-{GPUS - 1}]\n"
+        f"NodeName={node} Name=shard Count={GPUS * SHARDS_PER_GPU} File={d}/dev/gpu[0-{GPUS - 1}]\n")
     conf = d / "etc/slurm.conf"
     conf.write_text(_slurm_conf(d, node, cpus, ports))
     dbd = d / "etc/slurmdbd.conf"

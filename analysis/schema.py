@@ -20,7 +20,7 @@ COLUMNS = [
     "epochs_completed", "best_val_acc", "best_val_epoch", "test_at_best_val", "test_final",
     "best_test", "best_test_epoch", "agreement", "kl_t1", "kl_t4", "teacher_test_acc",
     "grad_norm_max", "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction",
-    "wall_seconds", "images_per_s", "params_student", "params_method", "params_teacher",
+    "wall_seconds", "train_seconds", "images_per_s", "device", "precision", "params_student", "params_method", "params_teacher",
     "error", "failed_epoch", "kdexp_version", "git_commit", "finished_at",
     # provenance of the configuration itself
     "config_hash", "config",
@@ -31,7 +31,7 @@ INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "seed", "epochs", "val_
 FLOAT_COLUMNS = ["alpha", "T", "beta", "clip_norm", "best_val_acc", "test_at_best_val", "test_final",
                  "best_test", "agreement", "kl_t1", "kl_t4", "teacher_test_acc", "grad_norm_max",
                  "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction", "wall_seconds",
-                 "images_per_s", "finished_at"]
+                 "train_seconds", "images_per_s", "finished_at"]
 
 
 def coerce_types(row: dict[str, Any]) -> dict[str, Any]:

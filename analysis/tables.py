@@ -384,6 +384,47 @@ def fidelity(exp: Experiment) -> Table | None:
                                      "KL(teacher ‖ student) at T=1 and T=4 (nats, not %)."])
 
 
+def compute(exp: Experiment) -> Table | None:
+    """What the runs cost, per configuration and in all: device, precision, s/epoch, hours."""
+    cells = [c for c in exp.cells if c.values("train_seconds")[0]]
+    if not cells:
+        return None
+    rows = [[str(c["kind"])] + _identity(c) + [str(len(c.runs)), _distinct(c, "device"), _distinct(c, "precision"),
+                                               _per_epoch_text(c), _mean_text(c, "images_per_s"),
+                                               _hours(c.runs)] for c in cells]
+    every_run = [r for c in cells for r in c.runs]
+    rows.append(["Total", *[""] * len(IDENTITY_HEADERS), str(len(every_run)), "", "", "", "", _hours(every_run)])
+    return Table("compute", f"Compute: {exp.name}",
+                 ["Kind"] + IDENTITY_HEADERS + ["Runs", "Device", "Precision", "Train s/epoch", "Images/s",
+                                                "Train hours"], rows,
+                 _rule_notes(exp) + ["Train s/epoch: each run's training time (result.json train_seconds: the training steps of "
+                  "every epoch, across resumes; evaluation excluded) over its epochs, mean ± sample std over "
+                  "runs. Images/s: mean over runs. Train hours: the sum over runs. Device and precision: as "
+                  "each run's result.json records them."])
+
+
+def _distinct(cell: Cell, column: str) -> str:
+    return ", ".join(sorted({str(r[column]) for r in cell.runs if r.get(column)})) or DASH
+
+
+def _per_epoch_text(cell: Cell) -> str:
+    values = [r["train_seconds"] / r["epochs_completed"] for r in cell.runs
+              if r.get("train_seconds") is not None and r.get("epochs_completed")]
+    if not values:
+        return DASH
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _mean_text(cell: Cell, column: str) -> str:
+    values = cell.values(column)[0]
+    return f"{mean_std(values)[0]:.0f}" if values else DASH
+
+
+def _hours(runs: list[dict[str, Any]]) -> str:
+    return f"{sum(r['train_seconds'] or 0 for r in runs) / 3600:.3f}"
+
+
 def _max_text(cell: Cell, column: str) -> str:
     values = cell.values(column)[0]
     return f"{max(values):.2f}" if values else DASH
@@ -433,5 +474,5 @@ def experiment_tables(exp: Experiment, all_runs: list[dict[str, Any]]) -> list[T
     tables += [t for t in optional if t is not None]
     tables += grids(exp)
     ablations = [temperature_sweep(exp), stem_ablation(exp),
-                 clip_ablation(exp), fidelity(exp)]
+                 clip_ablation(exp), fidelity(exp), compute(exp)]
     return tables + [t for t in ablations if t is not None]

@@ -48,7 +48,8 @@ class RunTree:
               data: str = "cifar10", path: str | None = None, sweep: dict | None = None,
               overrides: list[str] | None = None, extra_config: dict | None = None,
               fidelity: dict | None = None, grad_norm_max: float = 3.0, proj_grad_norm_max: float | None = None,
-              clip_fraction: float = 0.5, history: list[dict] | None = None) -> Path:
+              clip_fraction: float = 0.5, history: list[dict] | None = None,
+              train_seconds: float | None = None) -> Path:
         """A kdexp run dir: `acc` is test@best-val (or the final test acc without a val split)."""
         kind = kind or ("student" if teacher else "baseline")
         final = acc if final is None else final
@@ -113,7 +114,10 @@ class RunTree:
             "grad_norm_max": grad_norm_max, "proj_grad_norm_max": proj_grad_norm_max,
             "clip_fraction": clip_fraction,
             "params": {"student": 11_173_962, "method": 0, "teacher": 21_282_122 if teacher else None},
-            "wall_seconds": 12.5, "images_per_s": 1000.0, "device": "cpu", "torch": "2.14.1", "cuda": None,
+            "wall_seconds": 12.5, "train_seconds": train_seconds if train_seconds is not None else float(epochs),
+            "images_per_s": 1000.0, "device": "cpu",
+            "execution": {"precision": "fp32", "channels_last": False, "fused": False, "compile": False,
+                          "teacher_cache": False}, "torch": "2.14.1", "cuda": None,
             "python": "3.11", "kdexp_version": "0.1.0", "git_commit": "abc123", "hostname": "node1",
         }
         write_result(run_dir, result)

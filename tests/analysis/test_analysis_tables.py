@@ -253,3 +253,16 @@ def test_fidelity_table(tree):
     tab = table(analyse(collect(tree.root)), "exp", "fidelity")
     assert tab.rows == [["resnet50", "resnet18", "logit", "0.5", "4", "cifar", "2 [0, 1]", "95.35 ± 0.07",
                          "0.2450 ± 0.0071", "0.0300 ± 0.0000", "95.36 ± 0.00"]]
+
+
+def test_compute_table_sums_training_time_per_configuration_and_in_all(tree):
+    for seed, seconds in enumerate((360.0, 420.0)):  # 4 epochs each: 90 and 105 s per epoch
+        tree.kdexp(acc=0.95, seed=seed, teacher="resnet50", method="logit", train_seconds=seconds)
+    tree.kdexp(acc=0.94, train_seconds=7200.0)
+    tab = table(analyse(collect(tree.root)), "exp", "compute")
+    assert row_of(tab, "student", "resnet50") == {
+        "Kind": "student", "Teacher": "resnet50", "Student": "resnet18", "KD": "logit", "alpha": "0.5", "T": "4",
+        "Stem": "cifar", "Runs": "2", "Device": "cpu", "Precision": "fp32", "Train s/epoch": "97.50 ± 10.61",
+        "Images/s": "1000", "Train hours": "0.217"}
+    assert row_of(tab, "baseline")["Train s/epoch"] == "1800.00"
+    assert row_of(tab, "Total")["Runs"] == "3" and row_of(tab, "Total")["Train hours"] == f"{7980 / 3600:.3f}"

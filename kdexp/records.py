@@ -1,7 +1,7 @@
 """The files a run leaves behind, and the only code that writes them.
 
 A run dir holds `.hydra/` (written by Hydra when the run starts, but not by a start that skips
-a finished run: see `hydra_metadata_dir`), `metrics.jsonl` (one JSON object per evaluated
+a finished run: see `kdexp.config.hydra_metadata_dir`), `metrics.jsonl` (one JSON object per evaluated
 epoch, rewritten atomically from the checkpoint's history on resume), `result.json` (written
 once, atomically, when the run ends: `status` is "completed" or "failed") and `last.pt`.
 Accuracies are fractions in [0, 1], as in the study's own files; tables turn them into percent.

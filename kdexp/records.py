@@ -85,13 +85,14 @@ def read_result(run_dir: Path) -> dict | None:
 
 
 def kept_result(run_dir: Path, retry_failed: bool) -> dict | None:
-    """The result a new start of this run keeps, so it does not train: a completed one, or a failed
-    one unless retrying. A corrupt result.json is no result: the run is redone."""
+    """The result a new start of this run keeps, so it does not train: a completed one, or one that
+    failed while training unless retrying. A run that failed before its first epoch (no data, no
+    teacher yet: `failed_epoch` null) is redone, as is one with a corrupt result.json."""
     try:
         result = read_result(run_dir)
     except ValueError:
         log.warning("ignoring corrupt %s/%s", run_dir, RESULT_FILE)
         return None
-    if result is None or (result["status"] == "failed" and retry_failed):
+    if result is None or (result["status"] == "failed" and (retry_failed or result.get("failed_epoch") is None)):
         return None
     return result

@@ -29,7 +29,8 @@ Re-running submits only what is missing: a driver whose runs all have a complete
 (run dirs composed with Hydra's compose API, exactly as the multirun will) is skipped, one still
 queued from an earlier submission is kept, and the select / analysis steps rerun when anything
 upstream runs. A resubmitted multirun skips its completed runs and, unless retry_failed=true is
-among the overrides, its failed ones.
+among the overrides, those that failed while training (a run that failed before it, e.g. for want
+of its teacher, is redone).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _todo_note(d: Driver) -> str:
     counts = Counter(j.status() for j in d.jobs)
     notes = [f"{counts['completed']}/{len(d.jobs)} runs completed"] if counts["completed"] else []
     if counts["failed"]:
-        notes.append(f"{counts['failed']} failed (skipped unless retry_failed=true)")
+        notes.append(f"{counts['failed']} failed (if while training: skipped unless retry_failed=true)")
     return ", ".join(notes)
 
 

@@ -147,13 +147,18 @@ def test_nan_loss_fails_the_run_with_its_epoch_and_is_retried_only_when_asked(tm
     assert retried.returncode != 0 and "NonFiniteLossError" in retried.stderr
 
 
-def test_missing_teacher_fails_without_training(tmp_path, fake_root):
+def test_missing_teacher_fails_without_training_and_trains_once_it_exists(tmp_path, fake_root, teacher_run):
     proc = run_train(*student_args(tmp_path, fake_root, "method=logit"))
     assert proc.returncode != 0
     assert "teacher checkpoint not found" in proc.stderr and "experiment=teacher" in proc.stderr
-    result = read_result(next(tmp_path.rglob("result.json")).parent)
-    assert result["status"] == "failed" and "TeacherError" in result["error"]
+    run_dir = next(tmp_path.rglob("result.json")).parent
+    result = read_result(run_dir)
+    assert result["status"] == "failed" and "TeacherError" in result["error"] and result["failed_epoch"] is None
     assert not list(tmp_path.rglob("metrics.jsonl"))
+    # the same command once the teacher exists: redone without retry_failed (it never trained)
+    again = run_train(*student_args(tmp_path, fake_root, "method=logit"), f"paths.teachers_dir={teacher_run}/teachers")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_result(run_dir)["status"] == "completed"
 
 
 def test_analysis_turns_real_runs_into_the_key_results_table(method_runs, teacher_run, tmp_path):

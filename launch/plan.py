@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig
 
 from kdexp.job import resolve_teacher_export_path
-from kdexp.records import read_result
+from kdexp.records import kept_result, read_result
 from kdexp.teachers import resolve_teacher_path
 from launch.sweep import compose_job, expand, fixed, launcher_exists, run_dir
 
@@ -55,12 +55,14 @@ class Job:
         return self.cfg.trainer.epochs * seconds / 3600
 
     def status(self) -> str:
-        """completed | failed | missing (not run, still running or killed) | corrupt."""
+        """completed | failed (while training: skipped unless retry_failed) | missing (not run, still
+        running, killed, or failed before training: all of these the next submission runs) | corrupt."""
         try:
-            result = read_result(self.run_dir)
+            read_result(self.run_dir)
         except ValueError:
             return "corrupt"
-        return result["status"] if result else "missing"
+        kept = kept_result(self.run_dir, retry_failed=False)
+        return kept["status"] if kept else "missing"
 
 
 @dataclass

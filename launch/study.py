@@ -88,7 +88,7 @@ def _todo_note(d: Driver) -> str:
     counts = Counter(j.status() for j in d.jobs)
     notes = [f"{counts['completed']}/{len(d.jobs)} runs completed"] if counts["completed"] else []
     if counts["failed"]:
-        notes.append(f"{counts['failed']} failed (if while training: skipped unless retry_failed=true)")
+        notes.append(f"{counts['failed']} failed (skipped unless retry_failed=true)")
     return ", ".join(notes)
 
 

@@ -173,8 +173,8 @@ def quickstart(tmp_path) -> Plan:
     return make_plan("quickstart", "slurm_local", tmp_path)
 
 
-def complete(job, status: str = "completed") -> None:
-    write_result(job.run_dir, {"status": status})
+def complete(job, status: str = "completed", failed_epoch: int | None = 1) -> None:
+    write_result(job.run_dir, {"status": status, **({"failed_epoch": failed_epoch} if status == "failed" else {})})
 
 
 def actions(plan: Plan, previous: dict | None = None, queued: set | None = None) -> dict[str, str]:
@@ -186,14 +186,15 @@ def test_rerun_skips_complete_drivers_and_notes_failed_runs(quickstart):
     for name in ("teacher-resnet18", "baselines"):
         for job in driver(quickstart, name).jobs:
             complete(job)
-    first, *rest = driver(quickstart, "logit-quickstart").jobs
+    first, second, *rest = driver(quickstart, "logit-quickstart").jobs
     complete(first, "failed")
+    complete(second, "failed", failed_epoch=None)  # failed before training: simply run again
     decisions = study.decide(quickstart, {}, set())
     assert {n: d.action for n, d in decisions.items()} == {
         "teacher-resnet18": "skip", "baselines": "skip", "logit-quickstart": "submit", "analysis": "submit"}
     assert decisions["teacher-resnet18"].why == "all 1 run completed"
-    assert "1 failed (skipped unless retry_failed=true)" in decisions["logit-quickstart"].why
-    for job in [first, *rest]:
+    assert decisions["logit-quickstart"].why == "1 failed (skipped unless retry_failed=true)"
+    for job in [first, second, *rest]:
         complete(job)
     assert actions(quickstart)["analysis"] == "submit"  # no report yet
     (quickstart.experiment_dir / "report").mkdir()

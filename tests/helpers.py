@@ -18,6 +18,12 @@ register_configs()
 
 # Tiny but real: the quickstart protocol (generated data, CPU) with small widths.
 TINY = ("protocol=quickstart", "model.width=4", "trainer.progress=false")
+TIMING = {"epoch_seconds", "images_per_s"}  # the per-epoch fields that differ between identical runs
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Per-epoch metrics minus wall-clock fields: what two identical runs must agree on exactly."""
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 def compose_cfg(*overrides: str) -> DictConfig:

@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from helpers import REPO, TINY, run_train, student_args
+from helpers import REPO, TINY, run_train, student_args, without_timing
 from kdexp.records import read_metrics, read_result
 
-TIMING = {"epoch_seconds", "images_per_s"}
 # Width 8: a width-4 Feature-KD student barely moves in 3 epochs (measured: 22% vs 45% at width 8).
 METHODS = {
     "ce": ("experiment=baseline", "model.width=8"),
@@ -24,10 +23,6 @@ def _run_dir(out, proc):
     dirs = [p.parent for p in out.rglob("result.json")]
     assert len(dirs) == 1, (dirs, proc.stderr[-2000:])
     return dirs[0]
-
-
-def _numbers(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +83,7 @@ def test_same_seed_gives_identical_metrics(method_runs, tmp_path, teacher_run, f
     proc = run_train(*student_args(tmp_path, fake_root, *METHODS["feature"]), f"paths.teachers_dir={teacher_run}/teachers")
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = read_metrics(_run_dir(tmp_path, proc))
-    assert _numbers(again) == _numbers(read_metrics(method_runs["feature"]))
+    assert without_timing(again) == without_timing(read_metrics(method_runs["feature"]))
 
 
 def test_a_completed_run_is_skipped_not_retrained(method_runs, teacher_run, fake_root):
@@ -129,7 +124,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, teacher_run, fake_roo
                                        f"paths.teachers_dir={teacher_run}/teachers"))
     assert straight.returncode == 0
     reference = read_metrics(next((tmp_path / "b").rglob("metrics.jsonl")).parent)
-    assert _numbers(read_metrics(metrics.parent)) == _numbers(reference)
+    assert without_timing(read_metrics(metrics.parent)) == without_timing(reference)
     assert read_result(metrics.parent)["test_acc_final"] == reference[-1]["test_acc"]
 
 

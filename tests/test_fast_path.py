@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from helpers import compose_cfg
+from helpers import compose_cfg, without_timing
 from kdexp import bench, teacher_cache
 from kdexp.checkpoint import save
 from kdexp.config import ConfigError, validate
@@ -23,7 +23,6 @@ from kdexp.teachers import FrozenTeacher
 
 CPU = torch.device("cpu")
 FAST = ("trainer.amp=bf16", "trainer.channels_last=true", "trainer.fused=true")
-TIMING = {"epoch_seconds", "images_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +52,6 @@ def _loop(run_dir, splits, teacher, *overrides, method="logit", cache=None):
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     return build_loop(cfg, method, execution, splits, execution.prepare(copy.deepcopy(teacher)), CPU, run_dir,
                       cache if execution.teacher_cache else None)
-
-
-def _numbers(history):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
 def test_auto_settings_are_the_reference_on_cpu_and_fast_on_cuda():
@@ -150,7 +145,7 @@ def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, split
     live = _loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false")
     cached = _loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", cache=cache)
     assert cached.teacher_logits is not None and live.teacher_logits is None
-    a, b = _numbers(live.fit().history), _numbers(cached.fit().history)
+    a, b = without_timing(live.fit().history), without_timing(cached.fit().history)
     assert [r.keys() for r in a] == [r.keys() for r in b]
     for ra, rb in zip(a, b):
         for key, value in ra.items():
@@ -161,7 +156,7 @@ def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, split
 def test_fast_path_is_deterministic(tmp_path, splits, teacher, cache):
     runs = [_loop(tmp_path / str(i), splits, teacher, *FAST, "trainer.teacher_cache=true", cache=cache)
             for i in range(2)]
-    assert _numbers(runs[0].fit().history) == _numbers(runs[1].fit().history)
+    assert without_timing(runs[0].fit().history) == without_timing(runs[1].fit().history)
 
 
 def _stored_teacher(tmp_path, teacher):
@@ -231,13 +226,13 @@ def test_study_hours_count_every_run_of_the_study():
 def test_resume_with_another_layout_continues_the_same_run(tmp_path, splits, teacher, before, after):
     """A checkpoint written with(out) channels_last and fused SGD, resumed with the other layout (as
     when `auto` resolves differently on the next node), continues as the run would have (1e-5)."""
-    straight = _numbers(_loop(tmp_path / "a", splits, teacher, *before).fit().history)
+    straight = without_timing(_loop(tmp_path / "a", splits, teacher, *before).fit().history)
     first = _loop(tmp_path / "b", splits, teacher, *before)
     first.trainer.epochs = 1  # stop after epoch 1; the lr schedule was built for 2
     first.fit()
     resumed = _loop(tmp_path / "b", splits, teacher, *after)
     assert resumed.resume()
-    again = _numbers(resumed.fit().history)
+    again = without_timing(resumed.fit().history)
     for key, value in straight[1].items():
         # rel 1e-5, plus abs 1e-6 for near-zero values (a KL of ~7e-4 moves in its 5th digit with the layout)
         expected = pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value

@@ -9,14 +9,13 @@ import statistics
 import pytest
 import torch
 
-from helpers import TINY, run_train
+from helpers import TINY, run_train, without_timing
 from kdexp import bench
 from kdexp.records import read_metrics, read_result
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU here: these tests check the fast GPU path on a GPU")]
 
-TIMING = {"epoch_seconds", "images_per_s"}
 GPU = (*TINY, "trainer.device=cuda", "model.width=16")
 REFERENCE = ("data.loader=torch", "trainer.amp=none", "trainer.channels_last=false", "trainer.fused=false")
 SEEDS = (0, 1, 2)
@@ -38,10 +37,6 @@ def _train(out, fake_root, *extra) -> dict:
     return {"result": read_result(run_dir), "metrics": read_metrics(run_dir)}
 
 
-def _numbers(run: dict) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in run["metrics"]]
-
-
 def _test_accs(tmp_path, name, fake_root, *extra) -> list[float]:
     return [_train(tmp_path / f"{name}{s}", fake_root, f"seed={s}", *extra)["result"]["test_acc_final"]
             for s in SEEDS]
@@ -61,7 +56,7 @@ def test_same_seed_gives_identical_metrics_on_the_gpu(tmp_path, fake_root, gpu_t
     first, second = [_train(tmp_path / str(i), fake_root, *args) for i in range(2)]
     assert first["result"]["execution"]["compile"] == compile
     assert first["result"]["execution"]["teacher_cache"]
-    assert _numbers(first) == _numbers(second)
+    assert without_timing(first["metrics"]) == without_timing(second["metrics"])
 
 
 def test_cached_and_live_teacher_reach_the_same_accuracy(tmp_path, fake_root, gpu_teacher):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import REPO, TINY, run_train, student_args
+from helpers import REPO, TINY, run_train, student_args, without_timing
 from kdexp.records import read_metrics, read_result
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
@@ -21,7 +21,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
 ENV = {"OMP_NUM_THREADS": "1"}
 SHORT = ("trainer.epochs=2", "trainer.max_steps_per_epoch=3")
 SLURM = ("hydra/launcher=slurm_local",)
-TIMING = {"epoch_seconds", "images_per_s"}
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -133,7 +132,7 @@ def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slu
     assert read_metrics(run_dir)[-1]["epoch"] == 6
     assert "REQUEUED" in {state.split()[0] for _, state in sacct(job, "JobID,State")}
     reference = run_dirs(tmp_path / "local")[0]
-    numbers = [[{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(d)] for d in (run_dir, reference)]
+    numbers = [without_timing(read_metrics(d)) for d in (run_dir, reference)]
     assert numbers[0] == numbers[1]
 
 
@@ -168,7 +167,6 @@ def test_runs_sharing_one_gpu_compute_what_they_compute_alone(tmp_path, fake_roo
 
     for (tres,) in wait_for(accounted, "2 array tasks in sacct", 30):
         assert "gres/shard=1" in tres and "gres/gpu" not in tres, tres
-    numbers = [{OmegaConf.load(d / ".hydra/config.yaml").seed: [{k: v for k, v in r.items() if k not in TIMING}
-                                                               for r in read_metrics(d)]
+    numbers = [{OmegaConf.load(d / ".hydra/config.yaml").seed: without_timing(read_metrics(d))
                 for d in run_dirs(tmp_path / name)} for name in ("shared", "alone")]
     assert numbers[0] == numbers[1] and set(numbers[0]) == {0, 1}

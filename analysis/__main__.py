@@ -16,7 +16,8 @@ from kdexp import __version__
 
 from . import render
 from .collect import collect
-from .figures import Figure, make_figures, slug
+from .figures import Figure, make_figures
+from .tables import slug
 from .pipeline import Analysis, analyse
 from .report import write_report
 from .rules import RULES
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nwrote tables, figures{' and report.html' if 'html' in args.formats else ''} to {args.out}")
     if args.strict and not analysis.complete:
         print(f"--strict: {len(analysis.cells)} expected cell(s) missing or failed, "
-              f"{analysis.unfinished} configuration(s) with only failed / unfinished runs", file=sys.stderr)
+              f"{analysis.unfinished} failed / unfinished run(s) of configurations that never completed", file=sys.stderr)
         return 1
     return 0
 

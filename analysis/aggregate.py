@@ -4,7 +4,7 @@ each student cell's baseline, each pair's teacher, each pair and method's best c
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -141,6 +141,17 @@ class Experiment:
         for cell in self.of_kind("student"):
             pairs[cell.context(PAIR_CONTEXT)].append(cell)
         return dict(pairs)
+
+    def pair_label(self, cell: Cell) -> str:
+        """The name of the student cell's pair in file names and plots: `resnet34→resnet18`, then
+        ` #2`, ` #3` for further pairs of the same teacher and student (another stem, width, teacher
+        seed, ...), so no two pairs share a file or an axis position."""
+        labels, taken = {}, Counter()
+        for context, cells in sorted(self.pairs().items(), key=lambda item: repr(item[0])):
+            name = f"{cells[0]['teacher']}→{cells[0]['student']}"
+            taken[name] += 1
+            labels[context] = name if taken[name] == 1 else f"{name} #{taken[name]}"
+        return labels[cell.context(PAIR_CONTEXT)]
 
     def selection_column(self, cells: list[Cell]) -> str:
         """Configs are chosen on val accuracy when every run has one (as the study's stage 1)."""

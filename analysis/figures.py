@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from .aggregate import Cell, Experiment
 from .collect import load_history
 from .stats import mean_std
-from .tables import pair_name
+from .tables import pair_name, slug
 
 # Figures are built with the object API on an Agg canvas: no pyplot state, no display needed.
 DPI = 110
@@ -29,10 +28,6 @@ class Figure:
     title: str
     png: Path
     pdf: Path
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("→", "_to_")).strip("_")
 
 
 def make_figures(exp: Experiment, out_dir: Path) -> list[Figure]:
@@ -59,8 +54,7 @@ def _save(fig: MplFigure, out_dir: Path, name: str, title: str) -> Figure:
 
 
 def _pair_slug(exp: Experiment, ref: Cell) -> str:
-    return slug(f"{exp.name}__{ref['teacher']}_to_{ref['student']}__"
-                f"{ref['stem']}_w{ref['width']}_e{ref['epochs']}")
+    return slug(f"{exp.name}__{exp.pair_label(ref)}")
 
 
 def heatmap(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
@@ -161,7 +155,7 @@ def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
             comp = exp.versus_baseline(best) if best is not None else None
             if comp is not None and not math.isnan(comp.delta):
                 stem = "" if cells[0]["stem"] == "cifar" else f" ({cells[0]['stem']} stem)"
-                bars.append((pair_name(cells[0]) + stem, kd, comp))
+                bars.append((exp.pair_label(cells[0]) + stem, kd, comp))
     if not bars:
         return None
     pairs = sorted({p for p, _, _ in bars})

@@ -19,7 +19,7 @@ class Analysis:
     tables: dict[str, list[Table]]           # experiment name → its tables
     problems: Table                          # runs not averaged in, and why
     cells: list[CellState]                   # expected cells without a completed run
-    unfinished: int                          # failed/incomplete/corrupt configs never completed
+    unfinished: int                          # failed/incomplete/corrupt runs of configs never completed
     shared: list[Table] = field(default_factory=list)
 
     @property

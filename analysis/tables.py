@@ -6,6 +6,7 @@ Markdown, LaTeX, CSV and HTML. Accuracies are fractions in the runs and percent 
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -55,6 +56,11 @@ def p_text(p: float) -> str:
 
 def num(value: Any) -> str:
     return DASH if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form: `resnet34→resnet18 #2` → `resnet34_to_resnet18_2`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("→", "_to_")).strip("_")
 
 
 def seeds_text(seeds: list[int]) -> str:
@@ -233,7 +239,7 @@ def _best_method(exp: Experiment, base: Cell | None, best: dict[str, Cell | None
 # ---------------------------------------------------------------- 2. grids
 def grids(exp: Experiment) -> list[Table]:
     """Per pair and method: rows α, columns T (logit) or β (feature); mean ± std of the rule's metric."""
-    tables, slugs = [], set()
+    tables = []
     notes = _rule_notes(exp) + [
         STD_NOTE, "* best configuration (highest mean validation accuracy where runs have a "
         "validation split, else the selected accuracy)."]
@@ -255,12 +261,9 @@ def grids(exp: Experiment) -> list[Table]:
                                          for c in here) or DASH)
                 rows.append(row)
             ref = method_cells[0]
-            slug = base = f"grid__{ref['teacher']}_to_{ref['student']}__{kd.replace('(bugged)', '_bugged')}"
-            while slug in slugs:  # same pair under another stem / width / epochs
-                slug = f"{base}_{len(slugs)}"
-            slugs.add(slug)
-            tables.append(Table(slug, f"{pair_name(ref)} ({ref['stem']} stem) · {kd}: α × {col_field}, "
-                                f"{exp.rule.label} (%)",
+            label = exp.pair_label(ref)
+            title = f"{label} ({ref['stem']} stem) · {kd}: α × {col_field}, {exp.rule.label} (%)"
+            tables.append(Table(slug(f"grid__{label}__{kd}"), title,
                                 ["alpha"] + [f"{col_field}={num(v)}" for v in cols], rows, notes))
     return tables
 

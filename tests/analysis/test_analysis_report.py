@@ -116,3 +116,21 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # A blank or failed page is one colour; a rendered report has text, tables and plots.
     histogram = image.histogram()
     assert sum(histogram[:128]) > 5_000 and len([h for h in histogram if h]) > 50
+
+
+def test_pairs_differing_only_in_teacher_seed_get_their_own_grid_and_figures(tree, tmp_path):
+    """Two pairs with the same teacher and student (teachers of seed 0 and 1) must not overwrite
+    each other's grid table or figure files."""
+    for teacher_seed in (0, 1):
+        tree.kdexp(acc=0.947, seed=teacher_seed)
+        for alpha in (0.3, 0.7):
+            for T in (2.0, 4.0):
+                tree.kdexp(acc=0.948 + alpha / 100 + teacher_seed / 100, teacher="resnet34", method="logit",
+                           alpha=alpha, T=T, seed=0, teacher_seed=teacher_seed)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        main([str(tree.root), "--out", str(out)])
+    grids = sorted(p.name for p in out.glob("grid__*.csv"))
+    assert grids == ["grid__resnet34_to_resnet18_2__logit.csv", "grid__resnet34_to_resnet18__logit.csv"]
+    heatmaps = sorted(p.name for p in (out / "figures").glob("*__heatmap.png"))
+    assert heatmaps == ["exp__resnet34_to_resnet18_2__heatmap.png", "exp__resnet34_to_resnet18__heatmap.png"]

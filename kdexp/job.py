@@ -42,10 +42,12 @@ def run(cfg: DictConfig, run_dir: Path) -> str:
         return "skipped"
     if cfg.dry_run:
         return _dry_run(cfg, run_dir)
+    device = resolve_device(cfg.trainer.device)  # config errors (no CUDA, compile on CPU) leave no result
+    execution = Execution.resolve(cfg.trainer, device, method, cfg.data.loader)
     started = time.time()
     loop = None
     try:
-        loop = _build(cfg, method, run_dir)
+        loop = _build(cfg, method, execution, device, run_dir)
         loop.resume()
         state = loop.fit()
         result = _result(cfg, method, loop, state, started)
@@ -102,9 +104,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _build(cfg: DictConfig, method, run_dir: Path) -> Loop:
-    device = resolve_device(cfg.trainer.device)
-    execution = Execution.resolve(cfg.trainer, device, method, cfg.data.loader)
+def _build(cfg: DictConfig, method, execution: Execution, device: torch.device, run_dir: Path) -> Loop:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     d = cfg.data
     if d.name == "fake":

@@ -7,7 +7,6 @@ named by an id it puts in the environment its jobs inherit (locally and through 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -25,7 +24,6 @@ from kdexp.records import atomic_write_json
 
 OUTCOMES = ".kdexp-outcomes"
 RUN_ID_ENV = "KDEXP_MULTIRUN_ID"
-log = logging.getLogger(__name__)
 
 
 def record_outcome(run_dir: Path, outcome: str) -> None:

@@ -4,6 +4,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from helpers import compose_cfg, run_train
@@ -108,6 +109,16 @@ def test_bad_input_exits_non_zero_without_a_result(tmp_path):
     assert proc.returncode == 2
     assert "kdexp: invalid config: method.alpha=2 is outside [0, 1]" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("result.json"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA device is visible"),
+                                             ("auto", "trainer.compile=true needs a CUDA device")])
+def test_settings_this_machine_cannot_run_exit_without_a_result(tmp_path, device, message):
+    proc = run_train("experiment=baseline", f"trainer.device={device}", "trainer.compile=true",
+                     f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 2 and "kdexp: invalid config:" in proc.stderr and message in proc.stderr
     assert not list(tmp_path.rglob("result.json"))
 
 

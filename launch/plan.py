@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig
 
 from kdexp.job import resolve_teacher_export_path
-from kdexp.records import kept_result, read_result
+from kdexp.records import kept_result
 from kdexp.teachers import resolve_teacher_path
 from launch.sweep import compose_job, expand, fixed, launcher_exists, run_dir
 
@@ -56,11 +56,7 @@ class Job:
 
     def status(self) -> str:
         """completed | failed (while training: skipped unless retry_failed) | missing (not run, still
-        running, killed, or failed before training: all of these the next submission runs) | corrupt."""
-        try:
-            read_result(self.run_dir)
-        except ValueError:
-            return "corrupt"
+        running, killed, failed before training, or a corrupt result: the next submission runs it)."""
         kept = kept_result(self.run_dir, retry_failed=False)
         return kept["status"] if kept else "missing"
 

@@ -165,7 +165,8 @@ def _stored_teacher(tmp_path, teacher):
     return path
 
 
-def test_cache_file_is_keyed_built_once_and_shared(tmp_path, teacher, splits, monkeypatch):
+def test_cache_file_is_keyed_built_once_and_shared(tmp_path, teacher, splits, monkeypatch, caplog):
+    caplog.set_level("INFO", logger=teacher_cache.__name__)
     path = _stored_teacher(tmp_path, teacher)
     images = splits.train_x[:2]
     builds = []
@@ -187,6 +188,7 @@ def test_cache_file_is_keyed_built_once_and_shared(tmp_path, teacher, splits, mo
         t.start()
     for t in threads:
         t.join()
+    assert "waiting for another job to build" in caplog.text  # the two jobs did contend for the lock
     assert len(builds) == 1 and torch.equal(results[0], results[1])
     stored = list(path.parent.glob("resnet18_cifar_w4_seed0.logits-*.pt"))
     assert len(stored) == 1

@@ -13,6 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import REPO
+from kdexp import bench
+from kdexp.config import validate
 from kdexp.records import write_result
 from launch import select, study
 from launch.plan import GRIDS, V1_PAIRS, V2_PAIRS, Plan, build_plan
@@ -253,3 +255,14 @@ def test_select_refuses_an_incomplete_grid(tmp_path, capsys):
     assert select.main(["pick", str(manifest), "--out", str(tmp_path / "selected.json")]) == 1
     assert f"{runs_[1]}: failed" in capsys.readouterr().err
     assert not (tmp_path / "selected.json").exists()
+
+
+def test_the_bench_estimates_the_study_the_planner_submits(v1):
+    """kdexp.bench's study-hours estimate counts the runs and epochs of the v1 plan, no more, no less."""
+    planned = Counter((j.cfg.model.arch, j.cfg.teacher.arch, validate(j.cfg).name, j.cfg.trainer.epochs)
+                      for d in v1.drivers for j in d.jobs)
+    estimated = Counter()
+    for _, case, runs, epochs in bench.STUDY:
+        c = bench.CASES[case]
+        estimated[(c.student, c.teacher, c.method, epochs)] += runs
+    assert estimated == planned

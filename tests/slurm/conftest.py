@@ -12,18 +12,11 @@ which installs the packages) that skip is a failure instead, so CI cannot silent
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-# Without __init__ files pytest puts only this dir on sys.path; `launch` lives at the repo root.
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from launch import testcluster  # noqa: E402
+from launch import testcluster  # the repo root is on sys.path (pyproject: pythonpath)
 
 
 def _require() -> bool:

@@ -148,18 +148,19 @@ def release_requeued(job_id: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
-def test_runs_sharing_one_gpu_compute_what_they_compute_alone(tmp_path, fake_root, slurm_cluster):
-    """hydra/launcher=slurm_local_shared: each array task asks for a GPU shard, SLURM puts both on the
-    same (fake) GPU, and each run's metrics equal those of the same run launched alone."""
+def test_runs_of_the_shared_launcher_share_one_gpu(tmp_path, fake_root, slurm_cluster):
+    """hydra/launcher=slurm_local_shared: each array task asks for a GPU shard, not a GPU, and SLURM
+    puts both on the same (fake) GPU. (That sharing leaves a run's numbers unchanged cannot be shown
+    here, where the GPUs are fake and runs train on the CPU: a GPU session's job.)"""
     args = ("-m", *TINY, "experiment=baseline", "model.width=8", *SHORT, "seed=0,1", f"data.root={fake_root}")
-    shared = run_train(*args, f"paths.output_dir={tmp_path / 'shared'}", "hydra/launcher=slurm_local_shared",
-                       'hydra.launcher.setup=["echo kdexp-gpu=$CUDA_VISIBLE_DEVICES"]', env=ENV)
-    alone = run_train(*args, f"paths.output_dir={tmp_path / 'alone'}", env=ENV)
-    assert shared.returncode == 0 and alone.returncode == 0, shared.stderr[-3000:] + alone.stderr[-3000:]
-    logs = list((tmp_path / "shared").rglob("*_log.out"))
+    proc = run_train(*args, f"paths.output_dir={tmp_path}", "hydra/launcher=slurm_local_shared",
+                     'hydra.launcher.setup=["echo kdexp-gpu=$CUDA_VISIBLE_DEVICES"]', env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multirun summary: 2 completed" in proc.stdout
+    logs = list(tmp_path.rglob("*_log.out"))
     gpus = [line for log in logs for line in log.read_text().splitlines() if line.startswith("kdexp-gpu=")]
     assert len(logs) == 2 and gpus == ["kdexp-gpu=0"] * 2, gpus
-    array = slurm_job_id(run_dirs(tmp_path / "shared")[0]).split("_")[0]
+    array = slurm_job_id(run_dirs(tmp_path)[0]).split("_")[0]
 
     def accounted():
         rows = sacct(array, "AllocTRES")
@@ -167,6 +168,3 @@ def test_runs_sharing_one_gpu_compute_what_they_compute_alone(tmp_path, fake_roo
 
     for (tres,) in wait_for(accounted, "2 array tasks in sacct", 30):
         assert "gres/shard=1" in tres and "gres/gpu" not in tres, tres
-    numbers = [{OmegaConf.load(d / ".hydra/config.yaml").seed: without_timing(read_metrics(d))
-                for d in run_dirs(tmp_path / name)} for name in ("shared", "alone")]
-    assert numbers[0] == numbers[1] and set(numbers[0]) == {0, 1}

@@ -1,12 +1,13 @@
 """The generated data round-trips through torchvision's real CIFAR-10 loader; augmentation does
 exactly what torchvision's RandomCrop(32, padding=4) + flip do; bad data gives clear errors."""
 import pickle
+from urllib.error import URLError
 
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from kdexp.data import DataError, TrainBatches, load_splits
+from kdexp.data import DataError, TrainBatches, cifar, load_splits
 from kdexp.data.fake import write_fake_cifar
 from kdexp.data.loaders import crop_flip
 
@@ -45,6 +46,15 @@ def test_missing_data_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="data.download=true") as err:
         load_splits(tmp_path / "nowhere", 0, 1234)
     assert "cifar-10-python.tar.gz" in str(err.value)
+
+
+def test_a_failed_download_says_so_and_how_to_get_the_data_by_hand(tmp_path, monkeypatch):
+    def offline(self):
+        raise URLError("no route to host")
+
+    monkeypatch.setattr(cifar._CheckedCIFAR10, "download", offline)  # as on a node without internet
+    with pytest.raises(DataError, match=r"data.download=true failed \(URLError.*cifar-10-python.tar.gz"):
+        load_splits(tmp_path, 0, 1234, download=True)
 
 
 def test_truncated_batch_file_is_named(tmp_path):

@@ -81,12 +81,10 @@ def _find_bad_file(root: Path) -> str:
 def _load_split(root: Path, train: bool, download: bool, verify_md5: bool):
     try:
         ds = _CheckedCIFAR10(str(root), train=train, download=download, verify_md5=verify_md5)
-    except RuntimeError as err:
-        if "not found or corrupted" in str(err) and not (root / BATCH_DIR).exists():
-            raise DataError(_missing_message(root)) from None
-        raise DataError(f"CIFAR-10 batch file is corrupt: {_find_bad_file(root)}. "
-                        f"Delete {root / BATCH_DIR} and download it again.") from None
-    except Exception:
+    except Exception as err:
+        if not (root / BATCH_DIR).exists():  # nothing was there, or a download did not get as far
+            reason = f"data.download=true failed ({type(err).__name__}: {err}). " if download else ""
+            raise DataError(reason + _missing_message(root)) from None
         raise DataError(f"CIFAR-10 batch file is corrupt: {_find_bad_file(root)}. "
                         f"Delete {root / BATCH_DIR} and download it again.") from None
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW, still uint8

@@ -7,7 +7,7 @@ graph capture and the teacher-logit cache. None of these changes the recipe.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import dataclasses
 from typing import Callable
 
 import torch
@@ -17,7 +17,7 @@ from kdexp.config import COMPILE_NEEDS_CUDA, ConfigError
 from kdexp.methods import DistillationMethod
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Execution:
     amp: torch.dtype | None = None  # autocast dtype; None = fp32
     channels_last: bool = False
@@ -48,6 +48,11 @@ class Execution:
     @property
     def precision(self) -> str:
         return "fp32" if self.amp is None else str(self.amp).removeprefix("torch.")
+
+    def record(self) -> dict[str, str | bool]:
+        """How the run executed, for result.json: every setting, the autocast dtype as `precision`."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "amp"}
+        return {"precision": self.precision, **settings}
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(memory_format=torch.channels_last) if self.channels_last else module

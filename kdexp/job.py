@@ -173,9 +173,7 @@ def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
         "train_seconds": sum(r["epoch_seconds"] for r in history),  # every epoch, across resumes
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
         "device": device_name(next(loop.student.parameters()).device),
-        "execution": {"precision": loop.execution.precision, "channels_last": loop.execution.channels_last,
-                      "fused": loop.execution.fused, "compile": loop.execution.compile,
-                      "teacher_cache": loop.execution.teacher_cache},
+        "execution": loop.execution.record(),
         **_provenance(),
     }
 

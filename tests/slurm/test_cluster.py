@@ -12,6 +12,7 @@ import pytest
 import submitit
 
 from launch.testcluster import ClusterInfo
+from slurm_helpers import sacct, squeue_states, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
 
@@ -22,43 +23,21 @@ def sbatch(*args: str) -> str:
     return out.strip().split(";")[0]
 
 
-def sacct(job_id: str, fields: str = "State") -> list[str]:
-    """One line per job (array tasks separately), steps excluded."""
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", fields, "-j", job_id], check=True,
-                         capture_output=True, text=True).stdout
-    return out.splitlines()
-
-
 def wait_sacct(job_id: str, state: str, count: int = 1, timeout: float = 30) -> list[str]:
-    """Wait until sacct reports ``count`` records of job_id, all in ``state``; the records are
-    written by slurmdbd asynchronously after the job ends."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = [line.split()[0] for line in sacct(job_id) if line]  # "CANCELLED by 0"
-        if len(states) >= count and all(s == state for s in states):
-            return states
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id}: sacct says {states}, expected {count} x {state}")
-        time.sleep(0.2)
-
-
-def squeue(job_id: str) -> list[str]:
-    """States of job_id's live records (ended jobs are left out)."""
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                          text=True).stdout.split()
+    """Wait until sacct reports ``count`` records of job_id, all in ``state``."""
+    def states():
+        found = [row[0].split()[0] for row in sacct(job_id, "State")]  # "CANCELLED by 0"
+        return found if len(found) >= count and all(s == state for s in found) else None
+    return wait_for(states, f"{count} x {state} for job {job_id} in sacct", timeout)
 
 
 def wait_queue(job_id: str, done: bool = False, timeout: float = 30) -> None:
     """Wait until every record of job_id runs, or with ``done`` until it left the queue.
     Faster than sacct, which lags a few seconds behind for array tasks."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = squeue(job_id)
-        if (not states) if done else (states and all(s == "RUNNING" for s in states)):
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} still {states} after {timeout} s")
-        time.sleep(0.1)
+    def reached() -> bool:
+        states = squeue_states(job_id)
+        return not states if done else bool(states) and all(s == "RUNNING" for s in states)
+    wait_for(reached, f"job {job_id} {'to leave the queue' if done else 'running'}", timeout)
 
 
 def stamps(path: Path) -> tuple[float, float]:
@@ -72,7 +51,7 @@ def test_gpu_job_completes_and_is_accounted(slurm_cluster: ClusterInfo, tmp_path
                  "--wrap", 'echo "CVD=$CUDA_VISIBLE_DEVICES"')
     wait_sacct(job, "COMPLETED")
     assert out.read_text().strip() in {f"CVD={i}" for i in range(slurm_cluster.gpus)}
-    assert "gres/gpu=1" in sacct(job, "AllocTRES")[0]
+    assert "gres/gpu=1" in sacct(job, "AllocTRES")[0][0]
 
 
 def test_scancel_is_recorded_as_cancelled(slurm_cluster: ClusterInfo, tmp_path: Path) -> None:

@@ -7,53 +7,26 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from helpers import REPO, TINY, run_train, student_args, without_timing
+from slurm_helpers import ONE_THREAD, run_dirs, sacct, slurm_job_id, squeue_states, wait_for
 from kdexp.records import read_metrics, read_result
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
 
-# One thread per job: several jobs share 2 cores, and SLURM and local runs then compute alike.
-ENV = {"OMP_NUM_THREADS": "1"}
 SHORT = ("trainer.epochs=2", "trainer.max_steps_per_epoch=3")
 SLURM = ("hydra/launcher=slurm_local",)
 
 
-def run_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml"))
-
-
-def slurm_job_id(run_dir: Path) -> str:
-    """The SLURM job (array task) that ran this run: hydra-submitit-launcher records it."""
-    return str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.id)
-
-
-def sacct(job_id: str, fields: str) -> list[list[str]]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-D", "-o", fields, "-j", job_id], check=True,
-                         capture_output=True, text=True).stdout
-    return [line.split("|") for line in out.splitlines() if line]
-
-
-def wait_for(predicate, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-    return value
-
-
 def test_grid_runs_one_slurm_array_task_per_job(tmp_path, fake_root, slurm_cluster):
     teacher = run_train(*TINY, "experiment=teacher", "model.width=8", *SHORT, f"data.root={fake_root}",
-                        f"paths.output_dir={tmp_path}", env=ENV)  # a plain local run first
+                        f"paths.output_dir={tmp_path}", env=ONE_THREAD)  # a plain local run first
     assert teacher.returncode == 0, teacher.stderr[-3000:]
     out = tmp_path / "grid"
     proc = run_train("-m", *student_args(out, fake_root, "kd_grid=smoke", "seed=0,1", *SHORT,
-                                         f"paths.teachers_dir={tmp_path}/teachers"), *SLURM, env=ENV)
+                                         f"paths.teachers_dir={tmp_path}/teachers"), *SLURM, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "multirun summary: 4 completed" in proc.stdout
     dirs = run_dirs(out)
@@ -80,7 +53,7 @@ def mixed(tmp_path_factory, fake_root, slurm_cluster):
     out = tmp_path_factory.mktemp("mixed")
     args = ("-m", *TINY, "experiment=baseline", "trainer.lr=0.1,1e30", "trainer.clip_norm=null", *SHORT,
             f"data.root={fake_root}", f"paths.output_dir={out}", *SLURM)
-    return out, args, run_train(*args, env=ENV)
+    return out, args, run_train(*args, env=ONE_THREAD)
 
 
 def test_failing_task_fails_the_driver_after_the_others_complete(mixed):
@@ -98,7 +71,7 @@ def test_resubmission_skips_every_finished_run(mixed):
     """Completed runs are never redone; failed ones only with retry_failed=true."""
     out, args, first = mixed
     before = {d: (d / "result.json").read_bytes() for d in run_dirs(out)}
-    again = run_train(*args, env=ENV)
+    again = run_train(*args, env=ONE_THREAD)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "multirun summary: 2 skipped" in again.stdout
     assert {d: (d / "result.json").read_bytes() for d in run_dirs(out)} == before
@@ -111,17 +84,17 @@ def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slu
     args = ("protocol=quickstart", "trainer.progress=false", "experiment=baseline", "model.width=8",
             "trainer.epochs=6", "trainer.max_steps_per_epoch=8", f"data.root={fake_root}")
     driver = subprocess.Popen([sys.executable, "-m", "kdexp.train", "-m", *args, f"paths.output_dir={tmp_path / 'slurm'}",
-                               *SLURM], cwd=REPO, env={**os.environ, **ENV},
+                               *SLURM], cwd=REPO, env={**os.environ, **ONE_THREAD},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     straight = subprocess.Popen([sys.executable, "-m", "kdexp.train", *args, f"paths.output_dir={tmp_path / 'local'}"],
-                                cwd=REPO, env={**os.environ, **ENV},
+                                cwd=REPO, env={**os.environ, **ONE_THREAD},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = wait_for(lambda: next((d for d in run_dirs(tmp_path / "slurm") if (d / "last.pt").exists()), None),
                        "the SLURM run's first checkpoint")
     job = slurm_job_id(run_dir)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before preempting
     # submitit requeues the job; SLURM holds a requeued job ~120 s (BeginTime): release it early
-    wait_for(lambda: "PENDING" in squeue_state(job), f"job {job} requeued", 60)
+    wait_for(lambda: "PENDING" in squeue_states(job), f"job {job} requeued", 60)
     release_requeued(job)
     output, _ = driver.communicate(timeout=180)
     assert driver.returncode == 0, output[-3000:]
@@ -134,10 +107,6 @@ def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slu
     reference = run_dirs(tmp_path / "local")[0]
     numbers = [without_timing(read_metrics(d)) for d in (run_dir, reference)]
     assert numbers[0] == numbers[1]
-
-
-def squeue_state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
 
 
 def release_requeued(job_id: str) -> None:
@@ -154,7 +123,7 @@ def test_runs_of_the_shared_launcher_share_one_gpu(tmp_path, fake_root, slurm_cl
     here, where the GPUs are fake and runs train on the CPU: a GPU session's job.)"""
     args = ("-m", *TINY, "experiment=baseline", "model.width=8", *SHORT, "seed=0,1", f"data.root={fake_root}")
     proc = run_train(*args, f"paths.output_dir={tmp_path}", "hydra/launcher=slurm_local_shared",
-                     'hydra.launcher.setup=["echo kdexp-gpu=$CUDA_VISIBLE_DEVICES"]', env=ENV)
+                     'hydra.launcher.setup=["echo kdexp-gpu=$CUDA_VISIBLE_DEVICES"]', env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "multirun summary: 2 completed" in proc.stdout
     logs = list(tmp_path.rglob("*_log.out"))

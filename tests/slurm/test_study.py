@@ -8,14 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from helpers import REPO
+from slurm_helpers import ONE_THREAD, run_dirs, sacct, slurm_job_id, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
 
@@ -28,38 +27,29 @@ def study(out: Path, fake_root: Path) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "launch.study", "--cluster", "slurm_local", "--protocol", "quickstart",
             "--output-dir", str(out), f"data.root={fake_root}", "model.width=4", "teacher.width=4",
             "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "seed=0"]
-    # one thread per job: several tiny jobs share 2 cores
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, **ONE_THREAD})
 
 
-def accounting(job_ids: list[str]) -> dict[str, tuple[str, datetime, datetime]]:
-    """job id -> (state, start, end) from sacct, once every job (array tasks too) has ended."""
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(job_ids)],
-                         check=True, capture_output=True, text=True).stdout
-    records = {}
-    for line in out.splitlines():
-        job, state, start, end = line.split("|")
-        if end in ("Unknown", "None"):
-            return {}
-        records[job] = (state, datetime.fromisoformat(start), datetime.fromisoformat(end))
-    return records
+def accounting(job_ids: list[str]) -> dict[str, tuple[str, datetime, datetime]] | None:
+    """job id -> (state, start, end), once every job (array tasks too) has ended and is accounted."""
+    if subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
+        return None  # anything still queued or running
+    rows = sacct(",".join(job_ids), "JobID,State,Start,End")
+    records = {job: (state, start, end) for job, state, start, end in rows}
+    if not set(job_ids) <= set(records) or any(end in ("Unknown", "None") for _, _, end in records.values()):
+        return None
+    return {job: (state, datetime.fromisoformat(start), datetime.fromisoformat(end))
+            for job, (state, start, end) in records.items()}
 
 
 def wait_until_ended(job_ids: list[str], timeout: float = 240) -> dict[str, tuple[str, datetime, datetime]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-        records = {} if queue else accounting(job_ids)
-        if set(job_ids) <= set(records):
-            return records
-        time.sleep(1)
-    pytest.fail(f"jobs {job_ids} still queued or unaccounted after {timeout} s")
+    return wait_for(lambda: accounting(job_ids), f"jobs {job_ids} to end and be accounted", timeout)
 
 
 def run_jobs(exp_dir: Path) -> dict[Path, str]:
     """Each training run's dir -> the SLURM job (array task) that ran it."""
-    return {p.parent.parent: str(OmegaConf.load(p).hydra.job.id) for p in exp_dir.rglob(".hydra/hydra.yaml")}
+    return {d: slurm_job_id(d) for d in run_dirs(exp_dir)}
 
 
 def test_study_runs_stages_in_dependency_order(slurm_cluster, tmp_path, fake_root):

@@ -20,12 +20,7 @@ from kdexp import records
 
 from . import study_format
 from .schema import (COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, clipped_fraction, coerce_types, config_hash, empty_row,
-                     is_fraction, set_method)
-
-try:  # libyaml is ~10x faster than the pure-Python loader; it matters at thousands of runs
-    _YamlLoader: Any = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _YamlLoader = yaml.SafeLoader
+                     is_fraction, load_yaml, mark, one_line, set_method)
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 
@@ -85,18 +80,18 @@ def find_run_dirs(root: Path) -> Iterator[tuple[Path, str]]:
 def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
     row = empty_row(run_dir, "kdexp")
     try:
-        cfg = yaml.load((run_dir / CONFIG_FILE).read_text(), Loader=_YamlLoader)
+        cfg = load_yaml(run_dir / CONFIG_FILE)
         if not isinstance(cfg, dict):
             raise ValueError("not a mapping")
     except FileNotFoundError:
-        return _problem(row, "corrupt", f"no {CONFIG_FILE}: the configuration is unknown")
+        return mark(row, "corrupt", f"no {CONFIG_FILE}: the configuration is unknown")
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
-        return _problem(row, "corrupt", f"{CONFIG_FILE} is not valid YAML ({_one_line(err)})")
+        return mark(row, "corrupt", f"{CONFIG_FILE} is not valid YAML ({one_line(err)})")
     cfg = resolve_interpolations(cfg)
     try:
         result = records.read_result(run_dir)
     except (ValueError, UnicodeDecodeError) as err:
-        result, result_error = None, _one_line(err)
+        result, result_error = None, one_line(err)
     else:
         result_error = (None if result is None or isinstance(result, dict)
                         else f"{run_dir / records.RESULT_FILE} is not a JSON object")
@@ -108,24 +103,24 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
     row["epochs_completed"] = len(history)
 
     if result_error:
-        return _problem(row, "corrupt", result_error)
+        return mark(row, "corrupt", result_error)
     if result is None:
         if cfg.get("dry_run") is True:
-            return _problem(row, "incomplete", "dry run: composed and validated, never trained")
-        return _problem(row, "incomplete",
+            return mark(row, "incomplete", "dry run: composed and validated, never trained")
+        return mark(row, "incomplete",
                         f"no {records.RESULT_FILE} (running or killed); {len(history)} epochs logged")
     if result.get("schema_version") != records.SCHEMA_VERSION:
-        return _problem(row, "corrupt",
+        return mark(row, "corrupt",
                         f"unsupported {records.RESULT_FILE} schema_version {result.get('schema_version')!r}")
     row["finished_at"] = (run_dir / records.RESULT_FILE).stat().st_mtime
     _fill_result(row, result)
     if result.get("status") == "failed":
         where = f" in epoch {result.get('failed_epoch')}" if result.get("failed_epoch") is not None else ""
-        return _problem(row, "failed", f"failed{where}: {result.get('error')}")
+        return mark(row, "failed", f"failed{where}: {result.get('error')}")
     if result.get("status") != "completed":
-        return _problem(row, "corrupt", f"unknown status {result.get('status')!r}")
+        return mark(row, "corrupt", f"unknown status {result.get('status')!r}")
     if not is_fraction(row["test_final"]):
-        return _problem(row, "corrupt", f"{records.RESULT_FILE} has no valid test_acc_final")
+        return mark(row, "corrupt", f"{records.RESULT_FILE} has no valid test_acc_final")
     row["status"] = "completed"
     return row
 
@@ -291,13 +286,6 @@ def _mark_duplicates(rows: list[dict]) -> None:
             continue
         same.sort(key=lambda r: (r["finished_at"] or 0.0, r["run_dir"]), reverse=True)
         for row in same[1:]:
-            _problem(row, "duplicate", f"same configuration and seed as the newer {same[0]['run_dir']}")
+            mark(row, "duplicate", f"same configuration and seed as the newer {same[0]['run_dir']}")
 
 
-def _problem(row: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
-    row.update(status=status, reason=reason)
-    return row
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())

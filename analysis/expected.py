@@ -20,11 +20,7 @@ import pandas as pd
 import yaml
 
 from .aggregate import run_records
-
-try:
-    _Loader: Any = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover
-    _Loader = yaml.SafeLoader
+from .schema import load_yaml
 
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 STUDY_FINAL_SEEDS = (0, 1, 2, 3, 4)
@@ -97,7 +93,7 @@ def _state(runs: list[dict[str, Any]]) -> str | None:
 def _job_sweep(run_dir: Path) -> tuple[dict[str, list[str]], dict[str, str]] | None:
     """(swept key → expanded values, this job's overrides) or None for a job outside a multirun."""
     try:
-        hydra = (yaml.load((run_dir / HYDRA_FILE).read_text(), Loader=_Loader) or {}).get("hydra") or {}
+        hydra = (load_yaml(run_dir / HYDRA_FILE) or {}).get("hydra") or {}
     except (OSError, yaml.YAMLError, AttributeError, UnicodeDecodeError):
         return None
     if not isinstance(hydra, dict) or hydra.get("mode") != "MULTIRUN":

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .schema import clipped_fraction, config_hash, empty_row, is_fraction, set_method
+from .schema import clipped_fraction, config_hash, empty_row, is_fraction, mark, one_line, set_method
 
 RESULTS_FILE = "results.json"
 FIDELITY_FILE = "fidelity.json"
@@ -29,14 +29,14 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return _corrupt(row, f"{path} is not valid JSON ({' '.join(str(err).split())})")
+        return mark(row, "corrupt", f"{path} is not valid JSON ({one_line(err)})")
     if not isinstance(data, dict):
-        return _corrupt(row, f"{path} is not a JSON object")
+        return mark(row, "corrupt", f"{path} is not a JSON object")
     missing = [key for key in _REQUIRED if data.get(key) is None]
     if missing:
-        return _corrupt(row, f"{path} lacks {', '.join(missing)}")
+        return mark(row, "corrupt", f"{path} lacks {', '.join(missing)}")
     if not is_fraction(data["test_acc_final"]):
-        return _corrupt(row, f"{path}: test_acc_final is not an accuracy in [0, 1]")
+        return mark(row, "corrupt", f"{path}: test_acc_final is not an accuracy in [0, 1]")
 
     teacher = data.get("teacher") or None
     kd_type = data.get("kd_type") or "none"
@@ -117,6 +117,3 @@ def assign_teacher_kind(rows: list[dict[str, Any]]) -> None:
             row["kind"] = "teacher"
 
 
-def _corrupt(row: dict[str, Any], reason: str) -> dict[str, Any]:
-    row.update(status="corrupt", reason=reason)
-    return row

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -45,6 +46,23 @@ def test_grid_runs_one_slurm_array_task_per_job(tmp_path, fake_root, slurm_clust
     records = wait_for(accounted, "4 COMPLETED array tasks in sacct", 30)
     assert {job for job, _, _ in records} == tasks
     assert {name for _, name, _ in records} == {"kdexp-test"}
+
+
+def test_dry_run_with_a_slurm_launcher_submits_nothing(tmp_path, slurm_cluster):
+    """A dry run checks a grid before it is submitted: its jobs run here, never through sbatch."""
+    name = f"kdexp-dry-{uuid.uuid4().hex[:8]}"  # tells this test's jobs from the session's other ones
+    proc = run_train("-m", *TINY, "experiment=baseline", "seed=0,1", "dry_run=true", f"paths.output_dir={tmp_path}",
+                     *SLURM, f"hydra.launcher.name={name}", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # slurmctld keeps ended jobs in squeue --states=all for MinJobAge (300 s): no accounting lag to wait for
+    queued = subprocess.run(["squeue", "-h", "--states=all", f"--name={name}", "-o", "%i"], capture_output=True,
+                            text=True, check=True).stdout
+    accounted = subprocess.run(["sacct", "-X", "-n", "-a", f"--name={name}", "--starttime=now-1hours", "-o", "JobID"],
+                               capture_output=True, text=True, check=True).stdout
+    assert (queued.strip(), accounted.strip()) == ("", "")
+    assert len(run_dirs(tmp_path)) == 2 and not list(tmp_path.rglob(".submitit"))
+    assert "multirun summary: 2 dry_run" in proc.stdout
+    assert "instead of submitting them through hydra/launcher=slurm_local" in proc.stdout
 
 
 @pytest.fixture(scope="module")

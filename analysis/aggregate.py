@@ -21,6 +21,14 @@ CELL_FIELDS = ("kind", "teacher", "teacher_stem", "teacher_width", "teacher_seed
 STUDENT_CONTEXT = ("student", "stem", "width", "epochs", "val_size", "data")
 # What a pair's rows share; the method and its hyperparameters vary within a pair.
 PAIR_CONTEXT = ("teacher", "teacher_stem", "teacher_width", "teacher_seed") + STUDENT_CONTEXT
+# torchvision's ResNets (and the study's): a model of another width carries it in its name.
+DEFAULT_WIDTH = 64
+
+
+def model_name(arch: Any, width: Any) -> str:
+    """`resnet18`, or `resnet18(w8)` for a width other than 64: a width-16 teacher distilled into a
+    width-8 student of the same architecture must not read `resnet18→resnet18`."""
+    return f"{arch}(w{width})" if width not in (None, DEFAULT_WIDTH) and arch else str(arch)
 
 
 def clean(value: Any) -> Any:
@@ -55,6 +63,19 @@ class Cell:
     def stat(self, column: str) -> tuple[float, float, int]:
         values, _ = self.values(column)
         return (*mean_std(values), len(values))
+
+    @property
+    def student_name(self) -> str:
+        return model_name(self["student"], self["width"])
+
+    @property
+    def teacher_name(self) -> str | None:
+        return model_name(self["teacher"], self["teacher_width"]) if self["teacher"] else None
+
+    @property
+    def pair_name(self) -> str:
+        """`resnet34→resnet18`, widths named where they differ from 64; the model alone without a teacher."""
+        return f"{self.teacher_name}→{self.student_name}" if self["teacher"] else self.student_name
 
     @property
     def seeds(self) -> list[int]:
@@ -148,7 +169,7 @@ class Experiment:
         seed, ...), so no two pairs share a file or an axis position."""
         labels, taken = {}, Counter()
         for context, cells in sorted(self.pairs().items(), key=lambda item: repr(item[0])):
-            name = f"{cells[0]['teacher']}→{cells[0]['student']}"
+            name = cells[0].pair_name
             taken[name] += 1
             labels[context] = name if taken[name] == 1 else f"{name} #{taken[name]}"
         return labels[cell.context(PAIR_CONTEXT)]
@@ -158,16 +179,31 @@ class Experiment:
         has_val = all(r.get("best_val_acc") is not None for c in cells for r in c.runs)
         return "best_val_acc" if has_val else self.rule.column
 
+    def method_cells(self, cells: list[Cell], kd: str) -> list[Cell]:
+        """The cells of one method's grid that have the selected accuracy."""
+        return [c for c in cells if c["kd"] == kd and self.acc(c)[0]]
+
+    def selection_seeds(self, cells: list[Cell], kd: str) -> list[int]:
+        """The seeds every cell of the method's grid ran: the best configuration is chosen on
+        these only (a cell with five seeds against cells with one would otherwise be judged on
+        other seeds than they were, as with the study's selection stage beside its finals)."""
+        candidates = self.method_cells(cells, kd)
+        if not candidates:
+            return []
+        column = self.selection_column(candidates)
+        return sorted(set.intersection(*(set(c.values(column)[1]) for c in candidates)))
+
     def best_config(self, cells: list[Cell], kd: str) -> Cell | None:
-        """Best cell of one method: highest mean selection accuracy; ties → more seeds, then order."""
-        candidates = [c for c in cells if c["kd"] == kd and self.acc(c)[0]]
+        """Best cell of one method: highest mean selection accuracy on the seeds every cell ran
+        (on each cell's own seeds where no seed is shared by all); ties keep the table's order."""
+        candidates = self.method_cells(cells, kd)
         if not candidates:
             return None
-        column = self.selection_column(candidates)
+        column, seeds = self.selection_column(candidates), set(self.selection_seeds(cells, kd))
 
-        def score(cell: Cell) -> tuple[float, int]:
-            mean, _, n = cell.stat(column)
-            return (mean if n else -math.inf, n)
+        def score(cell: Cell) -> float:
+            values = [v for v, s in zip(*cell.values(column)) if not seeds or s in seeds]
+            return mean_std(values)[0] if values else -math.inf
         return max(candidates, key=score)  # max keeps the first of equals: the table's order
 
 

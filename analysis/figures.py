@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from .aggregate import Cell, Experiment
 from .collect import load_history
 from .stats import mean_std
-from .tables import pair_name, slug
+from .tables import slug
 
 # Figures are built with the object API on an Agg canvas: no pyplot state, no display needed.
 DPI = 110
@@ -87,7 +87,7 @@ def heatmap(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
     if best is not None:
         ax.add_patch(Rectangle((temps.index(best["T"]) - 0.5, alphas.index(best["alpha"]) - 0.5), 1, 1,
                                    fill=False, edgecolor="red", linewidth=2.5))
-    title = f"{pair_name(logit[0])}: Logit-KD α × T"
+    title = f"{logit[0].pair_name}: Logit-KD α × T"
     ax.set_title(f"{title}\n(mean ± std over seeds; red box: best configuration)")
     return _save(fig, out_dir, f"{_pair_slug(exp, logit[0])}__heatmap", title)
 
@@ -132,7 +132,7 @@ def learning_curves(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure
         ax.grid(alpha=0.3)
         _zoom_to_plateau(ax, [curves[(label, key)] for label, _ in shown])
         ax.legend(fontsize=8, loc="lower right")
-    title = f"{pair_name(cells[0])}: learning curves"
+    title = f"{cells[0].pair_name}: learning curves"
     fig.suptitle(f"{title} (mean ± std band over seeds)")
     return _save(fig, out_dir, f"{_pair_slug(exp, cells[0])}__curves", title)
 
@@ -225,6 +225,6 @@ def grad_norms(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | No
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    title = f"{pair_name(fixed[0])}: gradient norms, clip_projection true vs false"
+    title = f"{fixed[0].pair_name}: gradient norms, clip_projection true vs false"
     fig.suptitle(f"{title} (mean ± std over seeds)")
     return _save(fig, out_dir, f"{_pair_slug(exp, fixed[0])}__grad_norms", title)

@@ -1,9 +1,11 @@
-"""Seed statistics: mean ± sample std, and KD-vs-baseline differences with t-tests and CIs.
+"""Seed statistics: mean ± sample std, and differences between two configurations.
 
-KD gains in the study are a few tenths of a point, the size of the seed-to-seed std, so every
-difference comes with Welch's t-test (as the study reports) and a confidence interval. When both
-sides ran the same seeds, seed i of one shares initialisation and data order with seed i of the
-other, so the paired interval is the better estimate; it is then the one the verdict uses.
+KD gains in the study are a few tenths of a point, the size of the seed-to-seed std. Seed i of
+one configuration shares initialisation and data order with seed i of the other, so two
+configurations are compared on the seeds both ran, paired by seed; a seed only one side ran is
+left out of the difference and listed (averaging it into one side would compare different
+seeds as if they were alike). Where no seed is shared the comparison falls back to Welch's test
+on all seeds and says so. The CI, the p-value and the verdict always come from one test.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from scipy import stats as sps
 
 LEVEL = 0.95
 NAN = float("nan")
+
+PAIRED = "paired t"
+WELCH = "Welch"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -32,40 +37,60 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class TTest:
+    t: float = NAN
+    df: float = NAN
+    p: float = NAN
+    ci: tuple[float, float] = (NAN, NAN)
+
+
+UNDEFINED = TTest()
+
+
+@dataclass(frozen=True)
 class Comparison:
     """a − b for two sets of per-seed accuracies (fractions)."""
 
     delta: float
-    n_a: int
-    n_b: int
-    welch_t: float
-    welch_df: float
-    welch_p: float
-    welch_ci: tuple[float, float]
-    paired_seeds: tuple[int, ...]  # empty unless both sides ran exactly these seeds
-    paired_t: float
-    paired_df: float
-    paired_p: float
-    paired_ci: tuple[float, float]
+    seeds: tuple[int, ...]     # the seeds compared: those both sides ran; () when none is shared
+    only_a: tuple[int, ...]    # seeds left out of the difference (run by one side only), by side
+    only_b: tuple[int, ...]
+    test: str                  # PAIRED, WELCH, or "" where neither is defined
+    result: TTest              # that test: the CI, p and verdict come from it
+    welch: TTest               # Welch's test (the study's) on the same values, for reference
     level: float = LEVEL
 
     @property
-    def paired(self) -> bool:
-        return bool(self.paired_seeds)
+    def p(self) -> float:
+        return self.result.p
 
     @property
     def ci(self) -> tuple[float, float]:
-        return self.paired_ci if self.paired else self.welch_ci
+        return self.result.ci
 
     @property
-    def p(self) -> float:
-        return self.paired_p if self.paired else self.welch_p
+    def welch_p(self) -> float:
+        return self.welch.p
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def paired(self) -> bool:
+        return self.test == PAIRED
 
     @property
     def basis(self) -> str:
-        if self.paired:
-            return f"paired by seed ({', '.join(map(str, self.paired_seeds))})"
-        return "Welch (unpaired)"
+        """Which test, on which seeds: printed beside every difference."""
+        seeds = ", ".join(map(str, self.seeds))
+        if not self.seeds:
+            return f"{WELCH}, unpaired: no seed in common" if self.test else "-"
+        if self.test == PAIRED:
+            return f"{PAIRED}, seeds {seeds}"
+        if self.test == WELCH:  # paired differences without spread: no paired test
+            return f"{WELCH}, seeds {seeds} (paired differences constant)"
+        return f"seed {seeds} only: no test" if self.n == 1 else f"seeds {seeds}: no spread, no test"
 
     @property
     def within_noise(self) -> bool | None:
@@ -78,34 +103,47 @@ class Comparison:
 
 def compare(a: Sequence[float], a_seeds: Sequence[int], b: Sequence[float], b_seeds: Sequence[int],
             level: float = LEVEL) -> Comparison:
-    """Welch's t-test and CI of mean(a) − mean(b), plus the seed-paired test where seeds match.
+    """mean(a) − mean(b) on the seeds both ran, with the paired t-test and its CI.
 
-    A test is left undefined (NaN) where its samples have no spread: with every difference
-    identical there is no variance to test against, and scipy's answer is float noise.
+    Without a shared seed: Welch's test on all values. A test is left undefined (NaN) where its
+    samples have no spread: there is no variance to test against, and scipy's answer is float noise.
     """
-    delta = mean_std(a)[0] - mean_std(b)[0] if a and b else NAN
-    welch = (NAN, NAN, NAN, (NAN, NAN))
-    if len(a) >= 2 and len(b) >= 2 and not (_constant(a) and _constant(b)):
-        with warnings.catch_warnings():
-            # scipy warns about one constant sample (e.g. a baseline at 100 %); Welch is still
-            # defined by the other sample's variance. Both constant is excluded above.
-            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-            res = sps.ttest_ind(a, b, equal_var=False)
-        ci = res.confidence_interval(confidence_level=level)
-        welch = (float(res.statistic), float(res.df), float(res.pvalue), (float(ci.low), float(ci.high)))
-    paired_seeds: tuple[int, ...] = ()
-    paired = (NAN, NAN, NAN, (NAN, NAN))
-    same_seeds = sorted(a_seeds) == sorted(b_seeds) and len(set(a_seeds)) == len(a_seeds)
-    if len(a) >= 2 and same_seeds:
-        by_seed_a, by_seed_b = dict(zip(a_seeds, a)), dict(zip(b_seeds, b))
-        seeds = tuple(sorted(a_seeds))
-        diffs = [by_seed_a[s] - by_seed_b[s] for s in seeds]
-        if not _constant(diffs):
-            paired_seeds = seeds
-            res = sps.ttest_1samp(diffs, 0.0)  # = ttest_rel(a, b) on seed-aligned values
-            ci = res.confidence_interval(confidence_level=level)
-            paired = (float(res.statistic), float(res.df), float(res.pvalue), (float(ci.low), float(ci.high)))
-    return Comparison(delta, len(a), len(b), *welch, paired_seeds, *paired, level=level)
+    by_a, by_b = dict(zip(a_seeds, a)), dict(zip(b_seeds, b))
+    shared = tuple(sorted(set(by_a) & set(by_b)))
+    if shared:
+        a_vals, b_vals = [by_a[s] for s in shared], [by_b[s] for s in shared]
+        only_a = tuple(sorted(set(by_a) - set(shared)))
+        only_b = tuple(sorted(set(by_b) - set(shared)))
+    else:  # unpaired: every seed is compared
+        a_vals, b_vals, only_a, only_b = list(a), list(b), (), ()
+    delta = mean_std(a_vals)[0] - mean_std(b_vals)[0] if a_vals and b_vals else NAN
+    welch = _welch(a_vals, b_vals, level)
+    test, result = "", UNDEFINED
+    if len(shared) >= 2 and not _constant([x - y for x, y in zip(a_vals, b_vals)]):
+        test, result = PAIRED, _paired(a_vals, b_vals, level)
+    elif welch is not UNDEFINED and len(shared) != 1:
+        test, result = WELCH, welch
+    return Comparison(delta, shared, only_a, only_b, test, result, welch, level)
+
+
+def _welch(a: Sequence[float], b: Sequence[float], level: float) -> TTest:
+    if len(a) < 2 or len(b) < 2 or (_constant(a) and _constant(b)):
+        return UNDEFINED
+    with warnings.catch_warnings():
+        # scipy warns about one constant sample (e.g. a baseline at 100 %); Welch is still
+        # defined by the other sample's variance. Both constant is excluded above.
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        res = sps.ttest_ind(a, b, equal_var=False)
+    return _ttest(res, level)
+
+
+def _paired(a: Sequence[float], b: Sequence[float], level: float) -> TTest:
+    return _ttest(sps.ttest_1samp([x - y for x, y in zip(a, b)], 0.0), level)  # = ttest_rel(a, b)
+
+
+def _ttest(res, level: float) -> TTest:
+    ci = res.confidence_interval(confidence_level=level)
+    return TTest(float(res.statistic), float(res.df), float(res.pvalue), (float(ci.low), float(ci.high)))
 
 
 def _constant(values: Sequence[float]) -> bool:

@@ -16,8 +16,8 @@ from .stats import Comparison, compare, mean_std
 
 DASH = "-"
 # Cell fields shown as a column only when they take more than one value in a table.
-_OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "width": "Width", "teacher_width": "Teacher width",
-                     "teacher_seed": "Teacher seed", "beta": "beta", "epochs": "Epochs",
+# Widths are in the model names (aggregate.model_name).
+_OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "teacher_seed": "Teacher seed", "beta": "beta", "epochs": "Epochs",
                      "val_size": "Val split", "data": "Data"}
 STD_NOTE = "Values: mean ± sample std (ddof=1) over seeds, in %; a single seed shows the mean alone."
 
@@ -74,10 +74,42 @@ def stat_text(cell: Cell, column: str) -> str:
 
 def verdict(comp: Comparison | None) -> str:
     if comp is None or comp.within_noise is None:
-        return "n/a (needs ≥2 seeds each)"
+        return "n/a (needs ≥2 shared seeds)"
     if comp.within_noise:
         return "within noise"
     return "significant gain" if comp.delta > 0 else "significant loss"
+
+
+def unmatched_text(comp: Comparison | None, sides: tuple[str, str]) -> str:
+    """The seeds one side ran and the other did not: left out of Δ, so listed."""
+    if comp is None:
+        return DASH
+    parts = [f"{side}: {', '.join(map(str, seeds))}" for side, seeds in zip(sides, (comp.only_a, comp.only_b))
+             if seeds]
+    return "; ".join(parts) or DASH
+
+
+def comparison_headers(delta: str) -> list[str]:
+    return [f"{delta} (pp)", "95% CI (pp)", "Test, seeds compared", "p", "Verdict", "Seeds not compared",
+            "p (Welch, for reference)"]
+
+
+def comparison_values(comp: Comparison | None, sides: tuple[str, str]) -> list[str]:
+    """The cells under `comparison_headers`: Δ, then the CI, p and verdict of one test, named with its seeds."""
+    if comp is None:
+        return [DASH] * 7
+    return [pp(comp.delta), ci_text(comp.ci), comp.basis, p_text(comp.p), verdict(comp),
+            unmatched_text(comp, sides), p_text(comp.welch_p)]
+
+
+COMPARISON_NOTE = (
+    "Δ: on the seeds both sides ran, paired by seed (paired t-test; Welch's t-test where the paired "
+    "differences are all equal); a seed only one side ran is listed under 'Seeds not compared', never "
+    "averaged into one side. Without a shared seed: Welch's t-test on all seeds, unpaired. The 95% CI, "
+    "p and the verdict come from the one test named beside them; 'within noise': that CI contains 0. "
+    "p (Welch, for reference): Welch's t-test (scipy.stats.ttest_ind, unequal variances), the test the "
+    "study reports, on the same seeds; where the test is 'paired t' it is not the verdict's test, so a "
+    "Welch p below 0.05 may stand beside 'within noise' and the reverse.")
 
 
 def delta_text(comp: Comparison | None) -> str:
@@ -92,10 +124,6 @@ def config_text(cell: Cell | None) -> str:
         return DASH
     parts = [f"α={num(cell['alpha'])}"] + ([f"T={num(cell['T'])}"] if cell["T"] is not None else [])
     return ", ".join(parts) + f" (n={len(cell.runs)})"
-
-
-def pair_name(cell: Cell) -> str:
-    return f"{cell['teacher']}→{cell['student']}" if cell["teacher"] else str(cell["student"])
 
 
 # ---------------------------------------------------------------- column helpers
@@ -116,7 +144,7 @@ def _values(cell: Cell, fields: list[str]) -> list[str]:
 
 def _identity(cell: Cell) -> list[str]:
     """Teacher, Student, KD, alpha, T, Stem: the study's grouping columns."""
-    return [cell["teacher"] or DASH, str(cell["student"]), str(cell["kd"]), num(cell["alpha"]),
+    return [cell.teacher_name or DASH, cell.student_name, str(cell["kd"]), num(cell["alpha"]),
             num(cell["T"]), str(cell["stem"] or DASH)]
 
 
@@ -171,7 +199,7 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
     columns = (["Teacher", "Student", "Stem"] + headers
                + ["Teacher (%)", "Baseline (%)", "Gap (pp)", "Logit-KD best", "Logit-KD Δ (pp)",
                   "Feature-KD best", "Feature-KD Δ (pp)", "Best method"])
-    rows, used_fidelity = [], False
+    rows, used_fidelity, unmatched, chosen_on = [], False, [], {}
     for cells in sorted(pairs.values(), key=lambda cs: cs[0].sort_key):
         ref = cells[0]
         teacher_mean, teacher_text, from_fidelity = _teacher_acc(exp, ref, cells, all_runs)
@@ -181,17 +209,25 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
         gap = teacher_mean - base_mean
         best = {kd: exp.best_config(cells, kd) for kd in ("logit", "feature")}
         comps = {kd: exp.versus_baseline(c) if c else None for kd, c in best.items()}
-        rows.append([str(ref["teacher"]), str(ref["student"]), str(ref["stem"])] + _values(ref, fields) + [
+        for kd, c in best.items():
+            if c is not None:
+                chosen_on[f"{exp.pair_label(ref)} {kd}"] = exp.selection_seeds(cells, kd)
+            if (text := unmatched_text(comps[kd], ("KD", "baseline"))) != DASH:
+                unmatched.append(f"{exp.pair_label(ref)} {kd}: {text}")
+        rows.append([str(ref.teacher_name), ref.student_name, str(ref["stem"])] + _values(ref, fields) + [
             teacher_text, pct(base_mean, base_std), pp(gap),
             config_text(best["logit"]), delta_text(comps["logit"]),
             config_text(best["feature"]), delta_text(comps["feature"]),
             _best_method(exp, base, best, comps)])
     notes = _rule_notes(exp) + [
         f"All accuracies: {label}. Gap = teacher − baseline; Δ = best configuration − baseline "
-        "(percentage points); 'within noise': its 95% CI contains 0 (see the significance table).",
+        "(percentage points) on every seed both ran, paired by seed; 'within noise': its 95% CI contains 0 "
+        "(test and seeds: see the significance table).",
         "Teacher: the teacher run the students distilled from (same architecture, stem, width, data and "
         "seed = teacher.seed).",
-        _best_config_note(exp, label)]
+        _best_config_note(exp, label), selection_seeds_note(chosen_on)]
+    if unmatched:
+        notes.append("Seeds not in Δ (run by one side only): " + "; ".join(unmatched) + ".")
     if used_fidelity:
         notes.append("† no teacher run found: the teacher's test accuracy recorded in the students' "
                      "fidelity data (teacher_test_acc), averaged over those runs.")
@@ -199,13 +235,25 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
 
 
 def _best_config_note(exp, label: str) -> str:
+    how = ("Best configuration per pair and method: highest mean {} over the grid, on the seeds every cell of "
+           "the grid ran (a cell's further seeds do not enter the choice); n = all seeds of that configuration, "
+           "on which its Δ is reported.")
     if exp.selection_column(exp.of_kind("student")) == "best_val_acc":
-        return ("Best configuration per pair and method: highest mean validation accuracy over the grid; "
-                "n = seeds of that configuration.")
+        return how.format("validation accuracy")
     # Without a validation split the grid cell is picked on test numbers: say so, as for `--select test`.
-    return (f"Best configuration per pair and method: highest mean {label} over the grid; n = seeds of that "
-            "configuration. No validation split: the cell is chosen on the test set (as the study's v1 did), "
-            "so each best-configuration Δ is OPTIMISTIC.")
+    return how.format(label) + (" No validation split: the cell is chosen on the test set (as the study's v1 "
+                                "did), so each best-configuration Δ is OPTIMISTIC.")
+
+
+def selection_seeds_note(chosen_on: dict[str, list[int]]) -> str:
+    """Which seeds each grid's best configuration was chosen on (one line when all agree)."""
+    def seeds(values: list[int]) -> str:
+        return (f"seed{'s' if len(values) > 1 else ''} {', '.join(map(str, values))}" if values
+                else "each cell's own seeds (no seed common to every cell)")
+    distinct = {tuple(v) for v in chosen_on.values()}
+    if len(distinct) == 1:
+        return f"Best configurations chosen on {seeds(list(next(iter(distinct))))}."
+    return "Best configurations chosen on: " + "; ".join(f"{k}: {seeds(v)}" for k, v in chosen_on.items()) + "."
 
 
 def _teacher_acc(exp: Experiment, ref: Cell, cells: list[Cell],
@@ -240,9 +288,6 @@ def _best_method(exp: Experiment, base: Cell | None, best: dict[str, Cell | None
 def grids(exp: Experiment) -> list[Table]:
     """Per pair and method: rows α, columns T (logit) or β (feature); mean ± std of the rule's metric."""
     tables = []
-    notes = _rule_notes(exp) + [
-        STD_NOTE, "* best configuration (highest mean validation accuracy where runs have a "
-        "validation split, else the selected accuracy)."]
     for cells in exp.pairs().values():
         for kd in sorted({c["kd"] for c in cells}):
             method_cells = [c for c in cells if c["kd"] == kd]
@@ -263,6 +308,10 @@ def grids(exp: Experiment) -> list[Table]:
             ref = method_cells[0]
             label = exp.pair_label(ref)
             title = f"{label} ({ref['stem']} stem) · {kd}: α × {col_field}, {exp.rule.label} (%)"
+            notes = _rule_notes(exp) + [
+                STD_NOTE, "* best configuration: highest mean validation accuracy where runs have a validation "
+                "split, else the selected accuracy, on the seeds every cell of this grid ran (a cell's further "
+                "seeds do not enter the choice).", selection_seeds_note({kd: exp.selection_seeds(cells, kd)})]
             tables.append(Table(slug(f"grid__{label}__{kd}"), title,
                                 ["alpha"] + [f"{col_field}={num(v)}" for v in cols], rows, notes))
     return tables
@@ -274,23 +323,13 @@ def significance(exp: Experiment) -> Table | None:
     if not cells:
         return None
     fields, headers = _optional(cells, exp)
-    columns = IDENTITY_HEADERS + headers + ["n (KD/base)", "Δ (pp)", "95% CI (pp)", "CI basis",
-                                            "p (Welch)", "p (paired)", "Verdict"]
-    rows = []
-    for c in cells:
-        comp = exp.versus_baseline(c)
-        if comp is None:
-            rows.append(_identity(c) + _values(c, fields) + [DASH] * 6 + [verdict(None)])
-            continue
-        rows.append(_identity(c) + _values(c, fields) + [
-            f"{comp.n_a}/{comp.n_b}", pp(comp.delta), ci_text(comp.ci), comp.basis,
-            p_text(comp.welch_p), p_text(comp.paired_p) if comp.paired else DASH, verdict(comp)])
+    columns = IDENTITY_HEADERS + headers + comparison_headers("Δ")
+    rows = [_identity(c) + _values(c, fields) + comparison_values(exp.versus_baseline(c), ("KD", "baseline"))
+            for c in cells]
     notes = _rule_notes(exp) + [
-        f"Δ = KD − baseline ({exp.rule.label}), percentage points. Welch's t-test: scipy.stats.ttest_ind "
-        "(unequal variances), as the study reports. Where both sides ran the same seeds the 95% CI and "
-        "the verdict are paired by seed (scipy.stats.ttest_rel); otherwise Welch's interval.",
-        "'within noise': the 95% CI contains 0. No correction for multiple comparisons: with a whole "
-        "grid, about 1 in 20 configurations will look significant by chance."]
+        f"Δ = KD − baseline ({exp.rule.label}), percentage points. " + COMPARISON_NOTE,
+        "No correction for multiple comparisons: with a whole grid, about 1 in 20 configurations will "
+        "look significant by chance."]
     return Table("significance", f"Significance of every Δ vs baseline: {exp.name}", columns, rows, notes)
 
 
@@ -303,15 +342,14 @@ def temperature_sweep(exp: Experiment) -> Table | None:
         if len({c["alpha"] for c in logit}) != 1 or len({c["T"] for c in logit}) < 2:
             continue
         for c in logit:
-            comp = exp.versus_baseline(c)
-            rows.append([pair_name(c), str(c["stem"]), num(c["alpha"]), num(c["T"]), str(len(exp.acc(c)[0])),
-                         stat_text(c, exp.rule.column), pp(comp.delta) if comp else DASH,
-                         ci_text(comp.ci) if comp else DASH, verdict(comp)])
+            rows.append([c.pair_name, str(c["stem"]), num(c["alpha"]), num(c["T"]), seeds_text(c.seeds),
+                         stat_text(c, exp.rule.column)]
+                        + comparison_values(exp.versus_baseline(c), ("KD", "baseline")))
     if not rows:
         return None
     return Table("ablation_temperature", f"Temperature sweep: {exp.name}",
-                 ["Pair", "Stem", "alpha", "T", "n", f"{exp.rule.label} (%)", "Δ vs baseline (pp)",
-                  "95% CI (pp)", "Verdict"], rows, _rule_notes(exp) + [STD_NOTE])
+                 ["Pair", "Stem", "alpha", "T", "Seeds", f"{exp.rule.label} (%)"]
+                 + comparison_headers("Δ vs baseline"), rows, _rule_notes(exp) + [STD_NOTE, COMPARISON_NOTE])
 
 
 def _ablation_groups(exp: Experiment, ignore: tuple[str, ...]) -> list[list[Cell]]:
@@ -333,16 +371,15 @@ def stem_ablation(exp: Experiment) -> Table | None:
             if ref is not None and c is not ref:
                 (a, sa), (b, sb) = exp.acc(c), exp.acc(ref)
                 comp = compare(a, sa, b, sb) if a and b else None
-            rows.append([str(c["kind"]), pair_name(c), str(c["kd"]), num(c["alpha"]), num(c["T"]),
+            rows.append([str(c["kind"]), c.pair_name, str(c["kd"]), num(c["alpha"]), num(c["T"]),
                          str(c["stem"]), str(c["teacher_stem"] or DASH), seeds_text(c.seeds),
-                         stat_text(c, exp.rule.column), pp(comp.delta) if comp else DASH,
-                         p_text(comp.welch_p) if comp else DASH])
+                         stat_text(c, exp.rule.column)] + comparison_values(comp, (str(c["stem"]), "cifar")))
     if not rows:
         return None
     return Table("ablation_stem", f"CIFAR vs ImageNet stem: {exp.name}",
                  ["Kind", "Pair / model", "KD", "alpha", "T", "Stem", "Teacher stem", "Seeds",
-                  f"{exp.rule.label} (%)", "Δ vs CIFAR stem (pp)", "p (Welch)"], rows,
-                 _rule_notes(exp) + [STD_NOTE])
+                  f"{exp.rule.label} (%)"] + comparison_headers("Δ vs CIFAR stem"), rows,
+                 _rule_notes(exp) + [STD_NOTE, COMPARISON_NOTE])
 
 
 def clip_ablation(exp: Experiment) -> Table | None:
@@ -356,20 +393,19 @@ def clip_ablation(exp: Experiment) -> Table | None:
         (a, sa), (b, sb) = exp.acc(bugged), exp.acc(fixed)
         comp = compare(a, sa, b, sb) if a and b else None
         for c, label in ((fixed, "true (fixed)"), (bugged, "false (bugged, v1)")):
-            rows.append([pair_name(c), num(c["alpha"]), num(c["beta"]), label, seeds_text(c.seeds),
+            rows.append([c.pair_name, num(c["alpha"]), num(c["beta"]), label, seeds_text(c.seeds),
                          stat_text(c, exp.rule.column), _max_text(c, "grad_norm_max"),
                          _max_text(c, "proj_grad_norm_max"), _mean_pct(c, "clip_fraction"),
-                         _mean_pct(c, "clipped_epoch_fraction"),
-                         pp(comp.delta) if comp and c is bugged else DASH,
-                         p_text(comp.welch_p) if comp and c is bugged else DASH])
+                         _mean_pct(c, "clipped_epoch_fraction")]
+                        + comparison_values(comp if c is bugged else None, ("bugged", "fixed")))
     if not rows:
         return None
     return Table("ablation_clip", f"clip_projection true vs false: {exp.name}",
                  ["Pair", "alpha", "beta", "clip_projection", "Seeds", f"{exp.rule.label} (%)",
                   "Max pre-clip grad norm", "Max projection grad norm", "Clipped steps (%)",
-                  "Epochs clipped (%)", "Δ bugged − fixed (pp)", "p (Welch)"], rows,
+                  "Epochs clipped (%)"] + comparison_headers("Δ bugged − fixed"), rows,
                  _rule_notes(exp) + [
-                     STD_NOTE, "Gradient norms: the largest over all steps and seeds (pre-clip norm of "
+                     STD_NOTE, COMPARISON_NOTE, "Gradient norms: the largest over all steps and seeds (pre-clip norm of "
                      "the clipped parameter set; projections alone). Clipped steps: mean over seeds of the "
                      "fraction of steps whose pre-clip norm exceeded the clip threshold (not logged by the "
                      "study: '-'); epochs clipped: fraction of epochs whose largest norm exceeded it."])

@@ -34,9 +34,10 @@ def test_welch_matches_the_formula_and_the_studys_bug_ablation():
     fixed = [0.9495 + 0.0020 * d for d in (-1, -1, 0, 1, 1)]
     comp = compare(bugged, [0, 1, 2, 3, 4], fixed, [5, 6, 7, 8, 9])  # different seeds: unpaired
     delta, t, df, p, ci = welch_by_hand(bugged, fixed)
-    assert not comp.paired and comp.basis == "Welch (unpaired)"
+    assert not comp.paired and comp.basis == "Welch, unpaired: no seed in common"
+    assert (comp.seeds, comp.only_a, comp.only_b) == ((), (), ())  # all compared, unpaired
     assert comp.delta == pytest.approx(delta, abs=1e-15) == pytest.approx(0.0005, abs=1e-12)
-    assert (comp.welch_t, comp.welch_df, comp.welch_p) == pytest.approx((t, df, p), rel=1e-9)
+    assert (comp.welch.t, comp.welch.df, comp.welch_p) == pytest.approx((t, df, p), rel=1e-9)
     assert comp.ci == pytest.approx(ci, rel=1e-9)
     assert round(comp.welch_p, 2) == 0.69
     assert comp.within_noise is True and comp.p == comp.welch_p
@@ -52,28 +53,46 @@ def test_paired_when_the_seeds_match():
     sd = math.sqrt(sum((d - md) ** 2 for d in diffs) / 2)
     t = md / (sd / math.sqrt(3))
     half = t_dist.ppf(0.975, 2) * sd / math.sqrt(3)
-    assert comp.paired and comp.paired_seeds == (0, 1, 2) and comp.basis == "paired by seed (0, 1, 2)"
-    assert (comp.paired_t, comp.paired_df) == pytest.approx((t, 2), rel=1e-9)
-    assert comp.paired_p == pytest.approx(2 * t_dist.sf(t, 2), rel=1e-9)
+    assert comp.paired and comp.seeds == (0, 1, 2) and comp.basis == "paired t, seeds 0, 1, 2"
+    assert (comp.result.t, comp.result.df) == pytest.approx((t, 2), rel=1e-9)
+    assert comp.p == pytest.approx(2 * t_dist.sf(t, 2), rel=1e-9)
     assert comp.ci == pytest.approx((md - half, md + half), rel=1e-9)
-    assert comp.within_noise is False and comp.p == comp.paired_p
+    assert comp.within_noise is False
     # Welch is still computed (the study's test) and here does not exclude 0: pairing matters.
     _, _, _, p, ci = welch_by_hand(list(kd.values()), list(base.values()))
-    assert comp.welch_p == pytest.approx(p, rel=1e-9) and comp.welch_ci == pytest.approx(ci, rel=1e-9)
-    assert comp.welch_ci[0] < 0 < comp.welch_ci[1]
+    assert comp.welch_p == pytest.approx(p, rel=1e-9) and comp.welch.ci == pytest.approx(ci, rel=1e-9)
+    assert comp.welch.ci[0] < 0 < comp.welch.ci[1]
+
+
+def test_only_the_shared_seeds_are_compared_and_the_others_listed():
+    # KD ran seeds 0-4, the baseline 0-2: seeds 3 and 4 (a good draw here) must not lift the KD mean.
+    kd = {0: 0.9500, 1: 0.9490, 2: 0.9510, 3: 0.9600, 4: 0.9610}
+    base = {0: 0.9495, 1: 0.9480, 2: 0.9500}
+    comp = compare(list(kd.values()), list(kd), list(base.values()), list(base))
+    assert (comp.seeds, comp.only_a, comp.only_b) == ((0, 1, 2), (3, 4), ())
+    assert comp.delta == pytest.approx(0.00083333333, abs=1e-10)  # not 0.0053 (5-seed mean − 3-seed mean)
+    diffs = [kd[s] - base[s] for s in (0, 1, 2)]
+    md = sum(diffs) / 3
+    sd = math.sqrt(sum((d - md) ** 2 for d in diffs) / 2)
+    assert comp.p == pytest.approx(2 * t_dist.sf(md / (sd / math.sqrt(3)), 2), rel=1e-9)
+    assert comp.basis == "paired t, seeds 0, 1, 2"
+    # Welch on the same three seeds, not on all eight values.
+    assert comp.welch_p == pytest.approx(welch_by_hand([kd[s] for s in (0, 1, 2)], list(base.values()))[3],
+                                         rel=1e-9)
 
 
 def test_too_few_seeds_give_no_interval():
     comp = compare([0.95], [0], [0.94, 0.945], [0, 1])
-    assert comp.delta == pytest.approx(0.95 - 0.9425)
+    assert comp.delta == pytest.approx(0.95 - 0.94)  # seed 0 only: seed 1 has no partner
+    assert comp.only_b == (1,) and comp.basis == "seed 0 only: no test"
     assert math.isnan(comp.welch_p) and not comp.paired and comp.within_noise is None
 
 
 def test_identical_differences_fall_back_to_welch():
     # Every seed gains exactly 0.5 pp: no variance for a paired test; Welch still applies.
     comp = compare([0.952, 0.953, 0.954], [0, 1, 2], [0.947, 0.948, 0.949], [0, 1, 2])
-    assert not comp.paired and comp.basis == "Welch (unpaired)"
-    assert comp.ci == comp.welch_ci and comp.within_noise is False
+    assert not comp.paired and comp.basis == "Welch, seeds 0, 1, 2 (paired differences constant)"
+    assert comp.ci == comp.welch.ci and comp.within_noise is False
     same = compare([0.95, 0.95], [0, 1], [0.95, 0.95], [0, 1])
     assert math.isnan(same.welch_p) and same.within_noise is None
 
@@ -85,5 +104,5 @@ def test_one_constant_side_is_still_a_welch_test():
         warnings.simplefilter("error")
         comp = compare([0.957, 0.914], [0, 1], [1.0, 1.0], [0, 1])
     _, t, df, p, ci = welch_by_hand([0.957, 0.914], [1.0, 1.0])
-    assert (comp.welch_t, comp.welch_df, comp.welch_p) == pytest.approx((t, df, p), rel=1e-9)
+    assert (comp.welch.t, comp.welch.df, comp.welch_p) == pytest.approx((t, df, p), rel=1e-9)
     assert comp.paired  # the differences vary, so the paired test is defined too

@@ -104,12 +104,14 @@ def test_significance_values_by_hand(tree):
     logit = row_of(tab, "resnet34", "resnet18", "logit", "0.5")
     md, p, ci = paired_by_hand(LOGIT_A5_T4["acc"], BASE["acc"])
     assert md == pytest.approx(0.002)
-    assert logit["n (KD/base)"] == "3/3" and logit["Δ (pp)"] == "+0.20"
+    assert logit["Δ (pp)"] == "+0.20" and logit["Seeds not compared"] == "-"
     assert logit["95% CI (pp)"] == f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" == "[+0.15, +0.25]"
-    assert logit["CI basis"] == "paired by seed (0, 1, 2)"
-    assert logit["p (paired)"] == f"{p:.3f}" == "0.003"
-    assert logit["p (Welch)"] == f"{welch_p_by_hand(LOGIT_A5_T4['acc'], BASE['acc']):.3f}" == "0.057"
+    assert logit["Test, seeds compared"] == "paired t, seeds 0, 1, 2"
+    assert logit["p"] == f"{p:.3f}" == "0.003"
     assert logit["Verdict"] == "significant gain"
+    # The study's test, labelled as not the verdict's.
+    assert logit["p (Welch, for reference)"] == f"{welch_p_by_hand(LOGIT_A5_T4['acc'], BASE['acc']):.3f}" == "0.057"
+    assert any("where the test is 'paired t' it is not the verdict's test" in n for n in tab.notes)
     feature = row_of(tab, "resnet34", "resnet18", "feature")
     md, p, ci = paired_by_hand(FEATURE_A5["acc"], BASE["acc"])
     assert feature["Δ (pp)"] == f"{100 * md:+.2f}" == "+0.05"
@@ -123,8 +125,9 @@ def test_unpaired_seeds_use_welch(tree):
     for seed, acc in zip((3, 4, 5), (0.9500, 0.9510, 0.9520)):
         tree.kdexp(acc=acc, seed=seed, teacher="resnet34", method="logit")
     row = row_of(table(analyse(collect(tree.root)), "exp", "significance"), "resnet34")
-    assert row["CI basis"] == "Welch (unpaired)" and row["p (paired)"] == "-"
-    assert row["p (Welch)"] == f"{welch_p_by_hand([0.95, 0.951, 0.952], [0.947, 0.948, 0.949]):.3f}"
+    assert row["Test, seeds compared"] == "Welch, unpaired: no seed in common"
+    assert row["p"] == row["p (Welch, for reference)"] == \
+        f"{welch_p_by_hand([0.95, 0.951, 0.952], [0.947, 0.948, 0.949]):.3f}"
 
 
 def test_selection_rules(tree):
@@ -210,7 +213,8 @@ def test_temperature_sweep_ablation(tree):
     tab = table(analyse(collect(tree.root)), "exp", "ablation_temperature")
     assert [r[3] for r in tab.rows] == ["1", "4", "16"]
     assert [r[6] for r in tab.rows] == ["-0.09", "+0.21", "+0.01"]
-    assert tab.rows[1][:6] == ["resnet50→resnet18", "cifar", "0.5", "4", "2", "95.06 ± 0.08"]
+    assert tab.rows[1][:6] == ["resnet50→resnet18", "cifar", "0.5", "4", "2 [0, 1]", "95.06 ± 0.08"]
+    assert tab.rows[1][8] == "paired t, seeds 0, 1"
 
 
 def test_stem_ablation(tree):
@@ -219,9 +223,11 @@ def test_stem_ablation(tree):
         tree.kdexp(acc=(0.8760, 0.8771, 0.8782)[seed], seed=seed, stem="imagenet")
     tab = table(analyse(collect(tree.root)), "exp", "ablation_stem")
     assert [r[5] for r in tab.rows] == ["cifar", "imagenet"]
-    assert tab.rows[1][8:10] == ["87.71 ± 0.11", "-7.09"]
-    assert tab.rows[1][10] == f"{welch_p_by_hand([0.876, 0.8771, 0.8782], [0.947, 0.948, 0.949]):.3f}" \
-        .replace("0.000", "<0.001")
+    imagenet = dict(zip(tab.columns, tab.rows[1]))
+    assert (imagenet["test@best-val (%)"], imagenet["Δ vs CIFAR stem (pp)"]) == ("87.71 ± 0.11", "-7.09")
+    assert imagenet["Test, seeds compared"] == "paired t, seeds 0, 1, 2"
+    _, p, _ = paired_by_hand([0.876, 0.8771, 0.8782], [0.947, 0.948, 0.949])
+    assert imagenet["p"] == f"{p:.3f}".replace("0.000", "<0.001") == "<0.001"
 
 
 def test_clip_ablation_with_gradient_norms(tree):
@@ -241,8 +247,9 @@ def test_clip_ablation_with_gradient_norms(tree):
         ("16.00", "0.21", "98.0")
     # Per-epoch max norm is grad_norm_max / epoch: above 1.0 only in epoch 1 of 10 (2.0 / 2 is not).
     assert fixed["Epochs clipped (%)"] == "10.0"
-    assert bugged["Δ bugged − fixed (pp)"] == "+0.06"
-    assert bugged["p (Welch)"] == f"{welch_p_by_hand([0.95, 0.9512], [0.9495, 0.9505]):.3f}"
+    assert bugged["Δ bugged − fixed (pp)"] == "+0.06" and fixed["Δ bugged − fixed (pp)"] == "-"
+    assert bugged["Test, seeds compared"] == "paired t, seeds 0, 1"
+    assert bugged["p"] == f"{paired_by_hand([0.95, 0.9512], [0.9495, 0.9505])[1]:.3f}"
 
 
 def test_fidelity_table(tree):

@@ -1,15 +1,29 @@
-"""ResNet-18/34/50/101 as torchvision builds them, with a CIFAR or ImageNet stem and a base width.
+"""The networks kdexp trains, by name (`model.arch`, `teacher.arch`):
 
-`width` scales every stage (64 = torchvision's networks) so tests can train the real architectures
-tiny. The forward pass can also return the four stage outputs (layer1..layer4) for Feature-KD.
+- resnet18/34/50/101: torchvision's ResNets with a CIFAR or ImageNet stem (the study's);
+- the KD literature's CIFAR networks (kdexp.archs, the CRD benchmark's): resnet20/32/56/110,
+  resnet8x4/32x4, wrn_40_2/16_2/40_1, vgg8/13, mobilenetv2, shufflenetv2; CIFAR stem only.
+
+`width` is the channels of the first conv: the reference width (64 for torchvision's, the
+published one for the CIFAR networks; `build_model`'s default) gives the published network
+parameter for parameter, other widths scale every layer so tests can train the real architectures
+tiny. Every model has `arch, stem, width, num_classes`, and `forward(x, with_features=True)` also
+returns its stage outputs, whose channels are `stage_channels` and whose downsampling w.r.t. the
+input is `stage_strides` (Feature-KD matches two networks stage by stage).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
+from kdexp.archs import CIFAR_ARCHS
+
+TORCHVISION_RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
@@ -25,7 +39,7 @@ class KDResNet(ResNet):
         # torchvision's __init__ hard-codes 64 channels, so the trunk is built here with its
         # `_make_layer` and its init; width 64 gives torchvision's network, parameter for parameter.
         nn.Module.__init__(self)
-        block, layers = ARCHS[arch]
+        block, layers = TORCHVISION_RESNETS[arch]
         self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -49,8 +63,9 @@ class KDResNet(ResNet):
             # init (not torchvision's kaiming-normal); we do the same on purpose.
             self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
-        self.arch, self.stem, self.width = arch, stem, width
+        self.arch, self.stem, self.width, self.num_classes = arch, stem, width, num_classes
         self.stage_channels = [width * m * block.expansion for m in (1, 2, 4, 8)]
+        self.stage_strides = [m * (1 if stem == "cifar" else 4) for m in (1, 2, 4, 8)]
 
     def forward(self, x: torch.Tensor, with_features: bool = False):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -62,12 +77,33 @@ class KDResNet(ResNet):
         return (logits, features) if with_features else logits
 
 
-def build_model(arch: str, num_classes: int = 10, stem: str = "cifar", width: int = 64) -> KDResNet:
+@dataclass(frozen=True)
+class Arch:
+    build: Callable[..., nn.Module]  # (num_classes, stem, width) -> the model
+    reference_width: int             # the published network's width (conf/model/<arch>.yaml's)
+
+
+ARCHS: dict[str, Arch] = {
+    **{name: Arch(partial(KDResNet, name), 64) for name in TORCHVISION_RESNETS},
+    **{name: Arch(partial(family, name), family.VARIANTS[name].width) for name, family in CIFAR_ARCHS.items()},
+}
+
+
+def build_model(arch: str, num_classes: int = 10, stem: str = "cifar", width: int | None = None) -> nn.Module:
+    """The network `arch` (`width` None: the published network's); a ValueError names what is wrong."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {list(STEMS)}")
-    return KDResNet(arch, num_classes=num_classes, stem=stem, width=width)
+    spec = ARCHS[arch]
+    return spec.build(num_classes, stem, spec.reference_width if width is None else width)
+
+
+def model_layout(arch: str, num_classes: int = 10, stem: str = "cifar", width: int | None = None) -> nn.Module:
+    """`build_model` on the meta device: no memory, no init, milliseconds. For checking a config
+    (its ValueErrors) and reading `stage_channels`/`stage_strides` before any training."""
+    with torch.device("meta"):
+        return build_model(arch, num_classes, stem, width)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,6 +1,7 @@
 """Atomic checkpoints and the RNG state an exact resume needs."""
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from pathlib import Path
@@ -25,11 +26,19 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint's contents; CheckpointError (what to do is the caller's to say) if unreadable."""
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # truncated zip, wrong pickle, ...: all mean the same to the user
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); "
-                              f"delete it to start that run over") from None
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {err})") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:

@@ -7,6 +7,7 @@ import platform
 import random
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,54 +17,142 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import kdexp
-from kdexp import teacher_cache
+from kdexp import checkpoint, runlock, teacher_cache
 from kdexp.config import ConfigError, run_role, validate
-from kdexp.data import EvalBatches, Splits, build_train_batches, load_splits
+from kdexp.data import DataError, EvalBatches, Splits, build_train_batches, check_present, data_identity, load_splits
 from kdexp.data.fake import write_fake_cifar
 from kdexp.evaluation import accuracy, predict
 from kdexp.execution import Execution
 from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
 from kdexp.models import build_model, count_parameters
+from kdexp.outcome import Outcome
 from kdexp.records import kept_result, write_result
-from kdexp.teachers import export_teacher, load_teacher, resolve_teacher_path
+from kdexp.teachers import (TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command)
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> str:
-    """Run one job in `run_dir`; returns its outcome: completed, failed, skipped or dry_run.
-    Bad config raises ConfigError before anything is written; any later failure is recorded in
-    result.json as status=failed and re-raised."""
+class CannotStart(Exception):
+    """Found before training, with nothing written: a problem no config value fixes (a teacher
+    export dir that cannot be written)."""
+
+
+class Interrupted(Exception):
+    def __init__(self, epochs_done: int):
+        super().__init__(f"interrupted after epoch {epochs_done}; rerun the same command to resume")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Outcome:
+    """Run one job in `run_dir` while holding its lock. Raises ConfigError or CannotStart before
+    anything is written, RunLocked when another process holds the run dir (nothing touched),
+    Interrupted on Ctrl-C (last.pt resumes it); any other failure is recorded in result.json as
+    status=failed and re-raised."""
     method = validate(cfg)
+    if cfg.dry_run:
+        return _dry_run(cfg, method, run_dir)
+    with runlock.hold(run_dir):
+        return _start(cfg, method, run_dir)
+
+
+def _start(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     previous = kept_result(run_dir, cfg.retry_failed)
     if previous is not None:
-        hint = "" if previous["status"] == "completed" else " (pass retry_failed=true to run it again)"
-        log.info("skipping %s: result.json says %s%s", run_dir, previous["status"], hint)
-        return "skipped"
-    if cfg.dry_run:
-        return _dry_run(cfg, run_dir)
+        return _keep(cfg, run_dir, previous)
     device = resolve_device(cfg.trainer.device)  # config errors (no CUDA, compile on CPU) leave no result
     execution = Execution.resolve(cfg.trainer, device, method, cfg.data.loader)
+    export = resolve_teacher_export_path(cfg) if cfg.export_teacher else None
+    if export is not None:
+        check_writable(export.parent, "the teacher export")  # before training, not after 200 epochs
     started = time.time()
     loop = None
     try:
-        loop = _build(cfg, method, execution, device, run_dir)
+        loop, images = _build(cfg, method, execution, device, run_dir)
         loop.resume()
         state = loop.fit()
         result = _result(cfg, method, loop, state, started)
-        if cfg.export_teacher:
-            path = resolve_teacher_export_path(cfg)
-            export_teacher(loop.student, path, cfg.seed, cfg.data, state.history[-1]["test_acc"], str(run_dir))
-            result["teacher_checkpoint"] = str(path)
-            log.info("exported teacher to %s", path)
+        if loop.teacher is not None:
+            path = resolve_teacher_path(cfg)
+            result["teacher"] = {"path": str(path.resolve()), "sha256": checkpoint.file_sha256(path)}
+        if export is not None:
+            identity = data_identity(cfg.data.name, images, cfg.data.val_size, cfg.data.split_seed)
+            export_teacher(loop.student, export, cfg.seed, cfg.data, identity, state.history[-1]["test_acc"],
+                           str(run_dir))
+            result["teacher_checkpoint"] = str(export)
+            result["teacher_checkpoint_sha256"] = checkpoint.file_sha256(export)
+            log.info("exported teacher to %s", export)
         write_result(run_dir, result)
-        return "completed"
+        return Outcome("completed")
+    except KeyboardInterrupt:
+        raise Interrupted(loop.state.epoch if loop else 0) from None
     except Exception as err:
         epoch = err.epoch if isinstance(err, NonFiniteLossError) else (loop.state.epoch + 1 if loop else None)
-        write_result(run_dir, {**_identity(cfg, method), "status": "failed",
-                               "error": f"{type(err).__name__}: {err}", "failed_epoch": epoch,
-                               "wall_seconds": time.time() - started, **_provenance()})
+        _record_failure(run_dir, {**_identity(cfg, method), "status": "failed",
+                                  "error": f"{type(err).__name__}: {err}", "failed_epoch": epoch,
+                                  "wall_seconds": time.time() - started, **_provenance()})
         raise
+
+
+def _record_failure(run_dir: Path, result: dict) -> None:
+    try:
+        write_result(run_dir, result)
+    except OSError as err:  # a read-only run dir: the original error is the one to report
+        log.warning("cannot record the failure in %s: %s", run_dir, err)
+
+
+def _keep(cfg: DictConfig, run_dir: Path, previous: dict) -> Outcome:
+    """A start that does not train: the run completed (a teacher's lost export is restored), or it
+    failed while training and stays failed until retried."""
+    if previous["status"] != "completed":
+        return Outcome("failed", f"skipping {run_dir}: it failed in epoch {previous.get('failed_epoch')} "
+                                 f"({previous.get('error')}); pass retry_failed=true to run it again")
+    log.info("skipping %s: result.json says completed", run_dir)
+    if cfg.export_teacher:
+        restore_teacher_export(cfg, run_dir, previous)
+    return Outcome("skipped")
+
+
+def restore_teacher_export(cfg: DictConfig, run_dir: Path, result: dict) -> None:
+    """A completed teacher run whose export is missing, unreadable or not its final weights
+    (deleted, overwritten) writes it again from its own last.pt, without retraining."""
+    path = resolve_teacher_export_path(cfg)
+    last = run_dir / checkpoint.LAST
+    if not last.is_file():
+        if path.is_file():
+            return
+        raise TeacherError(f"teacher export {path} is missing and its completed run {run_dir} has no "
+                           f"{checkpoint.LAST} to write it from: delete {run_dir} to train it again")
+    weights = checkpoint.load(last)["student"]
+    if _holds_weights(path, weights):
+        return
+    check_writable(path.parent, "the teacher export")
+    model = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem, cfg.model.width)
+    model.load_state_dict(weights)
+    images = _images(_load_data(cfg.data))
+    identity = data_identity(cfg.data.name, images, cfg.data.val_size, cfg.data.split_seed)
+    export_teacher(model, path, cfg.seed, cfg.data, identity, result["test_acc_final"], str(run_dir))
+    log.info("re-exported teacher %s from %s (the run is complete; not retrained)", path, last)
+
+
+def _holds_weights(path: Path, weights: dict) -> bool:
+    try:
+        state = checkpoint.load(path)
+    except (checkpoint.CheckpointError, FileNotFoundError):
+        return False
+    exported = state.get("state_dict") if isinstance(state, dict) else None
+    return (isinstance(exported, dict) and exported.keys() == weights.keys()
+            and all(torch.equal(exported[k], weights[k]) for k in weights))
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Raise CannotStart unless a file can be created in `folder` (or, while it does not exist yet,
+    in its nearest existing parent, where it will be made); leaves nothing behind."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CannotStart(f"cannot write {what} into {folder}: {existing} is not writable ({err.strerror}); "
+                          f"make it writable or point paths.teachers_dir elsewhere") from None
 
 
 def resolve_teacher_export_path(cfg: DictConfig) -> Path:
@@ -73,16 +162,43 @@ def resolve_teacher_export_path(cfg: DictConfig) -> Path:
     return resolve_teacher_path(teacher_view)
 
 
-def _dry_run(cfg: DictConfig, run_dir: Path) -> str:
+def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
+    """Say what this job would do and check what can be checked without training: the data is
+    there, the teacher exists, the teacher export dir is writable. Problems make the outcome's reason."""
+    previous = kept_result(run_dir, cfg.retry_failed)
+    if previous is not None:
+        log.info("dry run: would skip %s: result.json says %s", run_dir, previous["status"])
+        return Outcome("dry_run")
+    problems, train_teacher = [], None
+    try:
+        _check_data(cfg.data)
+    except (DataError, CannotStart) as err:
+        problems.append(str(err))
     what = f"{run_role(cfg)} {cfg.model.arch} (w{cfg.model.width}, {cfg.model.stem} stem)"
-    if cfg.teacher.arch:
+    if method.needs_teacher:
         path = resolve_teacher_path(cfg)
-        state = "found" if path.is_file() else "MISSING - train it before this job runs"
-        what += f" from teacher {cfg.teacher.arch} [{path}: {state}]"
-    line = (f"dry run: would train {what} with {OmegaConf.to_container(cfg.method)} for {cfg.trainer.epochs} "
-            f"epochs, seed {cfg.seed}, into {run_dir}")
-    log.info(line)
-    return "dry_run"
+        found = path.is_file()
+        what += f" from teacher {cfg.teacher.arch} [{path}: {'found' if found else 'MISSING'}]"
+        if not found:
+            problems.append(f"teacher {path} is missing")
+            train_teacher = None if cfg.teacher.ckpt else train_command(cfg)
+    if cfg.export_teacher:
+        try:
+            check_writable(resolve_teacher_export_path(cfg).parent, "the teacher export")
+        except CannotStart as err:
+            problems.append(str(err))
+    busy = runlock.holder(run_dir)
+    log.info(f"dry run: would train {what} with {OmegaConf.to_container(cfg.method)} for {cfg.trainer.epochs} "
+             f"epochs, seed {cfg.seed}, into {run_dir}" + (f" (running now: {busy})" if busy else ""))
+    return Outcome("dry_run", "; ".join(problems) or None, train_teacher)
+
+
+def _check_data(d: DictConfig) -> None:
+    """The dry run's cheap data check: generated data can be written, real data is on disk."""
+    if d.name == "fake":
+        check_writable(Path(d.root), "the generated data")
+    elif not d.download:
+        check_present(d.root)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,17 +220,28 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _build(cfg: DictConfig, method, execution: Execution, device: torch.device, run_dir: Path) -> Loop:
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    d = cfg.data
-    if d.name == "fake":
+def _load_data(d: DictConfig) -> Splits:
+    generated = d.name == "fake"
+    if generated:
         write_fake_cifar(d.root, d.fake_train_size, d.fake_test_size)
-    splits = load_splits(d.root, d.val_size, d.split_seed, d.download, d.verify_md5)
-    teacher = execution.prepare(load_teacher(cfg, device)) if method.needs_teacher else None
+    return load_splits(d.root, d.val_size, d.split_seed, d.download, d.verify_md5, generated=generated)
+
+
+def _images(splits: Splits) -> int:
+    """The training images before the val split: what split indices refer to."""
+    return len(splits.train_x) + len(splits.val_x)
+
+
+def _build(cfg: DictConfig, method, execution: Execution, device: torch.device,
+           run_dir: Path) -> tuple[Loop, int]:
+    """The loop, and the number of training images before the val split (for data identities)."""
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    splits = _load_data(cfg.data)
+    teacher = execution.prepare(load_teacher(cfg, device, _images(splits))) if method.needs_teacher else None
     teacher_logits = None
     if execution.teacher_cache:
         teacher_logits = teacher_cache.load_or_build(resolve_teacher_path(cfg), teacher, splits.train_x, execution)
-    return build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits)
+    return build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits), _images(splits)
 
 
 def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, teacher: nn.Module | None,

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    def __init__(self, epoch: int):
-        super().__init__(f"loss became NaN/inf in epoch {epoch}; lower trainer.lr or check the teacher")
+    def __init__(self, epoch: int, with_teacher: bool):
+        remedy = "lower trainer.lr or check the teacher" if with_teacher else "lower trainer.lr"
+        super().__init__(f"loss became NaN/inf in epoch {epoch}; {remedy}")
         self.epoch = epoch
 
 
@@ -126,7 +127,7 @@ class Loop:
         seconds = time.perf_counter() - start
         losses = {name: (s / seen).item() for name, s in sums.items()}
         if not all(math.isfinite(v) for v in losses.values()):
-            raise NonFiniteLossError(epoch)
+            raise NonFiniteLossError(epoch, self.method.needs_teacher)
         norms_t = torch.stack(norms).float()
         clip = self.trainer.clip_norm
         return {
@@ -194,7 +195,10 @@ class Loop:
         path = self.run_dir / checkpoint.LAST
         if not path.exists():
             return False
-        ckpt = checkpoint.load(path, map_location=next(self.student.parameters()).device)
+        try:
+            ckpt = checkpoint.load(path, map_location=next(self.student.parameters()).device)
+        except checkpoint.CheckpointError as err:
+            raise checkpoint.CheckpointError(f"{err}; delete it to start this run over") from None
         self.student.load_state_dict(ckpt["student"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -1,4 +1,5 @@
-"""The multirun's closing summary: how many jobs completed, failed, were skipped or dry-run.
+"""The multirun's closing summary: how each job ended (kdexp/outcome.py), the reason for every job
+that did not succeed, and the exit code for the whole sweep.
 
 Jobs may run on other machines (SLURM), so each job leaves its outcome as a small file in the
 sweep dir and the driver reads them back when the sweep ends. Several multiruns of one experiment
@@ -6,8 +7,10 @@ share its sweep dir (and job numbers) and may run at once, so each driver gets i
 named by an id it puts in the environment its jobs inherit (locally and through sbatch)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -20,21 +23,64 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kdexp.records import atomic_write_json
+from kdexp.outcome import EXIT_CODES, Outcome, multirun_exit_code
+from kdexp.records import RESULT_FILE, atomic_write_json
 
 OUTCOMES = ".kdexp-outcomes"
 RUN_ID_ENV = "KDEXP_MULTIRUN_ID"
 
 
-def record_outcome(run_dir: Path, outcome: str) -> None:
+def record_outcome(run_dir: Path, outcome: Outcome) -> None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return
-    atomic_write_json(_folder(hc.sweep.dir) / f"{hc.job.num}.json", {"outcome": outcome, "run_dir": str(run_dir)})
+    atomic_write_json(_folder(hc.sweep.dir) / f"{hc.job.num}.json",
+                      {**dataclasses.asdict(outcome), "exit_code": outcome.exit_code, "run_dir": str(run_dir),
+                       "overrides": list(hc.overrides.task)})
 
 
 def _folder(sweep_dir: str) -> Path:
     return Path(sweep_dir) / OUTCOMES / os.environ.get(RUN_ID_ENV, "default")
+
+
+def summarize(outcomes: list[dict]) -> tuple[str, int]:
+    """The summary's text and the sweep's exit code, from the jobs' recorded outcomes."""
+    counts = Counter(o["status"] for o in outcomes)
+    lines = ["multirun summary: " + ", ".join(f"{counts[k]} {k}" for k in EXIT_CODES if counts[k])]
+    for o in outcomes:
+        if o["status"] == "failed":
+            lines.append(f"  failed: {o['run_dir']}/{RESULT_FILE}: {o['reason']}")
+        elif o["status"] == "rejected":  # it left no run dir: name the job by its overrides
+            lines.append(f"  rejected (nothing written): {' '.join(o['overrides'])}: {o['reason']}")
+        elif o["status"] == "locked":
+            lines.append(f"  locked: {o['reason']}")
+    lines += _dry_run_problems([o for o in outcomes if o["status"] == "dry_run" and o["reason"]])
+    return "\n".join(lines), multirun_exit_code([o["exit_code"] for o in outcomes])
+
+
+def _dry_run_problems(problems: list[dict]) -> list[str]:
+    """One count and one command per missing teacher set, not a line per job."""
+    if not problems:
+        return []
+    commands = sorted({o["train_teacher"] for o in problems if o["train_teacher"]})
+    lines = [f"dry run: {len(problems)} jobs would fail"]
+    if commands:
+        lines.append(f"  {sum(1 for o in problems if o['train_teacher'])} jobs need one of {len(commands)} "
+                     f"missing teachers; train them once with:")
+        lines += [f"    {command}" for command in _merge_models(commands)]
+    others = Counter(o["reason"] for o in problems if not o["train_teacher"])
+    lines += [f"  {n} jobs: {reason}" for reason, n in others.items()]
+    return lines
+
+
+def _merge_models(commands: list[str]) -> list[str]:
+    """Commands that differ only in `model=` become one multirun over the models."""
+    groups: dict[str, list[str]] = {}
+    for command in commands:
+        model = re.search(r" model=(\S+)", command).group(1)
+        groups.setdefault(command.replace(f" model={model}", " model=MODELS", 1), []).append(model)
+    return [template.replace("MODELS", ",".join(models)).replace("kdexp.train ", "kdexp.train -m ", 1)
+            if len(models) > 1 else template.replace("MODELS", models[0]) for template, models in groups.items()]
 
 
 class MultirunSummary(Callback):
@@ -43,13 +89,11 @@ class MultirunSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = _folder(config.hydra.sweep.dir)
-        outcomes = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        outcomes = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"), key=lambda p: int(p.stem))]
         shutil.rmtree(folder, ignore_errors=True)
-        counts = Counter(o["outcome"] for o in outcomes)
-        line = "multirun summary: " + ", ".join(f"{counts[k]} {k}" for k in
-                                                ("completed", "failed", "skipped", "dry_run") if counts[k])
-        failed = [o["run_dir"] for o in outcomes if o["outcome"] == "failed"]
-        print(line + "".join(f"\n  failed: {d}/result.json" for d in failed), flush=True)
-        if failed:  # Hydra turns a callback's exception into a warning: exit here so the driver fails
-            print(f"{len(failed)} of {len(outcomes)} jobs failed (listed above)", file=sys.stderr, flush=True)
-            sys.exit(1)
+        text, code = summarize(outcomes)
+        print(text, flush=True)
+        if code:  # Hydra turns a callback's exception into a warning: exit here so the driver fails
+            bad = sum(1 for o in outcomes if o["exit_code"])
+            print(f"{bad} of {len(outcomes)} jobs did not succeed (listed above)", file=sys.stderr, flush=True)
+            sys.exit(code)

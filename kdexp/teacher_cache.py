@@ -90,18 +90,10 @@ def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, 
 
 
 def _spec(teacher_ckpt: Path, images: torch.Tensor, execution: Execution, device: torch.device) -> dict:
-    return {"format": FORMAT, "teacher_sha256": _file_sha256(teacher_ckpt),
+    return {"format": FORMAT, "teacher_sha256": checkpoint.file_sha256(teacher_ckpt),
             "images_sha256": hashlib.sha256(images.cpu().contiguous().numpy()).hexdigest(), "images": len(images),
             "pad": PAD, "size": SIZE, "flips": 2, "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD),
             "precision": execution.precision, "device": device.type}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read(path: Path, spec: dict, device: torch.device) -> torch.Tensor | None:

@@ -6,20 +6,28 @@ run ever distils from a random network.
 """
 from __future__ import annotations
 
+import logging
+import shlex
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdexp import checkpoint
+from kdexp.config import register_configs
+from kdexp.data import data_identity, split_indices
 from kdexp.models import KDResNet, build_model
 
 FORMAT = "kdexp-teacher-v1"
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger(__name__)
 
 
 class TeacherError(RuntimeError):
-    """Missing, unreadable or mismatched teacher weights: always fatal."""
+    """Missing, unreadable, mismatched or wrongly trained teacher weights: always fatal."""
 
 
 def data_id(data: DictConfig) -> str:
@@ -38,20 +46,45 @@ def resolve_teacher_path(cfg: DictConfig) -> Path:
     return teacher_path(cfg.paths.teachers_dir, t.arch, t.stem, t.width, t.seed, cfg.data)
 
 
+def derived_teacher_path(cfg: DictConfig) -> Path:
+    """Where this config's teacher lives by its identity (ignoring teacher.ckpt)."""
+    t = cfg.teacher
+    return teacher_path(cfg.paths.teachers_dir, t.arch, t.stem, t.width, t.seed, cfg.data)
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    """The train config as the command line `overrides` compose it (inside a Hydra app or not)."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
 def train_command(cfg: DictConfig) -> str:
-    t, d = cfg.teacher, cfg.data
-    parts = ["python -m kdexp.train experiment=teacher", f"protocol={cfg.protocol_name}",
-             f"model={t.arch}", f"model.stem={t.stem}", f"model.width={t.width}", f"seed={t.seed}",
-             f"data={d.name}", f"data.val_size={d.val_size}", f"data.root={d.root}",
-             f"paths.teachers_dir={cfg.paths.teachers_dir}"]
-    return " ".join(parts)
+    """The command a user types to train this config's teacher (README form): the teacher preset,
+    protocol and model, plus only the overrides whose default there differs from what this student
+    needs, so the teacher lands exactly at the path the student looks up (and no other key ends up in
+    its run dir's name)."""
+    t, d, paths = cfg.teacher, cfg.data, cfg.paths
+    overrides = ["experiment=teacher", f"protocol={cfg.protocol_name}", f"model={t.arch}"]
+    needed = [("data.name", d.name, f"data={d.name}"), ("paths.output_dir", paths.output_dir, None),
+              ("paths.teachers_dir", paths.teachers_dir, None), ("data.root", d.root, None),
+              ("data.val_size", d.val_size, None), ("data.split_seed", d.split_seed, None),
+              ("model.stem", t.stem, None), ("model.width", t.width, None), ("seed", t.seed, None)]
+    for key, want, override in needed:
+        if OmegaConf.select(_compose(overrides), key) != want:
+            overrides.append(override or f"{key}={want}")
+    return "python -m kdexp.train " + " ".join(shlex.quote(o) for o in overrides)
 
 
-def export_teacher(model: KDResNet, path: Path, seed: int, data: DictConfig, test_acc: float,
+def export_teacher(model: KDResNet, path: Path, seed: int, data: DictConfig, identity: dict, test_acc: float,
                    run_dir: str) -> None:
+    """Write the teacher checkpoint students load: weights, architecture and the data identity
+    (`kdexp.data.data_identity`) it was trained on."""
     checkpoint.save(path, {
         "format": FORMAT, "arch": model.arch, "stem": model.stem, "width": model.width,
-        "num_classes": model.fc.out_features, "seed": seed, "data": data_id(data),
+        "num_classes": model.fc.out_features, "seed": seed, "data": data_id(data), "data_identity": identity,
         "test_acc": test_acc, "run_dir": run_dir, "state_dict": model.state_dict(),
     })
 
@@ -75,17 +108,18 @@ class FrozenTeacher(nn.Module):
         return self.model(x, with_features=with_features)
 
 
-def load_teacher(cfg: DictConfig, device: torch.device) -> FrozenTeacher:
+def load_teacher(cfg: DictConfig, device: torch.device, images: int) -> FrozenTeacher:
+    """The config's teacher, checked against the config and against the student's data (`images`:
+    the student's training set before its val split), frozen on `device`."""
     t = cfg.teacher
     path = resolve_teacher_path(cfg)
-    if not path.is_file():
-        raise TeacherError(f"teacher checkpoint not found: {path} (teacher.arch={t.arch}, stem={t.stem}, "
-                           f"width={t.width}, seed={t.seed}, data={data_id(cfg.data)}). Train it first:\n"
-                           f"  {train_command(cfg)}\nor point teacher.ckpt at an existing checkpoint.")
+    _check_exists(cfg, path)
     try:
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as err:
-        raise TeacherError(f"teacher checkpoint is corrupt: {err}") from None
+        raise TeacherError(f"teacher checkpoint is corrupt: {err}. Re-export it by running its teacher command "
+                           f"again (a completed teacher run re-exports without retraining): "
+                           f"{train_command(cfg)}") from None
     if isinstance(state, dict) and state.get("format") == FORMAT:
         expected = {"arch": t.arch, "stem": t.stem, "width": t.width, "num_classes": cfg.model.num_classes}
         wrong = {k: (state[k], v) for k, v in expected.items() if state[k] != v}
@@ -93,11 +127,75 @@ def load_teacher(cfg: DictConfig, device: torch.device) -> FrozenTeacher:
             details = ", ".join(f"{k}: checkpoint has {have!r}, config asks {want!r}" for k, (have, want) in wrong.items())
             raise TeacherError(f"teacher checkpoint {path} does not match teacher config ({details}); "
                                f"fix teacher.* or teacher.ckpt")
+        check_teacher_data(path, state.get("data_identity"), cfg, images)
         state = state["state_dict"]
+    else:
+        check_teacher_data(path, None, cfg, images)
     model = build_model(t.arch, cfg.model.num_classes, t.stem, t.width)
-    try:
-        model.load_state_dict(state)
-    except Exception as err:  # a plain state_dict from elsewhere that does not fit this architecture
+    misfit = state_dict_misfit(model, state)
+    if misfit:  # a plain state_dict from elsewhere that does not fit this architecture
         raise TeacherError(f"teacher checkpoint {path} does not fit teacher.arch={t.arch} "
-                           f"stem={t.stem} width={t.width}: {str(err).splitlines()[0]}") from None
+                           f"stem={t.stem} width={t.width}: {misfit}")
+    model.load_state_dict(state)
     return FrozenTeacher(model).to(device)
+
+
+def _check_exists(cfg: DictConfig, path: Path) -> None:
+    if path.is_file():
+        return
+    if cfg.teacher.ckpt:
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise TeacherError(f"teacher.ckpt={path} {what}: point it at a teacher checkpoint file, or drop "
+                           f"teacher.ckpt to use {derived_teacher_path(cfg)} (trained by: {train_command(cfg)})")
+    t = cfg.teacher
+    raise TeacherError(f"teacher checkpoint not found: {path} (teacher.arch={t.arch}, stem={t.stem}, "
+                       f"width={t.width}, seed={t.seed}, data={data_id(cfg.data)}); train it first: "
+                       f"{train_command(cfg)} (or point teacher.ckpt at an existing checkpoint)")
+
+
+def state_dict_misfit(model: nn.Module, state: object) -> str | None:
+    """Why `state` cannot load into `model` (the first few missing, unexpected and mis-shaped keys),
+    or None when it fits."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state_dict"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{label} {_first(keys)}" for label, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch (checkpoint vs model)", shapes))
+             if keys]
+    return "; ".join(parts) or None
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_teacher_data(path: Path, recorded: dict | None, cfg: DictConfig, images: int) -> None:
+    """Refuse a teacher that was trained on other data or on any of this run's validation images
+    (its val accuracy, and so model selection, would be inflated). A teacher that records nothing
+    (exported before kdexp recorded it, or a foreign state_dict) is used with a warning."""
+    data = cfg.data
+    mine = f"{data.name} ({images} images, val_size={data.val_size}, split_seed={data.split_seed})"
+    if recorded is None:
+        log.warning("teacher %s records no training data (exported before kdexp recorded it): cannot check "
+                    "that it never saw this run's validation images (%s)", path, mine)
+        return
+    theirs = (f"{recorded['dataset']} ({recorded['images']} images, val_size={recorded['val_size']}, "
+              f"split_seed={recorded['split_seed']})")
+    if (recorded["dataset"], recorded["images"]) != (data.name, images):
+        raise TeacherError(f"teacher {path} was trained on {theirs}, this run uses {mine}: "
+                           f"train one on this run's data: {train_command(cfg)}")
+    if recorded != data_identity(data.name, images, recorded["val_size"], recorded["split_seed"]):
+        raise TeacherError(f"teacher {path} records training indices that kdexp's split of {theirs} does not "
+                           f"produce: retrain it")
+    taught, _ = split_indices(images, recorded["val_size"], recorded["split_seed"])
+    _, val = split_indices(images, data.val_size, data.split_seed)
+    seen = int(torch.isin(val, taught).sum())
+    if seen:
+        raise TeacherError(f"teacher {path} was trained on {theirs}, which includes {seen} of this run's "
+                           f"{len(val)} validation images ({mine}): use a teacher trained with this run's "
+                           f"split, as trained by: {train_command(cfg)}")

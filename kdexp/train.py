@@ -1,8 +1,14 @@
 """The one entry point: `python -m kdexp.train` (or `kdexp-train`) trains a teacher, a baseline
-or a distilled student, depending only on the composed config."""
+or a distilled student, depending only on the composed config.
+
+Whatever goes wrong ends as one line on stderr (`kdexp: ...`) and an exit code (kdexp/outcome.py);
+the traceback goes to the run's train.log (Hydra's job log), and to the terminal too with
+HYDRA_FULL_ERROR=1. In a multirun the other jobs go on and the summary lists every job's outcome."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,34 +17,89 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kdexp import job
+from kdexp import job, runlock
+from kdexp.checkpoint import CheckpointError
 from kdexp.config import ConfigError, register_configs
+from kdexp.data import DataError
+from kdexp.loop import NonFiniteLossError
+from kdexp.outcome import Outcome
 from kdexp.summary import record_outcome
+from kdexp.teachers import TeacherError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 log = logging.getLogger("kdexp")
+EXPECTED = (DataError, TeacherError, NonFiniteLossError, CheckpointError)  # their message says it all
+JOB_FILES = {".hydra", "train.log", runlock.LOCK_FILE}  # what a start leaves before it writes anything
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> str:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        outcome = job.run(cfg, run_dir)
-    except ConfigError as err:  # bad input: one clear line, not a traceback
-        print(f"kdexp: invalid config: {err}", file=sys.stderr)
-        if not multirun:
-            sys.exit(2)
-        outcome = "failed"  # in a sweep, let the other jobs run and the summary list this one
-    except Exception:
-        if not multirun:
-            raise
-        # A raising job stops the sweep before the summary; it lists this failure and exits 1.
-        log.exception("job failed: %s", run_dir)
-        outcome = "failed"
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    outcome = _outcome(cfg, run_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    if outcome.reason and not (multirun and outcome.status == "dry_run"):  # the summary counts those
+        print(f"kdexp: {outcome.reason}", file=sys.stderr, flush=True)
     record_outcome(run_dir, outcome)
-    return outcome
+    if outcome.exit_code and (not multirun or outcome.status == "interrupted"):  # Ctrl-C stops the sweep too
+        sys.exit(outcome.exit_code)
+    return outcome.status
+
+
+def _outcome(cfg: DictConfig, run_dir: Path) -> Outcome:
+    try:
+        return job.run(cfg, run_dir)
+    except (ConfigError, job.CannotStart) as err:  # bad input, nothing written: one clear line
+        _forget(run_dir, cfg.paths.output_dir)
+        prefix = "invalid config: " if isinstance(err, ConfigError) else ""
+        return Outcome("rejected", f"{prefix}{err}")
+    except runlock.RunLocked as err:  # says nothing to train.log: it is the other process's log
+        return Outcome("locked", str(err))
+    except job.Interrupted as err:
+        _log_traceback(str(err), err)
+        return Outcome("interrupted", str(err))
+    except Exception as err:
+        reason = _one_line(err)
+        _log_traceback(reason, err)
+        return Outcome("failed", reason if isinstance(err, EXPECTED) else f"{reason} (traceback in {run_dir}/train.log)")
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, EXPECTED):
+        return str(err)
+    if isinstance(err, OSError) and err.filename:
+        return f"cannot write {err.filename}: {err.strerror}"
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _log_traceback(message: str, err: BaseException) -> None:
+    """The traceback goes to the run's train.log only (the terminal has the one line), unless
+    HYDRA_FULL_ERROR=1 asks for it everywhere."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        log.error(message, exc_info=err)
+        return
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, (type(err), err, err.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _forget(run_dir: Path, output_dir: str) -> None:
+    """A rejected job leaves no run dir for analysis to list: remove what Hydra made for it (.hydra,
+    train.log) when that is all the dir holds, and the folders left empty above it."""
+    if runlock.holder(run_dir) or not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - JOB_FILES:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    top = Path(output_dir).resolve()
+    for folder in run_dir.parents:
+        if folder == top or top not in folder.parents:
+            break
+        try:
+            folder.rmdir()
+        except OSError:  # not empty
+            break
 
 
 if __name__ == "__main__":

@@ -136,10 +136,15 @@ def test_nan_loss_fails_the_run_with_its_epoch_and_is_retried_only_when_asked(tm
     result = read_result(next(tmp_path.rglob("result.json")).parent)
     assert result["status"] == "failed" and result["failed_epoch"] == 1
     assert "NonFiniteLossError" in result["error"]
-    again = run_train(*args)
-    assert again.returncode == 0 and "retry_failed=true" in again.stdout + again.stderr
+    assert proc.stderr.strip().splitlines() == [  # one line, and no "check the teacher" for a baseline
+        "kdexp: loss became NaN/inf in epoch 1; lower trainer.lr"], proc.stderr
+    assert "Traceback" in (result_dir := next(tmp_path.rglob("result.json")).parent / "train.log").read_text()
+    before = (result_dir.parent / "result.json").read_bytes()
+    again = run_train(*args)  # skipped, and still a failure: exit 1, not 0
+    assert again.returncode == 1 and "retry_failed=true" in again.stderr
+    assert (result_dir.parent / "result.json").read_bytes() == before
     retried = run_train(*args, "retry_failed=true")
-    assert retried.returncode != 0 and "NonFiniteLossError" in retried.stderr
+    assert retried.returncode == 1 and "loss became NaN/inf in epoch 1" in retried.stderr
 
 
 def test_missing_teacher_fails_without_training_and_trains_once_it_exists(tmp_path, fake_root, teacher_run):

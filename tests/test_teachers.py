@@ -5,29 +5,44 @@ import torch
 from helpers import compose_cfg
 from kdexp.checkpoint import save
 from kdexp.models import build_model
+from kdexp.data import data_identity
 from kdexp.teachers import FrozenTeacher, TeacherError, export_teacher, load_teacher, resolve_teacher_path
+
+IMAGES = 50_000  # CIFAR-10's training set, before the val split
 
 
 def _cfg(tmp_path, *extra):
     return compose_cfg("pair=r34_to_r18", "method=logit", "teacher.width=4", f"paths.output_dir={tmp_path}", *extra)
 
 
+def _export(model, cfg, path=None, val_size=5000, split_seed=1234):
+    """Export `model` as a teacher trained on CIFAR-10 with the given split (default: v2's)."""
+    identity = data_identity("cifar10", IMAGES, val_size, split_seed)
+    export_teacher(model, path or resolve_teacher_path(cfg), 0, cfg.data, identity, 0.5, "somewhere")
+
+
+def _load(cfg):
+    return load_teacher(cfg, torch.device("cpu"), IMAGES)
+
+
 def test_missing_teacher_names_the_path_and_the_command(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(TeacherError) as err:
-        load_teacher(cfg, torch.device("cpu"))
+        _load(cfg)
     msg = str(err.value)
     assert str(resolve_teacher_path(cfg)) in msg
     assert str(resolve_teacher_path(cfg)).endswith("teachers/cifar10_val5000_split1234/resnet34_cifar_w4_seed0.pt")
-    assert "python -m kdexp.train experiment=teacher protocol=v2 model=resnet34 model.stem=cifar " \
-           "model.width=4 seed=0" in msg
+    # only what differs from the teacher preset's defaults (nothing that lands in the run dir's name)
+    assert f"python -m kdexp.train experiment=teacher protocol=v2 model=resnet34 paths.output_dir={tmp_path} " \
+           "model.width=4 (" in msg
+    assert "\n" not in msg
 
 
 def test_exported_teacher_loads_frozen_and_in_eval_mode(tmp_path):
     cfg = _cfg(tmp_path)
     model = build_model("resnet34", width=4)
-    export_teacher(model, resolve_teacher_path(cfg), 0, cfg.data, 0.5, "somewhere")
-    teacher = load_teacher(cfg, torch.device("cpu"))
+    _export(model, cfg)
+    teacher = _load(cfg)
     assert isinstance(teacher, FrozenTeacher)
     assert not any(p.requires_grad for p in teacher.parameters())
     teacher.train()
@@ -49,24 +64,72 @@ def test_exported_teacher_loads_frozen_and_in_eval_mode(tmp_path):
 ])
 def test_mismatched_teacher_is_a_clear_error(tmp_path, built, complaint):
     cfg = _cfg(tmp_path)
-    export_teacher(build_model(**built), resolve_teacher_path(cfg), 0, cfg.data, 0.5, "x")
+    _export(build_model(**built), cfg)
     with pytest.raises(TeacherError, match="does not match teacher config") as err:
-        load_teacher(cfg, torch.device("cpu"))
+        _load(cfg)
     assert complaint in str(err.value)
 
 
 def test_corrupt_teacher_checkpoint_is_a_clear_error(tmp_path):
     cfg = _cfg(tmp_path)
     path = resolve_teacher_path(cfg)
-    export_teacher(build_model("resnet34", width=4), path, 0, cfg.data, 0.5, "x")
+    _export(build_model("resnet34", width=4), cfg)
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(TeacherError, match="corrupt"):
-        load_teacher(cfg, torch.device("cpu"))
+    with pytest.raises(TeacherError, match="corrupt") as err:
+        _load(cfg)
+    assert "delete it" not in str(err.value)  # that is last.pt's advice; a teacher is re-exported
+    assert "python -m kdexp.train experiment=teacher protocol=v2 model=resnet34 " in str(err.value)
+
+
+def test_teacher_ckpt_naming_a_directory_says_so(tmp_path):
+    cfg = _cfg(tmp_path, f"teacher.ckpt={tmp_path}")
+    with pytest.raises(TeacherError) as err:
+        _load(cfg)
+    assert f"teacher.ckpt={tmp_path} is a directory" in str(err.value) and "not found" not in str(err.value)
 
 
 def test_plain_state_dict_of_the_wrong_shape_is_refused(tmp_path):
     path = tmp_path / "foreign.pt"
-    save(path, build_model("resnet18", width=4).state_dict())
+    save(path, build_model("resnet18", width=8).state_dict())
     cfg = _cfg(tmp_path, f"teacher.ckpt={path}")
-    with pytest.raises(TeacherError, match="does not fit teacher.arch=resnet34"):
-        load_teacher(cfg, torch.device("cpu"))
+    with pytest.raises(TeacherError, match="does not fit teacher.arch=resnet34") as err:
+        _load(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "Error(s) in loading state_dict" not in message
+    assert "missing keys layer1.2.conv1.weight, " in message and "(+93 more)" in message  # the first few
+    assert "size mismatch (checkpoint vs model) conv1.weight (8, 3, 3, 3) vs (4, 3, 3, 3)" in message
+
+
+@pytest.mark.parametrize("val_size, split_seed, accepted", [(5000, 1234, True), (0, 1234, False), (5000, 7, False)])
+def test_teacher_that_saw_the_students_validation_images_is_refused(tmp_path, val_size, split_seed, accepted):
+    """A v2 student (5k val, split seed 1234) accepts only a teacher trained without its val images:
+    not one trained on all 50k (v1), nor one whose split came from another seed."""
+    cfg = _cfg(tmp_path)
+    _export(build_model("resnet34", width=4), cfg, val_size=val_size, split_seed=split_seed)
+    if accepted:
+        _load(cfg)
+        return
+    with pytest.raises(TeacherError) as err:
+        _load(cfg)
+    message = str(err.value)
+    assert str(resolve_teacher_path(cfg)) in message and "\n" not in message
+    assert f"val_size={val_size}, split_seed={split_seed}" in message  # the teacher's data
+    assert "of this run's 5000 validation images (cifar10 (50000 images, val_size=5000, split_seed=1234))" in message
+
+
+def test_teacher_trained_on_another_dataset_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    export_teacher(build_model("resnet34", width=4), resolve_teacher_path(cfg), 0, cfg.data,
+                   data_identity("fake", 2000, 200, 1234), 0.5, "x")
+    with pytest.raises(TeacherError, match=r"was trained on fake \(2000 images"):
+        _load(cfg)
+
+
+def test_teacher_without_a_data_record_is_used_with_a_warning(tmp_path, caplog):
+    """A plain state_dict (or a teacher exported before kdexp recorded its data) cannot be checked:
+    it is accepted, and the log says what could not be checked."""
+    path = tmp_path / "foreign.pt"
+    save(path, build_model("resnet34", width=4).state_dict())
+    with caplog.at_level("WARNING"):
+        _load(_cfg(tmp_path, f"teacher.ckpt={path}"))
+    assert "records no training data" in caplog.text

@@ -5,6 +5,8 @@ the CPU or the GPU, with no per-image Python work.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,32 +80,58 @@ def _find_bad_file(root: Path) -> str:
     return f"{root / BATCH_DIR} (files do not match their md5 checksums)"
 
 
-def _load_split(root: Path, train: bool, download: bool, verify_md5: bool):
+def _load_split(root: Path, train: bool, download: bool, verify_md5: bool, generated: bool):
     try:
         ds = _CheckedCIFAR10(str(root), train=train, download=download, verify_md5=verify_md5)
     except Exception as err:
         if not (root / BATCH_DIR).exists():  # nothing was there, or a download did not get as far
             reason = f"data.download=true failed ({type(err).__name__}: {err}). " if download else ""
             raise DataError(reason + _missing_message(root)) from None
+        remedy = "it is generated again on the next run" if generated else "then download it again"
         raise DataError(f"CIFAR-10 batch file is corrupt: {_find_bad_file(root)}. "
-                        f"Delete {root / BATCH_DIR} and download it again.") from None
+                        f"Delete {root / BATCH_DIR}: {remedy}.") from None
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW, still uint8
     return x, torch.tensor(ds.targets, dtype=torch.long)
 
 
+def check_present(root: str | Path) -> None:
+    """The cheap check a dry run makes: every batch file is there and readable (not unpickled)."""
+    folder = Path(root) / BATCH_DIR
+    names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    missing = [name for name in names if not os.access(folder / name, os.R_OK)]
+    if missing:
+        raise DataError(_missing_message(Path(root)) if len(missing) == len(names) else
+                        f"{folder} lacks or cannot read {', '.join(missing)}: delete it and get CIFAR-10 again")
+
+
+def split_indices(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into the `n` training images, each sorted: the val split is a fixed
+    random subset drawn from `split_seed` alone, so every run seed sees the same split."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
+def data_identity(name: str, n: int, val_size: int, split_seed: int) -> dict:
+    """What a model was trained on, as a teacher checkpoint records it: the dataset, the split and
+    a hash of the sorted training indices (the indices themselves follow from the other fields)."""
+    train_idx, _ = split_indices(n, val_size, split_seed)
+    digest = hashlib.sha256(train_idx.to(torch.int64).numpy().tobytes()).hexdigest()
+    return {"dataset": name, "images": n, "val_size": val_size, "split_seed": split_seed,
+            "train_indices_sha256": digest}
+
+
 def load_splits(root: str | Path, val_size: int, split_seed: int, download: bool = False,
-                verify_md5: bool = True) -> Splits:
-    """Train/val/test tensors. The val split is a fixed random subset of the 50k training images,
-    drawn from `split_seed` alone so every run seed sees the same split (the study's v2 protocol)."""
+                verify_md5: bool = True, generated: bool = False) -> Splits:
+    """Train/val/test tensors, the val split as `split_indices` draws it (the study's v2 protocol).
+    `generated`: the files are kdexp's generated data (a corrupt copy is regenerated, not downloaded)."""
     root = Path(root)
     if not download and not (root / BATCH_DIR).is_dir():
         raise DataError(_missing_message(root))
-    train_x, train_y = _load_split(root, True, download, verify_md5)
-    test_x, test_y = _load_split(root, False, False, verify_md5)
+    train_x, train_y = _load_split(root, True, download, verify_md5, generated)
+    test_x, test_y = _load_split(root, False, False, verify_md5, generated)
     if not 0 <= val_size < len(train_x):
         raise DataError(f"data.val_size={val_size} must be in [0, {len(train_x) - 1}] "
                         f"(the training set has {len(train_x)} images)")
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    train_idx, val_idx = split_indices(len(train_x), val_size, split_seed)
     return Splits(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
                   test_x, test_y)

@@ -9,12 +9,14 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from kdexp import __version__
 
 from . import render
+from .aggregate import UNNAMED
 from .collect import collect
 from .figures import Figure, make_figures
 from .tables import slug
@@ -27,26 +29,37 @@ FORMATS = ("md", "latex", "csv", "html")
 _EXTENSIONS = {"md": (".md", render.markdown), "latex": (".tex", render.latex), "csv": (".csv", render.csv_text)}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, not argparse's usage block: the usage is one `--help` away."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis",
+    p = _Parser(prog="python -m analysis",
                                 description="Run directories (kdexp's or the study's) -> the paper's tables, "
                                             "figures and a self-contained HTML report.")
     p.add_argument("roots", nargs="+", type=Path, help="directories searched recursively for runs")
     p.add_argument("--out", type=Path, help="write tables, figures and report.html here")
-    p.add_argument("--format", default=",".join(FORMATS),
-                   help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
+    p.add_argument("--format", help=f"with --out: comma-separated subset of {','.join(FORMATS)} (default: all)")
     p.add_argument("--strict", action="store_true",
-                   help="exit 1 if an expected cell is missing or only failed / unfinished runs")
+                   help="exit 1 if an expected cell is missing, a configuration has only failed, corrupt or "
+                        "unfinished runs, or an --experiment has no run")
     p.add_argument("--select", choices=sorted(RULES),
                    help="val: test@best-val; final: last epoch; test: best test (optimistic). "
                         "Default: val where runs have a validation split, else final")
     p.add_argument("--experiment", action="append", metavar="NAME",
                    help="only this experiment_name (repeatable); other runs are listed as skipped")
     args = p.parse_args(argv)
-    args.formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    if args.format is not None and args.out is None:
+        p.error(f"--format {args.format!r} chooses what --out DIR gets; without --out nothing is written "
+                "(add --out DIR, or drop --format)")
+    chosen = ",".join(FORMATS) if args.format is None else args.format
+    args.formats = [f.strip() for f in chosen.split(",") if f.strip()]
     unknown = set(args.formats) - set(FORMATS)
-    if unknown:
-        p.error(f"unknown format(s) {', '.join(sorted(unknown))}; choose from {', '.join(FORMATS)}")
+    if unknown or not args.formats:
+        named = f"unknown format(s) {', '.join(sorted(unknown))}" if unknown else f"--format {args.format!r} names no format"
+        p.error(f"{named}; choose from {', '.join(FORMATS)}")
     return args
 
 
@@ -56,21 +69,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing_roots:
         print(f"error: not a directory: {', '.join(missing_roots)}", file=sys.stderr)
         return 2
+    if args.out and (problem := unwritable(args.out)):
+        print(f"error: --out {args.out}: {problem}; choose a writable directory", file=sys.stderr)
+        return 1
+    roots = ", ".join(map(str, args.roots))
     frame = collect(args.roots)
     if frame.empty:
-        print(f"error: no runs found under {', '.join(map(str, args.roots))}", file=sys.stderr)
+        print(f"error: no runs found under {roots}", file=sys.stderr)
         return 1
     analysis = analyse(frame, args.select, args.experiment)
+    if analysis.not_found:
+        present = sorted({e or UNNAMED for e in frame["experiment"].replace({float("nan"): None})})
+        print(f"{'error' if not analysis.experiments else 'warning'}: --experiment "
+              f"{', '.join(analysis.not_found)}: no run of it under {roots} (experiments there: {', '.join(present)})",
+              file=sys.stderr)
+        if not analysis.experiments:
+            return 1
     print(summary(analysis))
     if args.out:
         command = shlex.join(["python", "-m", "analysis", *(sys.argv[1:] if argv is None else argv)])
-        write_outputs(analysis, args.out, args.formats, command)
-        print(f"\nwrote tables, figures{' and report.html' if 'html' in args.formats else ''} to {args.out}")
+        try:
+            written = write_outputs(analysis, args.out, args.formats, command)
+        except OSError as err:
+            print(f"error: --out {args.out}: cannot write {err.filename or ''} ({err.strerror or err}); "
+                  "choose a writable directory", file=sys.stderr)
+            return 1
+        print(f"\nwrote {written} to {args.out}")
     if args.strict and not analysis.complete:
-        print(f"--strict: {len(analysis.cells)} expected cell(s) missing or failed, "
-              f"{analysis.unfinished} failed / unfinished run(s) of configurations that never completed", file=sys.stderr)
+        print(f"--strict: {analysis.incomplete_text()}", file=sys.stderr)
         return 1
     return 0
+
+
+def unwritable(out: Path) -> str | None:
+    """Why nothing can be written under `out` (checked before the analysis runs), or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        return f"cannot write there ({err.strerror or err})"
+    return None
 
 
 def summary(analysis: Analysis) -> str:
@@ -93,7 +132,8 @@ def summary(analysis: Analysis) -> str:
     return "\n\n".join(parts)
 
 
-def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: str) -> None:
+def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: str) -> str:
+    """Every table in `formats`, every figure, runs.csv and (with html) report.html; says what it wrote."""
     out.mkdir(parents=True, exist_ok=True)
     single = len(analysis.experiments) == 1
     figures: dict[str, list[Figure]] = {}
@@ -106,6 +146,10 @@ def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: st
     runs.to_csv(out / "runs.csv", index=False)
     if "html" in formats:
         write_report(out / "report.html", analysis, figures, command, __version__)
+    table_formats = [f for f in formats if f in _EXTENSIONS]
+    written = ([f"tables ({', '.join(table_formats)})"] if table_formats else []) + ["figures", "runs.csv"]
+    written += ["report.html"] if "html" in formats else []
+    return ", ".join(written[:-1]) + " and " + written[-1]
 
 
 def _write_tables(tables: list[Table], directory: Path, formats: list[str]) -> None:

@@ -21,6 +21,7 @@ CELL_FIELDS = ("kind", "teacher", "teacher_stem", "teacher_width", "teacher_seed
 STUDENT_CONTEXT = ("student", "stem", "width", "epochs", "val_size", "data")
 # What a pair's rows share; the method and its hyperparameters vary within a pair.
 PAIR_CONTEXT = ("teacher", "teacher_stem", "teacher_width", "teacher_seed") + STUDENT_CONTEXT
+UNNAMED = "(unnamed)"  # the experiment of a run whose config does not name one (or cannot be read)
 # torchvision's ResNets (and the study's): a model of another width carries it in its name.
 DEFAULT_WIDTH = 64
 
@@ -218,5 +219,5 @@ def teacher_runs(cell: Cell, runs: Iterable[dict[str, Any]]) -> list[dict[str, A
 def group_by_experiment(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     by_name: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        by_name[run["experiment"] or "(unnamed)"].append(run)
+        by_name[run["experiment"] or UNNAMED].append(run)
     return dict(sorted(by_name.items()))

@@ -26,7 +26,7 @@ CONFIG_FILE = Path(".hydra") / "config.yaml"
 
 # Config keys that say where/how a run executed, not what it computed: they do not make two
 # runs different configurations (a run repeated on another machine is a duplicate).
-_ENV_KEY = re.compile(
+ENV_KEY = re.compile(
     r"^(paths\..*|hydra\..*|dry_run|retry_failed|export_teacher|teacher\.ckpt|data\.root|"
     r"data\.download|data\.verify_md5|data\.num_workers|trainer\.device|trainer\.progress)$"
 )
@@ -107,8 +107,7 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
     if result is None:
         if cfg.get("dry_run") is True:
             return mark(row, "incomplete", "dry run: composed and validated, never trained")
-        return mark(row, "incomplete",
-                        f"no {records.RESULT_FILE} (running or killed); {len(history)} epochs logged")
+        return mark(row, "incomplete", _no_result(len(history)))
     if result.get("schema_version") != records.SCHEMA_VERSION:
         return mark(row, "corrupt",
                         f"unsupported {records.RESULT_FILE} schema_version {result.get('schema_version')!r}")
@@ -123,6 +122,16 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
         return mark(row, "corrupt", f"{records.RESULT_FILE} has no valid test_acc_final")
     row["status"] = "completed"
     return row
+
+
+def _no_result(epochs_logged: int) -> str:
+    """What a run dir without result.json can be: a job still running or killed (no process
+    writes result.json on SIGKILL or a node failure), or one that stopped before its first epoch."""
+    if epochs_logged:
+        return (f"no {records.RESULT_FILE} after {epochs_logged} epoch(s) logged (running, or killed: "
+                "rerun the same command to resume)")
+    return (f"no {records.RESULT_FILE} and no epoch logged (running, or stopped before its first epoch: "
+            "see its train.log)")
 
 
 def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> None:
@@ -143,7 +152,7 @@ def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> Non
     set_method(row, method_name if method_name in ("ce", "logit", "feature") else infer_method(method),
                alpha=method.get("alpha"), T=method.get("T"), beta=method.get("beta"),
                clip_projection=method.get("clip_projection"))
-    flat = {k: v for k, v in flatten(cfg).items() if not _ENV_KEY.match(k)}
+    flat = {k: v for k, v in flatten(cfg).items() if not ENV_KEY.match(k)}
     row["config"] = flat
     row["config_hash"] = config_hash(flat)
 

@@ -19,14 +19,17 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .aggregate import run_records
+from .aggregate import UNNAMED, run_records
+from .collect import ENV_KEY
 from .schema import load_yaml
 
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
+MULTIRUN_FILE = "multirun.yaml"
+ONE_CELL = "(its only cell: every swept key was set on the command line)"
 STUDY_FINAL_SEEDS = (0, 1, 2, 3, 4)
 STUDY_TEACHER_SEEDS = (0, 1, 2)
 _PRESENT = ("completed", "duplicate")
-_SEVERITY = ("failed", "corrupt", "incomplete")  # the state shown when a cell has only such runs
+UNFINISHED_STATUSES = ("failed", "corrupt", "incomplete")  # most severe first: a cell shows the worst
 
 
 @dataclass(frozen=True)
@@ -51,34 +54,42 @@ def problem_cells(frame: pd.DataFrame) -> list[CellState]:
 def unfinished_runs(frame: pd.DataFrame) -> pd.DataFrame:
     """Failed / incomplete / corrupt runs whose configuration has no completed run elsewhere."""
     done = set(frame.loc[frame["status"].isin(_PRESENT), "config_hash"].dropna())
-    bad = frame["status"].isin(_SEVERITY)
+    bad = frame["status"].isin(UNFINISHED_STATUSES)
     return frame[bad & ~frame["config_hash"].isin(done)]
 
 
 def _sweep_cells(runs: list[dict[str, Any]]) -> list[CellState]:
-    families: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    sweeps: dict[tuple, dict[str, list[str]]] = {}
+    """Each family's product of swept values; a cell is found wherever a job with exactly its
+    overrides ran, in this family or another (e.g. an earlier multirun that swept a key this one pinned)."""
+    jobs: dict[tuple, list[dict]] = defaultdict(list)   # (experiment, overrides) → runs
+    families: dict[tuple, dict[str, list[str]]] = {}    # (experiment, fixed, sweep) → sweep
+    multiruns: dict[Path, dict | None] = {}             # multirun.yaml → its hydra node, read once
     for run in runs:
-        sweep_info = _job_sweep(Path(run["run_dir"]))
+        sweep_info = _job_sweep(Path(run["run_dir"]), multiruns)
         if sweep_info is None:
             continue
         sweep, overrides = sweep_info
+        experiment = run["experiment"] or UNNAMED
+        jobs[(experiment, _frozen(overrides))].append(run)
         fixed = tuple(sorted((k, v) for k, v in overrides.items() if k not in sweep))
-        family = (run["experiment"] or "", fixed, tuple((k, tuple(v)) for k, v in sorted(sweep.items())))
-        sweeps[family] = sweep
-        families[family][tuple(overrides[k] for k in sorted(sweep))].append(run)
-    states = []
-    for family, observed in families.items():
-        experiment, fixed, _ = family
-        keys = sorted(sweeps[family])
+        families[(experiment, fixed, tuple((k, tuple(v)) for k, v in sorted(sweep.items())))] = sweep
+    states: dict[tuple, CellState] = {}
+    for (experiment, fixed, _), sweep in families.items():
+        keys = sorted(sweep)
         fixed_text = " ".join(f"{k}={v}" for k, v in fixed) or "(no other overrides)"
-        for values in itertools.product(*(sweeps[family][k] for k in keys)):
-            state = _state(observed.get(values, []))
+        for values in itertools.product(*(sweep[k] for k in keys)):
+            overrides = dict(fixed) | dict(zip(keys, values))
+            found = jobs.get((experiment, _frozen(overrides)), [])
+            state = _state(found)
             if state:
-                cell = " ".join(f"{k}={v}" for k, v in zip(keys, values))
-                states.append(CellState(experiment, fixed_text, cell, state,
-                                        tuple(r["run_dir"] for r in observed.get(values, []))))
-    return states
+                cell = " ".join(f"{k}={v}" for k, v in zip(keys, values)) or ONE_CELL
+                states.setdefault((experiment, _frozen(overrides)), CellState(
+                    experiment, fixed_text, cell, state, tuple(r["run_dir"] for r in found)))
+    return list(states.values())
+
+
+def _frozen(overrides: dict[str, str]) -> tuple:
+    return tuple(sorted(overrides.items()))
 
 
 def _state(runs: list[dict[str, Any]]) -> str | None:
@@ -87,26 +98,81 @@ def _state(runs: list[dict[str, Any]]) -> str | None:
     statuses = {r["status"] for r in runs}
     if statuses & set(_PRESENT):
         return None
-    return next(s for s in _SEVERITY if s in statuses)
+    return next(s for s in UNFINISHED_STATUSES if s in statuses)
 
 
-def _job_sweep(run_dir: Path) -> tuple[dict[str, list[str]], dict[str, str]] | None:
-    """(swept key → expanded values, this job's overrides) or None for a job outside a multirun."""
-    try:
-        hydra = (load_yaml(run_dir / HYDRA_FILE) or {}).get("hydra") or {}
-    except (OSError, yaml.YAMLError, AttributeError, UnicodeDecodeError):
+def _job_sweep(run_dir: Path, multiruns: dict[Path, dict | None]) -> tuple[dict[str, list[str]], dict[str, str]] | None:
+    """(swept key → expanded values, this job's overrides) or None for a job outside a multirun.
+
+    Keys that say where or how a job ran (retry_failed, dry_run, trainer.device, ...) are left out:
+    a resubmission with retry_failed=true is the same cell, not another family.
+    """
+    hydra = _hydra_node(run_dir / HYDRA_FILE)
+    if hydra is None or hydra.get("mode") != "MULTIRUN":
         return None
-    if not isinstance(hydra, dict) or hydra.get("mode") != "MULTIRUN":
-        return None
-    overrides = dict(_split_override(o) for o in ((hydra.get("overrides") or {}).get("task") or []))
+    overrides = _overrides((hydra.get("overrides") or {}).get("task"))
     params = (hydra.get("sweeper") or {}).get("params") or {}
+    command_line = _command_line(run_dir, params, overrides, multiruns)
     sweep = {}
     for key, spec in params.items():
+        if command_line is not None and key in command_line:
+            continue  # the command line overrides the sweep: swept there or pinned (fixed)
         values = expand(spec)
         # A key set on the command line overrides the sweep: for this job it is fixed, not swept.
         if values and overrides.get(key) in values:
             sweep[key] = values
-    return sweep, overrides
+    for key, spec in (command_line or {}).items():
+        if len(values := expand(spec)) > 1 and overrides.get(key) in values:
+            sweep[key] = values  # a sweep typed on the command line (`seed=0,1`)
+    return sweep, {k: v for k, v in overrides.items() if not ENV_KEY.match(k)}
+
+
+def _hydra_node(path: Path) -> dict | None:
+    try:
+        hydra = (load_yaml(path) or {}).get("hydra")
+    except (OSError, yaml.YAMLError, AttributeError, UnicodeDecodeError):
+        return None
+    return hydra if isinstance(hydra, dict) else None
+
+
+def _overrides(task: Any) -> dict[str, str]:
+    return dict(_split_override(o) for o in (task or []) if isinstance(o, str))
+
+
+def _command_line(run_dir: Path, params: dict, overrides: dict[str, str],
+                  multiruns: dict[Path, dict | None]) -> dict[str, str] | None:
+    """The overrides typed on the command line of this job's multirun (key → raw spec), or None.
+
+    A job's own `hydra.overrides.task` cannot tell `seed=0` typed on the command line from seed 0
+    of the sweep; Hydra's `multirun.yaml` in the sweep dir (an ancestor of the job's dir) records
+    the command line, but only the latest multirun's. It is used for this job only if it describes
+    it: the same sweep parameters, and every typed value agrees with the job's overrides.
+    """
+    multirun = _multirun_file(run_dir.parent)
+    if multirun is None:
+        return None
+    if multirun not in multiruns:
+        multiruns[multirun] = _hydra_node(multirun)
+    hydra = multiruns[multirun]
+    if hydra is None or ((hydra.get("sweeper") or {}).get("params") or {}) != params:
+        return None
+    typed = dict(_split_raw(o) for o in ((hydra.get("overrides") or {}).get("task") or []) if isinstance(o, str))
+    if all(overrides.get(k) in (expand(v) or [normalise(v)]) for k, v in typed.items()):
+        return typed
+    return None
+
+
+def _multirun_file(directory: Path) -> Path | None:
+    """The nearest `multirun.yaml` in `directory` or above it (Hydra writes it in the sweep dir)."""
+    for candidate in (directory, *directory.parents):
+        if (candidate / MULTIRUN_FILE).is_file():
+            return candidate / MULTIRUN_FILE
+    return None
+
+
+def _split_raw(text: str) -> tuple[str, str]:
+    key, _, value = text.partition("=")
+    return key.lstrip("+~"), value
 
 
 def _split_override(text: str) -> tuple[str, str]:

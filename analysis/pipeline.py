@@ -6,8 +6,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from .aggregate import Experiment, group_by_experiment, run_records
-from .expected import CellState, problem_cells, unfinished_runs
+from .aggregate import UNNAMED, Experiment, group_by_experiment, run_records
+from .expected import UNFINISHED_STATUSES, CellState, problem_cells, unfinished_runs
 from .rules import RULES, Rule, default_rule, rule_note
 from .tables import Table, comparison, experiment_tables
 
@@ -19,13 +19,22 @@ class Analysis:
     tables: dict[str, list[Table]]           # experiment name → its tables
     problems: Table                          # runs not averaged in, and why
     cells: list[CellState]                   # expected cells without a completed run
-    unfinished: int                          # failed/incomplete/corrupt runs of configs never completed
+    unfinished: dict[str, int]               # status → failed/corrupt/incomplete runs of configs never completed
     shared: list[Table] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)  # --experiment names no run has
 
     @property
     def complete(self) -> bool:
-        """What --strict checks: no expected cell missing, no configuration only failed."""
-        return not self.cells and not self.unfinished
+        """What --strict checks: no expected cell missing, no configuration only failed, every
+        selected experiment found."""
+        return not self.cells and not sum(self.unfinished.values()) and not self.not_found
+
+    def incomplete_text(self) -> str:
+        """`2 expected cell(s) missing or failed; runs of configurations that never completed: 1 failed, 1 corrupt`."""
+        runs = ", ".join(f"{n} {status}" for status, n in self.unfinished.items() if n) or "none"
+        text = (f"{len(self.cells)} expected cell(s) missing or failed; runs of configurations that never "
+                f"completed: {runs}")
+        return text + (f"; no run of experiment {', '.join(self.not_found)}" if self.not_found else "")
 
     def cells_table(self) -> Table:
         rows = [[c.experiment, c.family, c.cell, c.state, "; ".join(c.run_dirs) or "-"] for c in self.cells]
@@ -46,6 +55,8 @@ def analyse(frame: pd.DataFrame, select: str | None = None,
                 for r in runs if r["status"] != "completed"]
     problems += [["note", r["notes"], r["experiment"] or "-", r["run_dir"]] for r in usable if r["notes"]]
     only = set(only) if only else None
+    present = {r["experiment"] or UNNAMED for r in runs}
+    not_found = sorted(only - present) if only else []
     experiments, tables = [], {}
     for name, exp_runs in group_by_experiment(usable).items():
         if only is not None and name not in only:
@@ -67,8 +78,10 @@ def analyse(frame: pd.DataFrame, select: str | None = None,
     cells, unfinished = problem_cells(frame), unfinished_runs(frame)
     if only is not None:  # --strict judges the selected experiments only
         cells = [c for c in cells if c.experiment in only]
-        unfinished = unfinished[unfinished["experiment"].isin(only)]
-    return Analysis(frame, experiments, tables, problem_table, cells, len(unfinished), shared)
+        # A run whose config cannot be read may belong to any experiment: it still counts.
+        unfinished = unfinished[unfinished["experiment"].isin(only) | unfinished["experiment"].isna()]
+    counts = {status: int((unfinished["status"] == status).sum()) for status in UNFINISHED_STATUSES}
+    return Analysis(frame, experiments, tables, problem_table, cells, counts, shared, not_found)
 
 
 def _lacking(rule: Rule, run: dict) -> str:

@@ -38,8 +38,7 @@ def render_report(analysis: Analysis, figures: dict[str, list[Figure]], command:
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     n_used = int((analysis.frame["status"] == "completed").sum())
     state = ('<span class="ok">every expected cell has a completed run</span>' if analysis.complete else
-             f'<span class="bad">{len(analysis.cells)} expected cell(s) missing or failed, '
-             f'{analysis.unfinished} failed / unfinished run(s) of configurations never completed</span>')
+             f'<span class="bad">{esc(analysis.incomplete_text())}</span>')
     parts = ["<h1>kdexp analysis report</h1>",
              '<table class="meta">',
              f"<tr><td>Command</td><td><code>{esc(command)}</code></td></tr>",

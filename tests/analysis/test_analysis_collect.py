@@ -77,7 +77,7 @@ def test_unfinished_failed_and_corrupt_runs_are_kept_with_a_reason(tree):
     frame = collect(tree.root)
     assert set(frame["status"]) <= set(STATUSES)
     expect = {
-        running: ("incomplete", "no result.json (running or killed); 4 epochs logged"),
+        running: ("incomplete", "no result.json after 4 epoch(s) logged (running, or killed: rerun the same command to resume)"),
         failed: ("failed", "failed in epoch 2: RuntimeError: CUDA out of memory"),
         bad_yaml: ("corrupt", ".hydra/config.yaml is not valid YAML"),
         no_config: ("corrupt", "no .hydra/config.yaml: the configuration is unknown"),

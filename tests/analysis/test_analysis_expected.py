@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from analysis import collect
 from analysis.__main__ import main
 from analysis.expected import expand, normalise, problem_cells
+from helpers import run_train
 from runtree import tree  # noqa: F401 (fixtures)
 
 SWEEP = {"method.alpha": "0.3,0.7", "seed": "range(0,2)"}
@@ -106,3 +108,76 @@ def test_strict_judges_only_the_selected_experiments(tree):
     tree.kdexp(acc=0.95, experiment="broken", seed=0, status="failed")
     assert main([str(tree.root), "--strict"]) == 1
     assert main([str(tree.root), "--strict", "--experiment", "done"]) == 0
+
+
+def write_multirun_yaml(sweep_dir, task, params=SWEEP):
+    """What Hydra writes in the sweep dir of every multirun: its command line and sweep."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"sweeper": {"params": params}, "overrides": {"task": task}}}))
+
+
+def pinned_seed_job(tree, alpha, status="completed"):
+    # `-m pair=r50_to_r18 kd_grid=smoke seed=0`: the job's overrides read as seed 0 of the sweep.
+    overrides = [f"method.alpha={alpha}", "seed=0", "pair=r50_to_r18", "kd_grid=smoke"]
+    return tree.kdexp(acc=0.95, teacher="resnet50", method="logit", alpha=alpha, seed=0, status=status,
+                      sweep=SWEEP, overrides=overrides)
+
+
+def test_a_seed_pinned_on_the_command_line_is_not_a_missing_seed(tree):
+    for alpha in (0.3, 0.7):
+        pinned_seed_job(tree, alpha)
+    write_multirun_yaml(tree.root / "exp", ["pair=r50_to_r18", "kd_grid=smoke", "seed=0"])
+    assert problem_cells(collect(tree.root)) == []
+
+
+def test_a_multirun_yaml_of_another_multirun_says_nothing_about_this_one(tree):
+    for alpha in (0.3, 0.7):
+        pinned_seed_job(tree, alpha)
+    # The sweep dir's multirun.yaml is the latest multirun's: here one that ran seed 1.
+    write_multirun_yaml(tree.root / "exp", ["pair=r50_to_r18", "kd_grid=smoke", "seed=1"])
+    assert [c.cell for c in problem_cells(collect(tree.root))] == ["method.alpha=0.3 seed=1",
+                                                                  "method.alpha=0.7 seed=1"]
+
+
+def test_cells_of_a_full_sweep_run_in_a_pinned_one_are_found(tree):
+    # An earlier full multirun ran seed 1; the latest pinned seed 0, and its jobs filled seed 0.
+    for alpha in (0.3, 0.7):
+        job(tree, alpha, 1)
+        pinned_seed_job(tree, alpha)
+    write_multirun_yaml(tree.root / "exp", ["pair=r50_to_r18", "kd_grid=smoke", "seed=0"])
+    assert problem_cells(collect(tree.root)) == []
+
+
+def test_a_resubmission_with_retry_failed_is_the_same_cell(tree):
+    for alpha, seed in ((0.3, 0), (0.3, 1), (0.7, 0)):
+        job(tree, alpha, seed)
+    overrides = ["pair=r50_to_r18", "kd_grid=smoke", "method.alpha=0.7", "seed=1", "retry_failed=true"]
+    tree.kdexp(acc=0.95, teacher="resnet50", method="logit", alpha=0.7, seed=1, sweep=SWEEP, overrides=overrides)
+    assert problem_cells(collect(tree.root)) == []
+
+
+def test_a_failed_job_with_every_swept_key_pinned_names_its_cell_and_experiment(tree, capsys):
+    tree.kdexp(acc=0.95, seed=1, path="unnamed/run")  # a completed run, so there is something to show
+    failed = tree.kdexp(acc=0.95, teacher="resnet50", method="logit", alpha=0.3, seed=0, status="failed",
+                        experiment="", path="unnamed/failed", sweep=SWEEP,
+                        overrides=["method.alpha=0.3", "seed=0", "kd_grid=smoke"])
+    write_multirun_yaml(failed.parent, ["kd_grid=smoke", "method.alpha=0.3", "seed=0"])
+    (cell,) = problem_cells(collect(tree.root))
+    assert (cell.experiment, cell.family, cell.cell, cell.state) == (
+        "(unnamed)", "kd_grid=smoke method.alpha=0.3 seed=0",
+        "(its only cell: every swept key was set on the command line)", "failed")
+    main([str(tree.root)])
+    assert ("  failed: [(unnamed)] kd_grid=smoke method.alpha=0.3 seed=0: (its only cell: every swept key was "
+            "set on the command line)") in capsys.readouterr().out
+
+
+def test_a_real_multirun_with_a_pinned_seed(tmp_path):
+    # The quickstart grid sweeps seed 0,1; `seed=0` on the command line pins it. A dry run: no training
+    # (its exit code says whether the teacher exists, which does not matter here), two job dirs.
+    run_train("-m", "protocol=quickstart", "experiment=quickstart", "seed=0", "dry_run=true",
+              f"paths.output_dir={tmp_path}")
+    assert len(list((tmp_path / "quickstart").glob("*/*/seed0/.hydra/hydra.yaml"))) == 2
+    cells = problem_cells(collect(tmp_path / "quickstart"))
+    assert [(c.cell, c.state) for c in cells] == [("method.T=4 method.alpha=0.3", "incomplete"),
+                                                  ("method.T=4 method.alpha=0.7", "incomplete")]

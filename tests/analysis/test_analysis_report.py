@@ -55,7 +55,7 @@ def test_terminal_output(report):
     assert "-          resnet18   none" in stdout
     assert "Missing / failed / skipped runs: 2" in stdout
     assert "failed in epoch 2: RuntimeError: CUDA out of memory" in stdout
-    assert "no result.json (running or killed); 1 epochs logged" in stdout
+    assert "no result.json after 1 epoch(s) logged (running, or killed" in stdout
 
 
 def test_every_table_in_every_format(report):

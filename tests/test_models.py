@@ -1,9 +1,10 @@
-"""The architectures are torchvision's, with the study's CIFAR stem."""
+"""The study's architectures are torchvision's, with the study's CIFAR stem (the KD benchmark's
+CIFAR networks: tests/test_archs.py)."""
 import pytest
 import torch
 from torch import nn
 
-from kdexp.models import build_model, count_parameters
+from kdexp.models import build_model, count_parameters, model_layout
 
 
 @pytest.mark.parametrize("arch, params", [("resnet18", 11_173_962), ("resnet34", 21_282_122)])
@@ -23,7 +24,7 @@ def test_cifar_stem_keeps_resolution_and_exposes_stages():
     logits, feats = model(torch.randn(2, 3, 32, 32), with_features=True)
     assert logits.shape == (2, 10)
     assert [f.shape[1:] for f in feats] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (128, 4, 4)]
-    assert model.stage_channels == [16, 32, 64, 128]
+    assert model.stage_channels == [16, 32, 64, 128] and model.stage_strides == [1, 2, 4, 8]
 
 
 def test_cifar_stem_conv_keeps_pytorch_default_init():
@@ -38,12 +39,28 @@ def test_imagenet_stem_downsamples_four_times():
     model = build_model("resnet18", stem="imagenet", width=4)
     assert model.conv1.kernel_size == (7, 7) and isinstance(model.maxpool, nn.MaxPool2d)
     _, feats = model.eval()(torch.randn(1, 3, 32, 32), with_features=True)
-    assert feats[0].shape[-1] == 8
+    assert [f.shape[-1] for f in feats] == [8, 4, 2, 1] and model.stage_strides == [4, 8, 16, 32]
+
+
+def test_models_carry_their_number_of_classes():
+    """Teacher export and checks read `num_classes`, whatever the network's head is called."""
+    assert build_model("resnet18", num_classes=100, width=4).num_classes == 100
+
+
+def test_model_layout_builds_without_weights():
+    """Config checks read a network's stages from a meta-device build: no memory, no init."""
+    layout = model_layout("resnet101", num_classes=100)
+    assert layout.conv1.weight.is_meta and layout.stage_channels == [256, 512, 1024, 2048]
 
 
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'resnet19'"):
         build_model("resnet19")
+
+
+def test_unknown_stem_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown stem 'tiny'"):
+        build_model("resnet18", stem="tiny")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

@@ -40,10 +40,11 @@ def make_figures(exp: Experiment, out_dir: Path) -> list[Figure]:
     return figures + ([bars] if bars else [])
 
 
-def _new(width: float, height: float, ncols: int = 1) -> tuple[MplFigure, list[Axes]]:
+def _new(width: float, height: float, ncols: int = 1, nrows: int = 1) -> tuple[MplFigure, list[Axes]]:
+    """A figure and its axes, row by row."""
     fig = MplFigure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
-    return fig, list(np.atleast_1d(fig.subplots(1, ncols)))
+    return fig, list(np.atleast_1d(fig.subplots(nrows, ncols)).ravel())
 
 
 def _save(fig: MplFigure, out_dir: Path, name: str, title: str) -> Figure:
@@ -70,26 +71,50 @@ def heatmap(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
         grid[alphas.index(c["alpha"]), temps.index(c["T"])] = 100 * mean
         stds[alphas.index(c["alpha"]), temps.index(c["T"])] = 100 * std
     fig, (ax,) = _new(1.3 * len(temps) + 2.4, 1.0 * len(alphas) + 1.6)
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    low, high, scale_note = colour_limits(grid, stds)
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=low, vmax=high)
     fig.colorbar(image, ax=ax, label=f"{exp.rule.label} (%)")
     ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_xlabel("temperature T")
     ax.set_ylabel("α (weight of the KD term)")
-    finite = grid[np.isfinite(grid)]
-    middle = (finite.min() + finite.max()) / 2
     for (i, j), value in np.ndenumerate(grid):
         if np.isfinite(value):
             text = f"{value:.2f}" + (f"\n±{stds[i, j]:.2f}" if np.isfinite(stds[i, j]) else "")
-            ax.text(j, i, text, ha="center", va="center", fontsize=9,
-                    color="black" if value > middle else "white")
+            ax.text(j, i, text, ha="center", va="center", fontsize=9,  # dark text on viridis' light half
+                    color="black" if (value - low) / (high - low) > 0.5 else "white")
     best = exp.best_config(logit, "logit")
     if best is not None:
         ax.add_patch(Rectangle((temps.index(best["T"]) - 0.5, alphas.index(best["alpha"]) - 0.5), 1, 1,
                                    fill=False, edgecolor="red", linewidth=2.5))
+    seeds = exp.selection_seeds(logit, "logit")
+    chosen_on = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else "own seeds"
     title = f"{logit[0].pair_name}: Logit-KD α × T"
-    ax.set_title(f"{title}\n(mean ± std over seeds; red box: best configuration)")
+    ax.set_title(f"{title}\n(mean ± std over seeds; red box: best configuration, chosen on {chosen_on})\n"
+                 f"{scale_note}", fontsize=9)
     return _save(fig, out_dir, f"{_pair_slug(exp, logit[0])}__heatmap", title)
+
+
+def colour_limits(means: np.ndarray, stds: np.ndarray) -> tuple[float, float, str]:
+    """(vmin, vmax, what the scale means) for a heatmap of means (%) with their seed stds (%).
+
+    Stretched over min..max alone, two cells a tenth of a point apart, well within seed noise,
+    would take the two ends of the colour map. The range is therefore at least ±2 typical seed
+    std (the median of the cells' stds) around the grid's centre, so cells within noise of each
+    other differ in colour by at most half the map; with one seed per cell there is no noise
+    estimate, and the figure says so.
+    """
+    finite = means[np.isfinite(means)]
+    centre, half = (finite.min() + finite.max()) / 2, (finite.max() - finite.min()) / 2
+    spread = stds[np.isfinite(stds)]
+    if not len(spread):
+        half = max(half, 0.005)  # a flat grid still gets a colour range
+        return (centre - half, centre + half,
+                "colours span the means' range; one seed per cell: no noise estimate, colour differences may be seed noise")
+    noise = float(np.median(spread))
+    half = max(half, 2 * noise, 0.005)
+    return (centre - half, centre + half,
+            f"colour range ≥ ±2 seed std ({noise:.2f} pp) around the centre: cells within noise get close colours")
 
 
 def _curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,33 +142,49 @@ def learning_curves(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure
     keys = [k for k in ("val_acc", "test_acc") if any(len(curves[(label, k)][0]) for label, _ in shown)]
     if not keys:
         return None
-    fig, axes = _new(6.2 * len(keys), 4.2, len(keys))
-    for ax, key in zip(axes, keys):
-        for label, c in shown:
-            epochs, mean, std = curves[(label, key)]
-            if not len(epochs):
-                continue
-            color = COLORS.get(c["kd"], "#555555")
-            ax.plot(epochs, 100 * mean, color=color, label=f"{label}, n={len(c.runs)}")
-            ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(f"{'validation' if key == 'val_acc' else 'test'} accuracy (%)")
-        ax.grid(alpha=0.3)
-        _zoom_to_plateau(ax, [curves[(label, key)] for label, _ in shown])
-        ax.legend(fontsize=8, loc="lower right")
+    fig, axes = _new(6.2 * len(keys), 7.6, len(keys), nrows=2)
+    grid = np.array(axes, dtype=object).reshape(2, len(keys))
+    for column, key in enumerate(keys):
+        drawn = [curves[(label, key)] for label, _ in shown]
+        for row, ax in enumerate(grid[:, column]):
+            for label, c in shown:
+                epochs, mean, std = curves[(label, key)]
+                if not len(epochs):
+                    continue
+                color = COLORS.get(c["kd"], "#555555")
+                ax.plot(epochs, 100 * mean, color=color, label=f"{label}, n={len(c.runs)}")
+                ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            what = f"{'validation' if key == 'val_acc' else 'test'} accuracy (%)"
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_ylabel(what)
+                ax.legend(fontsize=8, loc="lower right")
+            else:  # differences of tenths of a point are invisible on the full axis
+                x0, x1, y0, y1 = plateau_window(drawn)
+                ax.set_xlim(x0, x1)
+                ax.set_ylim(y0, y1)
+                ax.set_ylabel(f"{what}, epochs {x0:g}–{x1:g}")
     title = f"{cells[0].pair_name}: learning curves"
-    fig.suptitle(f"{title} (mean ± std band over seeds)")
+    fig.suptitle(f"{title} (mean ± std band over seeds; below: the second half of training, zoomed)")
     return _save(fig, out_dir, f"{_pair_slug(exp, cells[0])}__curves", title)
 
 
-def _zoom_to_plateau(ax: Axes, curves: list[tuple]) -> None:
-    """Differences of tenths of a point are invisible on a 10–100 % axis: show the upper part."""
-    finals = [100 * m[len(m) // 2:] for _, m, _ in curves if len(m)]
-    if finals:
-        low = min(np.min(f) for f in finals)
-        top = max(np.max(100 * m) for _, m, _ in curves if len(m))
-        ax.set_ylim(max(0.0, low - 0.15 * (top - low + 1e-9) - 0.5), min(100.0, top + 0.1 * (top - low) + 0.3))
+def plateau_window(curves: list[tuple]) -> tuple[float, float, float, float]:
+    """(x0, x1, y0, y1) of the zoomed panel: the second half of the epochs, and a y range holding
+    every mean and std band drawn there (in %), so the zoom cuts nothing off inside its epochs."""
+    drawn = [(e, m, s) for e, m, s in curves if len(e)]
+    last = max(float(e[-1]) for e, _, _ in drawn)
+    first = min(float(e[0]) for e, _, _ in drawn)
+    x0 = first + (last - first) // 2
+    if x0 == last:  # a single epoch: nothing to zoom into along x
+        x0, last = x0 - 0.5, last + 0.5
+    inside = [(m[e >= x0], s[e >= x0]) for e, m, s in drawn]
+    low = min(float(np.min(100 * (m - s))) for m, s in inside if len(m))
+    high = max(float(np.max(100 * (m + s))) for m, s in inside if len(m))
+    margin = max(0.05 * (high - low), 0.1)
+    return x0, last, low - margin, high + margin
 
 
 def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:

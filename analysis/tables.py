@@ -503,7 +503,8 @@ def comparison(experiments: list[Experiment]) -> Table | None:
         rows.append(row)
     return Table("comparison", "The same configurations across experiments",
                  ["Kind"] + IDENTITY_HEADERS + [f"{e.name}: {e.rule.label} (%)" for e in experiments], rows,
-                 [STD_NOTE, "Each experiment under its own selection rule (in the header)."])
+                 [f"{e.name}: {e.rule_note}" for e in experiments]
+                 + [STD_NOTE, "Each experiment under its own selection rule (in the header)."])
 
 
 def experiment_tables(exp: Experiment, all_runs: list[dict[str, Any]]) -> list[Table]:

@@ -273,3 +273,17 @@ def test_compute_table_sums_training_time_per_configuration_and_in_all(tree):
         "Images/s": "1000", "Train hours": "0.217"}
     assert row_of(tab, "baseline")["Train s/epoch"] == "1800.00"
     assert row_of(tab, "Total")["Runs"] == "3" and row_of(tab, "Total")["Train hours"] == f"{7980 / 3600:.3f}"
+
+
+def test_every_table_of_results_states_its_selection_rule(tree):
+    from test_analysis_report import build as build_everything
+
+    build_everything(tree)  # teachers, baselines, a logit grid, Feature-KD with and without the clip fix
+    tree.kdexp(acc=0.95, experiment="other", epochs=6)  # the baseline again: a comparison table
+    analysis = analyse(collect(tree.root))
+    tables = [t for exp in analysis.experiments for t in analysis.tables[exp.name]] + analysis.shared
+    assert {t.name for t in tables} >= {"key_results", "teachers", "pairs", "significance", "ablation_clip",
+                                        "fidelity", "compute", "comparison",
+                                        "grid__resnet34_to_resnet18__logit"}
+    for tab in tables:
+        assert any("Selection rule `" in note for note in tab.notes), tab.name

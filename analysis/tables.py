@@ -222,7 +222,8 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
     notes = _rule_notes(exp) + [
         f"All accuracies: {label}. Gap = teacher − baseline; Δ = best configuration − baseline "
         "(percentage points) on every seed both ran, paired by seed; 'within noise': its 95% CI contains 0 "
-        "(test and seeds: see the significance table).",
+        "(test and seeds: see the significance table). Best method: the largest such Δ ('none (baseline)' "
+        "where no method gains).",
         "Teacher: the teacher run the students distilled from (same architecture, stem, width, data and "
         "seed = teacher.seed).",
         _best_config_note(exp, label), selection_seeds_note(chosen_on)]
@@ -271,17 +272,22 @@ def _teacher_acc(exp: Experiment, ref: Cell, cells: list[Cell],
 
 def _best_method(exp: Experiment, base: Cell | None, best: dict[str, Cell | None],
                  comps: dict[str, Comparison | None]) -> str:
-    means = {kd: mean_std(exp.acc(c)[0])[0] for kd, c in best.items() if c is not None}
-    if base is not None:
-        means["none (baseline)"] = mean_std(exp.acc(base)[0])[0]
-    means = {k: v for k, v in means.items() if not math.isnan(v)}
-    if not means:
+    """The method whose best configuration gains most over the baseline, each gain on the seeds it
+    shares with the baseline (raw means over different seed sets would compare unlike things)."""
+    if base is None:
+        found = [kd for kd, c in best.items() if c is not None]
+        if len(found) != 2:
+            return found[0] if found else DASH
+        (a, sa), (b, sb) = exp.acc(best["logit"]), exp.acc(best["feature"])
+        comps = {"logit": compare(a, sa, b, sb)}
+        comps["feature"] = compare(b, sb, a, sa)
+    gains = {kd: c.delta for kd, c in comps.items() if c is not None and not math.isnan(c.delta)}
+    if not gains:
         return DASH
-    winner = max(means, key=means.get)
-    comp = comps.get(winner)
-    if comp is not None and comp.within_noise:
-        return f"{winner} (within noise)"
-    return winner
+    winner = max(gains, key=gains.get)
+    if base is not None and gains[winner] <= 0:
+        return "none (baseline)"
+    return f"{winner} (within noise)" if comps[winner].within_noise else winner
 
 
 # ---------------------------------------------------------------- 2. grids
@@ -297,13 +303,15 @@ def grids(exp: Experiment) -> list[Table]:
             best = exp.best_config(method_cells, kd)
             alphas = sorted({c["alpha"] for c in method_cells})
             cols = sorted({c[col_field] for c in method_cells}, key=lambda v: (v is None, v or 0))
+            # Cells of unlike seed counts (a selection stage beside its finals) say how many.
+            uneven = len({len(exp.acc(c)[0]) for c in method_cells}) > 1
             rows = []
             for alpha in alphas:
                 row = [num(alpha)]
                 for col in cols:
                     here = [c for c in method_cells if c["alpha"] == alpha and c[col_field] == col]
-                    row.append(", ".join(pct(*mean_std(exp.acc(c)[0])) + (" *" if c is best else "")
-                                         for c in here) or DASH)
+                    row.append(", ".join(pct(*mean_std(exp.acc(c)[0])) + (f" (n={len(exp.acc(c)[0])})" if uneven else "")
+                                         + (" *" if c is best else "") for c in here) or DASH)
                 rows.append(row)
             ref = method_cells[0]
             label = exp.pair_label(ref)

@@ -42,7 +42,7 @@ def test_grid_best_is_chosen_on_the_seeds_every_cell_ran(tree):
     assert row["Logit-KD Δ (pp)"].startswith(f"{100 * delta:+.2f}") and f"{100 * delta:+.2f}" == "+0.16"
     assert "Best configurations chosen on seed 0." in pairs.notes
     grid = table(analysis, "study", "grid__resnet34_to_resnet18__logit")
-    assert grid.rows == [["0.3", "94.80", "-"], ["0.5", "-", "94.96 ± 0.07 *"], ["0.7", "-", "94.80"]]
+    assert grid.rows == [["0.3", "94.80 (n=1)", "-"], ["0.5", "-", "94.96 ± 0.07 (n=5) *"], ["0.7", "-", "94.80 (n=1)"]]
     assert "Best configurations chosen on seed 0." in grid.notes
     sig = row_of(table(analysis, "study", "significance"), "resnet34", "resnet18", "logit", "0.5")
     assert sig["Test, seeds compared"] == "paired t, seeds 0, 1, 2, 3, 4"
@@ -95,3 +95,19 @@ def test_widths_are_named_when_teacher_and_student_differ_only_in_width(tree):
     pairs = table(analysis, "quickstart", "pairs")
     assert row_of(pairs, "resnet18(w16)", "resnet18(w8)")["Teacher (%)"] == "80.00"  # the seed-0 teacher
     assert "Width" not in key.columns  # in the names, not a column beside them
+
+
+def test_best_method_is_the_largest_gain_on_shared_seeds(tree):
+    base = {0: 0.9470, 1: 0.9480, 2: 0.9490}
+    # Logit's seeds 3 and 4 lift its raw mean above Feature's; on the seeds the baseline ran,
+    # Feature gains 0.30 pp and Logit 0.05 pp.
+    logit = {0: 0.9475, 1: 0.9482, 2: 0.9498, 3: 0.9560, 4: 0.9570}
+    feature = {0: 0.9500, 1: 0.9512, 2: 0.9518}
+    for seed, acc in base.items():
+        tree.kdexp(acc=acc, seed=seed)
+    for method, accs in (("logit", logit), ("feature", feature)):
+        for seed, acc in accs.items():
+            tree.kdexp(acc=acc, seed=seed, teacher="resnet34", method=method)
+    row = row_of(table(analyse(collect(tree.root)), "exp", "pairs"), "resnet34")
+    assert (row["Logit-KD Δ (pp)"], row["Feature-KD Δ (pp)"]) == ("+0.05 (within noise)", "+0.30")
+    assert row["Best method"] == "feature"

@@ -172,6 +172,16 @@ def test_tiny_forward_and_backward(arch):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", CIFAR_ARCHS)
+def test_channels_last_gives_the_same_outputs(arch):
+    """The GPU path (trainer.channels_last) runs every network in NHWC memory."""
+    model = build_model(arch, width=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    nchw = model(x)
+    nhwc = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    assert torch.allclose(nchw, nhwc, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_model_carries_the_interface_attributes(arch):
     model = model_layout(arch, num_classes=100)

@@ -56,14 +56,14 @@ class MobileNetV2(CifarNet):
         self.conv1 = conv_bn_relu(3, self.width, 3, stride=2)
         self.blocks = nn.ModuleList()
         in_channels, stride_so_far = self.width, 2
-        for expand_ratio, c, n, stride in GROUPS:
+        for index, (expand_ratio, c, n, stride) in enumerate(GROUPS):
             channels = int(c * multiplier)
             strides = [stride] + [1] * (n - 1)
             self.blocks.append(nn.Sequential(*(
                 InvertedResidual(in_channels if i == 0 else channels, channels, s, expand_ratio)
                 for i, s in enumerate(strides))))
             in_channels, stride_so_far = channels, stride_so_far * stride
-            if len(self.blocks) - 1 in STAGE_ENDS:
+            if index in STAGE_ENDS:
                 self.stage_channels.append(channels)
                 self.stage_strides.append(stride_so_far)
         self.conv2 = conv_bn_relu(in_channels, LAST_CHANNELS, 1, stride=1)

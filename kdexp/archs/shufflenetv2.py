@@ -15,13 +15,14 @@ from kdexp.archs.common import CifarNet
 
 
 def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    """[N, C, H, W] -> [N, g, C/g, H, W] -> [N, C/g, g, H, W] -> [N, C, H, W]: channels of the two
+    branches interleave."""
     n, c, h, w = x.shape
-    # reshape, not view: channels_last inputs are not viewable this way
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 def conv(in_channels: int, channels: int, kernel_size: int = 1, stride: int = 1,
-            depthwise: bool = False) -> nn.Conv2d:
+         depthwise: bool = False) -> nn.Conv2d:
     return nn.Conv2d(in_channels, channels, kernel_size, stride, kernel_size // 2,
                      groups=in_channels if depthwise else 1, bias=False)
 

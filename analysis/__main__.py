@@ -69,9 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing_roots:
         print(f"error: not a directory: {', '.join(missing_roots)}", file=sys.stderr)
         return 2
-    if args.out and (problem := unwritable(args.out)):
-        print(f"error: --out {args.out}: {problem}; choose a writable directory", file=sys.stderr)
-        return 1
     roots = ", ".join(map(str, args.roots))
     frame = collect(args.roots)
     if frame.empty:
@@ -79,12 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     analysis = analyse(frame, args.select, args.experiment)
     if analysis.not_found:
-        present = sorted({e or UNNAMED for e in frame["experiment"].replace({float("nan"): None})})
-        print(f"{'error' if not analysis.experiments else 'warning'}: --experiment "
-              f"{', '.join(analysis.not_found)}: no run of it under {roots} (experiments there: {', '.join(present)})",
-              file=sys.stderr)
-        if not analysis.experiments:
+        say_not_found(analysis, roots)
+        if not analysis.experiments:  # nothing left to show
             return 1
+    if args.out and (problem := unwritable(args.out)):  # before the tables: the error is the last line
+        print(f"error: --out {args.out}: {problem}; choose a writable directory", file=sys.stderr)
+        return 1
     print(summary(analysis))
     if args.out:
         command = shlex.join(["python", "-m", "analysis", *(sys.argv[1:] if argv is None else argv)])
@@ -101,8 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def say_not_found(analysis: Analysis, roots: str) -> None:
+    """An error where no selected experiment has a run, else a warning (--strict still fails)."""
+    present = sorted({e or UNNAMED for e in analysis.frame["experiment"].replace({float("nan"): None})})
+    print(f"{'warning' if analysis.experiments else 'error'}: --experiment {', '.join(analysis.not_found)}: "
+          f"no run of it under {roots} (experiments there: {', '.join(present)})", file=sys.stderr)
+
+
 def unwritable(out: Path) -> str | None:
-    """Why nothing can be written under `out` (checked before the analysis runs), or None."""
+    """Why nothing can be written under `out` (checked before anything is printed or written), or None."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):

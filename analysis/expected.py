@@ -63,7 +63,7 @@ def _sweep_cells(runs: list[dict[str, Any]]) -> list[CellState]:
     overrides ran, in this family or another (e.g. an earlier multirun that swept a key this one pinned)."""
     jobs: dict[tuple, list[dict]] = defaultdict(list)   # (experiment, overrides) → runs
     families: dict[tuple, dict[str, list[str]]] = {}    # (experiment, fixed, sweep) → sweep
-    multiruns: dict[Path, dict | None] = {}             # multirun.yaml → its hydra node, read once
+    multiruns = _Multiruns()
     for run in runs:
         sweep_info = _job_sweep(Path(run["run_dir"]), multiruns)
         if sweep_info is None:
@@ -101,7 +101,7 @@ def _state(runs: list[dict[str, Any]]) -> str | None:
     return next(s for s in UNFINISHED_STATUSES if s in statuses)
 
 
-def _job_sweep(run_dir: Path, multiruns: dict[Path, dict | None]) -> tuple[dict[str, list[str]], dict[str, str]] | None:
+def _job_sweep(run_dir: Path, multiruns: _Multiruns) -> tuple[dict[str, list[str]], dict[str, str]] | None:
     """(swept key → expanded values, this job's overrides) or None for a job outside a multirun.
 
     Keys that say where or how a job ran (retry_failed, dry_run, trainer.device, ...) are left out:
@@ -140,7 +140,7 @@ def _overrides(task: Any) -> dict[str, str]:
 
 
 def _command_line(run_dir: Path, params: dict, overrides: dict[str, str],
-                  multiruns: dict[Path, dict | None]) -> dict[str, str] | None:
+                  multiruns: _Multiruns) -> dict[str, str] | None:
     """The overrides typed on the command line of this job's multirun (key → raw spec), or None.
 
     A job's own `hydra.overrides.task` cannot tell `seed=0` typed on the command line from seed 0
@@ -148,12 +148,7 @@ def _command_line(run_dir: Path, params: dict, overrides: dict[str, str],
     the command line, but only the latest multirun's. It is used for this job only if it describes
     it: the same sweep parameters, and every typed value agrees with the job's overrides.
     """
-    multirun = _multirun_file(run_dir.parent)
-    if multirun is None:
-        return None
-    if multirun not in multiruns:
-        multiruns[multirun] = _hydra_node(multirun)
-    hydra = multiruns[multirun]
+    hydra = multiruns.hydra_node(run_dir)
     if hydra is None or ((hydra.get("sweeper") or {}).get("params") or {}) != params:
         return None
     typed = dict(_split_raw(o) for o in ((hydra.get("overrides") or {}).get("task") or []) if isinstance(o, str))
@@ -162,12 +157,36 @@ def _command_line(run_dir: Path, params: dict, overrides: dict[str, str],
     return None
 
 
-def _multirun_file(directory: Path) -> Path | None:
-    """The nearest `multirun.yaml` in `directory` or above it (Hydra writes it in the sweep dir)."""
-    for candidate in (directory, *directory.parents):
-        if (candidate / MULTIRUN_FILE).is_file():
-            return candidate / MULTIRUN_FILE
-    return None
+class _Multiruns:
+    """Hydra's `multirun.yaml` above each run dir (in its sweep dir), found and read once for all
+    the run dirs that share it."""
+
+    def __init__(self) -> None:
+        self.nearest: dict[Path, Path | None] = {}
+        self.nodes: dict[Path, dict | None] = {}
+
+    def hydra_node(self, run_dir: Path) -> dict | None:
+        path = self.file_above(run_dir.parent)
+        if path is None:
+            return None
+        if path not in self.nodes:
+            self.nodes[path] = _hydra_node(path)
+        return self.nodes[path]
+
+    def file_above(self, directory: Path) -> Path | None:
+        visited = []
+        for candidate in (directory, *directory.parents):
+            if candidate in self.nearest:
+                answer = self.nearest[candidate]
+                break
+            visited.append(candidate)
+            if (candidate / MULTIRUN_FILE).is_file():
+                answer = candidate / MULTIRUN_FILE
+                break
+        else:
+            answer = None
+        self.nearest.update(dict.fromkeys(visited, answer))
+        return answer
 
 
 def _split_raw(text: str) -> tuple[str, str]:

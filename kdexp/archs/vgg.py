@@ -1,7 +1,7 @@
 """VGG with batch norm for CIFAR as the CRD benchmark builds it (RepDistiller models/vgg.py,
-`vgg8_bn`/`vgg13_bn`, selected there as vgg8/vgg13): five blocks of 3x3 conv-BN-ReLU, max-pooled
-after the first three (at 32x32 the reference pools after block3 only for 64x64 inputs), global
-average pool, one Linear. No VGG fully connected layers.
+`vgg8_bn`/`vgg13_bn`, selected there as vgg8/vgg13): five blocks of 3x3 conv-BN-ReLU, a 2x2
+max-pool after each of the first three (the reference pools after the fourth only for 64x64
+inputs), global average pool, one Linear. No VGG fully connected layers.
 """
 from __future__ import annotations
 

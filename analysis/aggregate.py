@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from kdexp.models import ARCHS
+
 from .collect import KNOWN_CONFIG_KEYS
 from .rules import Rule
 from .stats import Comparison, compare, mean_std
@@ -22,14 +24,14 @@ STUDENT_CONTEXT = ("student", "stem", "width", "epochs", "val_size", "data")
 # What a pair's rows share; the method and its hyperparameters vary within a pair.
 PAIR_CONTEXT = ("teacher", "teacher_stem", "teacher_width", "teacher_seed") + STUDENT_CONTEXT
 UNNAMED = "(unnamed)"  # the experiment of a run whose config does not name one (or cannot be read)
-# torchvision's ResNets (and the study's): a model of another width carries it in its name.
-DEFAULT_WIDTH = 64
 
 
 def model_name(arch: Any, width: Any) -> str:
-    """`resnet18`, or `resnet18(w8)` for a width other than 64: a width-16 teacher distilled into a
-    width-8 student of the same architecture must not read `resnet18→resnet18`."""
-    return f"{arch}(w{width})" if width not in (None, DEFAULT_WIDTH) and arch else str(arch)
+    """`resnet18`, or `resnet18(w8)` for a width other than the published network's (64 for the
+    torchvision ResNets, 32 for resnet8x4, ...): a width-16 teacher distilled into a width-8 student
+    of the same architecture must not read `resnet18→resnet18`."""
+    published = ARCHS[arch].reference_width if arch in ARCHS else None
+    return f"{arch}(w{width})" if width not in (None, published) and arch else str(arch)
 
 
 def clean(value: Any) -> Any:

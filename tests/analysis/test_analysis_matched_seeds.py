@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from analysis import collect
+from analysis.aggregate import model_name
 from analysis.pipeline import analyse
 from runtree import tree  # noqa: F401 (fixtures)
 from test_analysis_tables import paired_by_hand, row_of, table
@@ -111,3 +112,10 @@ def test_best_method_is_the_largest_gain_on_shared_seeds(tree):
     row = row_of(table(analyse(collect(tree.root)), "exp", "pairs"), "resnet34")
     assert (row["Logit-KD Δ (pp)"], row["Feature-KD Δ (pp)"]) == ("+0.05 (within noise)", "+0.30")
     assert row["Best method"] == "feature"
+
+
+def test_a_model_is_named_with_its_width_only_off_its_published_width():
+    # torchvision ResNets are published at width 64, the CRD benchmark's resnet8x4 at 32
+    assert model_name("resnet18", 64) == "resnet18"
+    assert model_name("resnet8x4", 32) == "resnet8x4"
+    assert model_name("resnet8x4", 64) == "resnet8x4(w64)"

@@ -1,25 +1,31 @@
 """The study as a chain of driver jobs: what each stage runs, after what, and what it costs.
 
 A driver is one CPU-only SLURM job. A training driver runs one Hydra multirun; its jobs are
-composed here (launch.sweep), so the plan knows every run dir, whether it has completed, and
-which teacher it needs: a student driver depends on the teacher driver that exports the
-checkpoint its config names. The other drivers are small CPU steps (v2 selection, analysis)
-marked done by the file they write. Build a plan inside `launch.sweep.hydra_session()`.
+composed here (launch.sweep) and checked with kdexp's own validation, so a bad override fails
+here, naming the stage and job, rather than on the GPU nodes; and the plan knows every run dir,
+whether it has completed, and which teacher it needs: a student driver depends on the teacher
+driver that exports the checkpoint its config names. The other drivers are small CPU steps (v2
+selection, analysis) marked done by the file they write. Build a plan inside
+`launch.sweep.hydra_session()`.
 """
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from kdexp.config import ConfigError, method_tag, validate
 from kdexp.job import resolve_teacher_export_path
 from kdexp.records import kept_result
 from kdexp.teachers import resolve_teacher_path
-from launch.sweep import compose_job, expand, fixed, launcher_exists, run_dir
+from launch.sweep import compose_job, expand, run_dir, task_config
 
 # A100 seconds per training epoch at full width (study-notes: fp32, deterministic cudnn; R101 estimated).
 EPOCH_SECONDS = {"resnet18": 6.4, "resnet34": 10.0, "resnet50": 18.6, "resnet101": 35.0}
@@ -34,6 +40,12 @@ GRIDS = ("logit", "feature")  # kd_grid names, which are also the method names
 V1_PAIRS = ("r34_to_r18", "r50_to_r18", "r50_to_r34")
 V2_PAIRS = (*V1_PAIRS, "r101_to_r34")
 STUDY_DIR = ".study"
+# Every override of the study command goes to every training job: one that a stage cannot take is an error.
+EVERY_JOB = "launch.study passes every override to every training job, so it takes only keys that every stage has"
+
+
+class PlanError(ValueError):
+    """Bad input found while planning (a launcher, an override, a path): one line for the user."""
 
 
 @dataclass
@@ -54,10 +66,17 @@ class Job:
             seconds += TEACHER_SHARE * EPOCH_SECONDS[self.cfg.teacher.arch]
         return self.cfg.trainer.epochs * seconds / 3600
 
+    def describe(self) -> str:
+        """Which job of its stage: `resnet34 seed 0`, `resnet50->resnet18 logit_a0.5_T4 seed 2`."""
+        c = self.cfg
+        head = f"{c.teacher.arch}->{c.model.arch} {method_tag(c.method)}" if c.teacher.arch else c.model.arch
+        return f"{head} seed {c.seed}"
+
     def status(self) -> str:
-        """completed | failed (while training: skipped unless retry_failed) | missing (not run, still
-        running, killed, failed before training, or a corrupt result: the next submission runs it)."""
-        kept = kept_result(self.run_dir, retry_failed=False)
+        """completed | failed (while training, and retry_failed is off: the next submission skips it and
+        counts it as failed) | missing (not run, still running, killed, failed before training,
+        retried, or a corrupt result: the next submission runs it)."""
+        kept = kept_result(self.run_dir, retry_failed=self.cfg.retry_failed)
         return kept["status"] if kept else "missing"
 
 
@@ -67,6 +86,7 @@ class Driver:
     stage: str
     lines: list[str]                  # the shell lines the driver job runs; its command is the last
     jobs: list[Job] = field(default_factory=list)
+    launcher: str | None = None       # training drivers: the hydra/launcher of their GPU jobs
     after: list[str] = field(default_factory=list)
     dependency: str = "afterok"
     output: Path | None = None        # CPU steps: the file they write marks them done
@@ -87,6 +107,7 @@ class Driver:
 class Plan:
     protocol: str
     cluster: str
+    teacher_launcher: str             # <cluster>_teacher where that config exists, else the cluster
     experiment_dir: Path
     stages: list[str]
     drivers: list[Driver]
@@ -107,7 +128,6 @@ class _Ctx:
     output_dir: Path
     extra: tuple[str, ...]
     python: str
-    exp_dir: Path
 
     def command(self, module: str, *args: str) -> str:
         return shlex.join([self.python, "-m", module, *args])
@@ -117,29 +137,68 @@ class _Ctx:
         """A driver running `python -m kdexp.train -m overrides ...`; `cell` is composed into its
         jobs but left out of its command (the v2 finals read it from selected.json when they start)."""
         launcher = self.teacher_launcher if teacher else self.cluster
-        argv = [*overrides, f"paths.output_dir={self.output_dir}", f"hydra/launcher={launcher}", *self.extra]
-        jobs = [Job(o, compose_job(o)) for o in expand([*argv, *cell])]
-        return Driver(name, stage, [self.command("kdexp.train", "-m", *argv)], jobs)
+        own = [*overrides, f"paths.output_dir={self.output_dir}", f"hydra/launcher={launcher}"]
+        try:
+            jobs = [Job(o, compose_job(o)) for o in expand([*own, *self.extra, *cell])]
+        except HydraException as err:
+            raise PlanError(f"stage {stage} ({_first_job(own, cell) or name}): {_composition_error(err)}") from err
+        for job in jobs:  # kdexp.train's own checks, so a bad value fails here and not on a GPU node
+            try:
+                validate(task_config(job.cfg))
+            except ConfigError as err:
+                raise PlanError(f"stage {stage} ({job.describe()}): {err}") from err
+        return Driver(name, stage, [self.command("kdexp.train", "-m", *own, *self.extra)], jobs, launcher=launcher)
+
+
+def _first_job(overrides: Sequence[str], cell: Sequence[str]) -> str | None:
+    """The first job of a driver whose study overrides did not compose, described without them."""
+    try:
+        return Job([], compose_job(expand([*overrides, *cell])[0])).describe()
+    except HydraException:
+        return None
+
+
+def _composition_error(err: HydraException) -> str:
+    """Hydra's error in one line, without its advice to add a missing key with `+` (never what the
+    study wants: the key would reach jobs whose config does not use it)."""
+    cause = err.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        return f"its config has no key {cause.full_key}; {EVERY_JOB}"
+    return ": ".join([str(err).splitlines()[0], *str(cause or "").splitlines()[:1]])
+
+
+def missing_launcher(name: str) -> str | None:
+    """Why hydra/launcher=name cannot be composed (None when it can): site configs live outside the
+    repo, in $KDEXP_SITE_DIR/hydra/launcher/, which an unset or mistyped KDEXP_SITE_DIR hides."""
+    try:
+        compose_job([f"hydra/launcher={name}"])
+    except MissingConfigException as err:
+        site = os.environ.get("KDEXP_SITE_DIR")
+        searched = ("KDEXP_SITE_DIR is not set" if not site else f"KDEXP_SITE_DIR={site} does not exist"
+                    if not Path(site).is_dir() else f"KDEXP_SITE_DIR={site} has no hydra/launcher/{name}.yaml")
+        return (f"no launcher config {name}: {searched}; put site configs in $KDEXP_SITE_DIR/hydra/launcher/ "
+                f"(README: Run on your SLURM cluster); available: {', '.join(err.options or [])}")
+    return None
 
 
 def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[str], python: str) -> Plan:
     """Every driver of the study, in submission order (each after the drivers it depends on)."""
-    if not launcher_exists(cluster):
-        raise ValueError(f"no launcher config hydra/launcher={cluster} (see conf/hydra/launcher/)")
-    teacher_launcher = f"{cluster}_teacher" if launcher_exists(f"{cluster}_teacher") else cluster
-    base = compose_job([f"protocol={protocol}", f"hydra/launcher={cluster}", f"paths.output_dir={output_dir}",
-                        *fixed(extra)])
-    exp_dir = Path(base.hydra.sweep.dir)
-    ctx = _Ctx(cluster, teacher_launcher, output_dir, tuple(extra), python, exp_dir)
+    problem = missing_launcher(cluster)
+    if problem:
+        raise PlanError(f"--cluster {cluster}: {problem}")
+    teacher_launcher = f"{cluster}_teacher" if missing_launcher(f"{cluster}_teacher") is None else cluster
+    ctx = _Ctx(cluster, teacher_launcher, output_dir, tuple(extra), python)
     stages, build = PROTOCOLS[protocol]
     drivers = build(ctx)
     _link_teachers(drivers)
-    _check_experiment_dir(drivers, exp_dir)
+    exp_dir = experiment_dir(drivers)
     drivers.append(Driver("analysis", "analysis",
                           [ctx.command("analysis", str(exp_dir), "--out", str(exp_dir / "report"))],
                           after=[d.name for d in drivers], dependency="afterany",
                           output=exp_dir / "report" / "report.html"))
-    return Plan(protocol, cluster, exp_dir, stages, drivers, base.hydra.launcher)
+    # the drivers' partition, account, ...: the cluster's launcher as the study's jobs compose it
+    launcher = next(d.jobs[0].cfg.hydra.launcher for d in drivers if d.launcher == cluster)
+    return Plan(protocol, cluster, teacher_launcher, exp_dir, stages, drivers, launcher)
 
 
 def _v1(ctx: _Ctx) -> list[Driver]:
@@ -159,8 +218,9 @@ def _v2(ctx: _Ctx) -> list[Driver]:
     selection = {(pair, grid): ctx.train(f"selection-{grid}-{pair}", "selection",
                                          ["experiment=paper_v2", f"kd_grid={grid}", f"pair={pair}"])
                  for pair in V2_PAIRS for grid in GRIDS}
-    manifest = ctx.exp_dir / STUDY_DIR / "selection-runs.json"
-    selected = ctx.exp_dir / "selected.json"
+    exp_dir = experiment_dir([*teachers, *selection.values()])
+    manifest = exp_dir / STUDY_DIR / "selection-runs.json"
+    selected = exp_dir / "selected.json"
     runs = {pair: {grid: [str(j.run_dir) for j in selection[pair, grid].jobs] for grid in GRIDS} for pair in V2_PAIRS}
     select = Driver("select", "select", [ctx.command("launch.select", "pick", str(manifest), "--out", str(selected))],
                     after=[d.name for d in selection.values()], output=selected,
@@ -201,11 +261,12 @@ def _link_teachers(drivers: list[Driver]) -> None:
         d.after += sorted({exporters[p] for p in needed if p in exporters} - set(d.after))
 
 
-def _check_experiment_dir(drivers: list[Driver], exp_dir: Path) -> None:
-    """Every run must land in the study's experiment dir: that is where .study/ and the report go."""
-    stray = sorted({str(j.cfg.hydra.sweep.dir) for d in drivers for j in d.jobs} - {str(exp_dir)})
-    if stray:
-        raise ValueError(f"the study writes to {exp_dir} but some of its runs would go to {stray}")
+def experiment_dir(drivers: list[Driver]) -> Path:
+    """The one dir every run lands in: where .study/, selected.json and the report go too."""
+    dirs = sorted({j.cfg.hydra.sweep.dir for d in drivers for j in d.jobs})
+    if len(dirs) != 1:
+        raise PlanError(f"the study's runs must share one experiment dir, but they would go to {', '.join(dirs)}")
+    return Path(dirs[0])
 
 
 PROTOCOLS: dict[str, tuple[list[str], Callable[[_Ctx], list[Driver]]]] = {

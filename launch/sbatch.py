@@ -38,8 +38,13 @@ def submit(path: Path, dependency: str | None) -> str:
     argv = ["sbatch", "--parsable", *([f"--dependency={dependency}"] if dependency else []), str(path)]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SlurmError(f"{shlex.join(argv)} failed: {proc.stderr.strip()}")
+        raise SlurmError(f"{shlex.join(argv)} failed: {one_line(proc.stderr)}")
     return proc.stdout.strip().split(";")[0]
+
+
+def one_line(text: str) -> str:
+    """SLURM's messages (often two `sbatch: error:` lines) as one line for the user."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def queued(job_ids: Iterable[str]) -> set[str]:
@@ -49,7 +54,7 @@ def queued(job_ids: Iterable[str]) -> set[str]:
         return set()
     proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SlurmError(f"squeue failed: {proc.stderr.strip()}")
+        raise SlurmError(f"squeue failed: {one_line(proc.stderr)}")
     return ids & set(proc.stdout.split())
 
 

@@ -25,17 +25,24 @@ Drivers waiting on a failed driver are cancelled by SLURM (--kill-on-invalid-dep
 this python (sys.executable), with the partition, account, qos and setup lines of the cluster's
 launcher config (--driver-sbatch adds or overrides sbatch options); extra HYDRA_OVERRIDEs go to
 every training job. Driver scripts, logs and job ids live in <output-dir>/<experiment>/.study/.
+Every job of every stage is composed here (Hydra's compose API, exactly as the multirun will) and
+checked with kdexp's own validation, with --dry-run too: a bad override is one line naming the
+stage and job, before anything is submitted. Overrides go to every training job, so a key that
+some stage's config lacks (method.alpha: teachers and baselines train with method=ce) is refused.
 Re-running submits only what is missing: a driver whose runs all have a completed result.json
-(run dirs composed with Hydra's compose API, exactly as the multirun will) is skipped, one still
-queued from an earlier submission is kept, and the select / analysis steps rerun when anything
-upstream runs. A resubmitted multirun skips its completed runs and, unless retry_failed=true is
-among the overrides, those that failed while training (a run that failed before it, e.g. for want
-of its teacher, is redone).
+is skipped, one still queued from an earlier submission is kept, and the select / analysis steps
+rerun when anything upstream runs. A resubmitted multirun skips its completed runs and, unless
+retry_failed=true is among the overrides, those that failed while training (a run that failed
+before it, e.g. for want of its teacher, is redone); such skipped runs count as failed: their
+drivers exit non-zero, and so does this command, with the hint.
+Exit codes: 0 submitted (or planned) and nothing failed; 1 runs that failed while training will be
+skipped, or sbatch refused a driver; 2 bad input (cluster, override, output dir, no sbatch); 130 Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -44,10 +51,11 @@ from typing import Sequence
 
 from hydra.errors import HydraException
 
-from kdexp.records import atomic_write_json
+from kdexp.job import resolve_teacher_export_path
+from kdexp.records import atomic_write_json, read_result
 from launch import sbatch
-from launch.plan import COST_NOTE, PROTOCOLS, Driver, Plan, build_plan
-from launch.sweep import compose_job, fixed, hydra_session
+from launch.plan import COST_NOTE, PROTOCOLS, Driver, Job, Plan, PlanError, build_plan
+from launch.sweep import compose_job, group_overrides, hydra_session
 
 JOBS_FILE = "jobs.json"
 
@@ -88,13 +96,13 @@ def _todo_note(d: Driver) -> str:
     counts = Counter(j.status() for j in d.jobs)
     notes = [f"{counts['completed']}/{len(d.jobs)} runs completed"] if counts["completed"] else []
     if counts["failed"]:
-        notes.append(f"{counts['failed']} failed (skipped unless retry_failed=true)")
+        notes.append(f"{counts['failed']} failed while training: skipped and counted failed unless retry_failed=true")
     return ", ".join(notes)
 
 
 def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
     """The plan: stages, drivers with their runs, GPU-hours, dependencies and exact commands."""
-    out = [f"kdexp study: protocol {plan.protocol} on {plan.cluster} -> {plan.experiment_dir}"]
+    out = [f"kdexp study: protocol {plan.protocol} on {plan.cluster} -> {plan.experiment_dir}", *_launchers(plan)]
     for i, stage in enumerate(plan.stages, 1):
         drivers = plan.stage_drivers(stage)
         runs = sum(len(d.jobs) for d in drivers)
@@ -115,6 +123,51 @@ def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
     out.append(f"drivers: CPU-only sbatch jobs ({' '.join(sbatch.DRIVER_RESOURCES)}); "
                f"scripts and logs in {plan.study_dir}")
     return "\n".join(out)
+
+
+def _launchers(plan: Plan) -> list[str]:
+    """Which launcher, with which time limit, the teachers and the other runs get: teachers train
+    twice as long, and a site without a <cluster>_teacher config gives them the students' limit."""
+    lines = []
+    for role, teacher in (("teachers", True), ("other training runs", False)):
+        drivers = [d for d in plan.drivers if d.jobs and d.jobs[0].cfg.export_teacher == teacher]
+        if not drivers:
+            continue
+        limit = drivers[0].jobs[0].cfg.hydra.launcher.get("timeout_min")
+        longest = max(j.gpu_hours for d in drivers for j in d.jobs)
+        lines.append(f"{role}: hydra/launcher={drivers[0].launcher}, time limit "
+                     f"{f'{limit / 60:g} h' if limit else 'none'} per run (longest ~{longest:.1f} GPU-h)")
+    if plan.teacher_launcher == plan.cluster:
+        lines[0] += (f"; there is no {plan.cluster}_teacher config, so teachers get {plan.cluster} too (for a "
+                     f"longer limit: $KDEXP_SITE_DIR/hydra/launcher/{plan.cluster}_teacher.yaml with "
+                     f"`defaults: [{plan.cluster}, _self_]` and timeout_min, see README)")
+    return lines
+
+
+def failed_runs(plan: Plan) -> list[Job]:
+    """Runs that failed while training, which this submission's multiruns skip and count as failed."""
+    return list({j.run_dir: j for d in plan.drivers for j in d.jobs if j.status() == "failed"}.values())
+
+
+def failed_note(failed: list[Job], dry_run: bool) -> str:
+    first = failed[0].run_dir
+    error = (read_result(first) or {}).get("error")
+    return (f"{_n(len(failed), 'run')} failed while training {'would be' if dry_run else 'are'} skipped and "
+            f"counted as failed (their drivers exit non-zero; drivers waiting on them are cancelled), e.g. "
+            f"{first}{f' ({error})' if error else ''}; add retry_failed=true to train them again")
+
+
+def check_writable(plan: Plan) -> None:
+    """The experiment dir and the teachers' export dirs must be writable, found before anything is
+    submitted (without writing anything: a dry run leaves no trace)."""
+    teacher_dirs = {resolve_teacher_export_path(j.cfg).parent for d in plan.drivers for j in d.jobs
+                    if j.cfg.export_teacher}
+    for path in (plan.experiment_dir, *sorted(teacher_dirs)):
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "not a directory" if not existing.is_dir() else "not writable"
+            raise PlanError(f"cannot write {path}: {existing} is {why}; choose another --output-dir "
+                            f"(or paths.teachers_dir=...)")
 
 
 def _n(count: int, noun: str) -> str:
@@ -165,9 +218,14 @@ def follow_up(plan: Plan, decisions: dict[str, Decision]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch.study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m launch.study", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cluster", required=True, help="hydra/launcher config of the GPU jobs, e.g. slurm_a100")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="v2", help="default: v2 (as kdexp.train)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
@@ -178,30 +236,62 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def plan_study(args: argparse.Namespace) -> Plan:
+    """The plan, every job composed and validated; PlanError or HydraException on bad input."""
+    with hydra_session():
+        # parsing every override first reports a syntax error as such, not as some stage's
+        paths = group_overrides(args.overrides, "paths")
+        # the jobs' default output dir: the paths group, as every job composes it ($KDEXP_OUTPUTS)
+        output_dir = args.output_dir or Path(compose_job(paths).paths.output_dir)
+        plan = build_plan(args.protocol, args.cluster, output_dir.absolute(), args.overrides, sys.executable)
+    if any(j.cfg.dry_run for d in plan.drivers for j in d.jobs):
+        raise PlanError("dry_run=true would submit drivers that train nothing: use --dry-run, which composes "
+                        "and checks every job here and submits nothing")
+    check_writable(plan)
+    return plan
+
+
+def _hydra_error(err: HydraException) -> str:
+    override = getattr(err, "override", None)  # a parse error does not name the override it is about
+    return f"{override}: {str(err).splitlines()[0]}" if override else str(err).splitlines()[0]
+
+
+def _kept(jobs_file: Path | None) -> str:
+    """After a failed or interrupted submission: where the drivers submitted so far are recorded."""
+    return f"; the drivers submitted so far are in {jobs_file}, and a rerun keeps them" if jobs_file else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    submitted_to = None
     try:
-        with hydra_session():
-            output_dir = args.output_dir or Path(compose_job(fixed(args.overrides)).paths.output_dir)
-            plan = build_plan(args.protocol, args.cluster, output_dir.absolute(), args.overrides, sys.executable)
-    except (ValueError, HydraException) as err:  # a bad cluster name or override: one line, no traceback
+        plan = plan_study(args)
+        previous = _load_ids(plan.study_dir / JOBS_FILE)
+        live = sbatch.queued(previous.values()) if sbatch.available() else set()
+        decisions = decide(plan, previous, live)
+        print(describe(plan, decisions), flush=True)
+        failed = failed_runs(plan)
+        if not args.dry_run:
+            if not sbatch.available():
+                raise PlanError("sbatch not found: run this on a SLURM login node (or see the plan with --dry-run)")
+            submitted_to = plan.study_dir / JOBS_FILE
+            submit(plan, decisions, args.driver_sbatch)
+            print(follow_up(plan, decisions), flush=True)
+    except PlanError as err:  # bad input: one line, nothing submitted
         print(f"launch.study: {err}", file=sys.stderr)
         return 2
-    previous = _load_ids(plan.study_dir / JOBS_FILE)
-    live = sbatch.queued(previous.values()) if sbatch.available() else set()
-    decisions = decide(plan, previous, live)
-    print(describe(plan, decisions), flush=True)
-    if args.dry_run:
-        return 0
-    if not sbatch.available():
-        print("launch.study: sbatch not found: run this on a SLURM login node", file=sys.stderr)
+    except HydraException as err:
+        print(f"launch.study: {_hydra_error(err)}", file=sys.stderr)
         return 2
-    try:
-        submit(plan, decisions, args.driver_sbatch)
-    except sbatch.SlurmError as err:  # the ids submitted so far are in .study/jobs.json: a re-run keeps them
-        print(f"launch.study: {err}", file=sys.stderr)
+    except (sbatch.SlurmError, OSError) as err:
+        print(f"launch.study: {err}{_kept(submitted_to)}", file=sys.stderr)
         return 1
-    print(follow_up(plan, decisions))
+    except KeyboardInterrupt:
+        print(f"launch.study: interrupted{_kept(submitted_to)}", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"launch.study: {failed_note(failed, args.dry_run)}", file=sys.stderr)
+        return 1
     return 0
 
 

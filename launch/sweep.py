@@ -7,6 +7,8 @@ Call these inside `hydra_session()`.
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,8 +16,7 @@ from typing import Iterator, Sequence
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from kdexp.config import register_configs
 
@@ -25,13 +26,24 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 @contextmanager
 def hydra_session() -> Iterator[None]:
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"), \
+            warnings.catch_warnings():
+        # a KDEXP_SITE_DIR that does not exist: said where it matters (a launcher not found), in one line
+        warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main.* is not available")
         yield
 
 
 def compose_job(overrides: Sequence[str]) -> DictConfig:
     """The config (hydra node included) of one job with these (sweep-free) overrides."""
     return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def task_config(cfg: DictConfig) -> DictConfig:
+    """What the job's task function receives: the config without its hydra node (as Hydra's run_job)."""
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
 
 
 def expand(overrides: Sequence[str]) -> list[list[str]]:
@@ -55,9 +67,7 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir
 
 
-def launcher_exists(name: str) -> bool:
-    try:
-        compose_job([f"hydra/launcher={name}"])
-    except MissingConfigException:
-        return False
-    return True
+def group_overrides(overrides: Sequence[str], group: str) -> list[str]:
+    """The sweep-free overrides of one config group or node, e.g. `paths.output_dir=...` for "paths"."""
+    parsed = OverridesParser.create().parse_overrides(fixed(overrides))
+    return [o.input_line for o in parsed if o.key_or_group.split(".")[0] == group]

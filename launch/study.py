@@ -152,7 +152,7 @@ def failed_runs(plan: Plan) -> list[Job]:
 def failed_note(failed: list[Job], dry_run: bool) -> str:
     first = failed[0].run_dir
     error = (read_result(first) or {}).get("error")
-    return (f"{_n(len(failed), 'run')} failed while training {'would be' if dry_run else 'are'} skipped and "
+    return (f"{_n(len(failed), 'run')} that failed while training {'would' if dry_run else 'will'} be skipped and "
             f"counted as failed (their drivers exit non-zero; drivers waiting on them are cancelled), e.g. "
             f"{first}{f' ({error})' if error else ''}; add retry_failed=true to train them again")
 

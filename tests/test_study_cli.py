@@ -135,7 +135,7 @@ def test_a_resubmission_that_would_skip_failed_runs_says_so_and_exits_1(tmp_path
     assert code == 1
     assert "1 failed while training: skipped and counted failed unless retry_failed=true" in out
     line = one_line(err)
-    assert line.startswith("launch.study: 1 run failed while training would be skipped and counted as failed")
+    assert line.startswith("launch.study: 1 run that failed while training would be skipped and counted as failed")
     assert f"{run_dir} (NonFiniteLossError: loss is nan at epoch 1)" in line and "retry_failed=true" in line
     code, out, err = run_study(capsys, *QUICKSTART, "--dry-run", "--output-dir", str(tmp_path), "retry_failed=true")
     assert code == 0 and not err and "failed while training" not in out

@@ -2,6 +2,10 @@
 into one clear error (which key, what is wrong, what to do)."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -9,8 +13,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from kdexp import methods
+from kdexp.data import CLASSES
 from kdexp.models import ARCHS, STEMS
 from kdexp.records import kept_result
 
@@ -20,6 +26,8 @@ class ConfigError(ValueError):
 
 
 AMP_MODES = ("auto", "none", "bf16")
+DATASETS = ("cifar10", "fake")
+SEED_MAX = 2**32 - 1  # numpy's seed range
 COMPILE_NEEDS_CUDA = ("trainer.compile=true needs a CUDA device: it captures CUDA graphs, and on the CPU "
                       "torch.compile takes minutes per batch shape for no gain; use trainer.compile=false")
 
@@ -80,16 +88,58 @@ class TrainerConfig:
     teacher_cache: Optional[bool] = None  # precomputed teacher logits for logit-only methods
 
 
+@dataclass
+class RecipeEpochs:
+    student: int = MISSING
+    teacher: int = MISSING
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+    teachers_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    """The root (`conf/train.yaml` starts from `base_train`): the keys a run has, typed; the values
+    come from train.yaml and the groups. Keys added with `+` are refused by validate()."""
+    seed: int = MISSING
+    recipe_epochs: RecipeEpochs = MISSING
+    experiment_name: str = MISSING
+    protocol_name: str = MISSING
+    export_teacher: bool = MISSING
+    dry_run: bool = MISSING
+    retry_failed: bool = MISSING
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    teacher: TeacherConfig = MISSING
+    method: Any = MISSING  # typed by the chosen method's own schema (methods.base.arguments_schema)
+    trainer: TrainerConfig = MISSING
+    paths: PathsConfig = MISSING
+
+
 def register_configs() -> None:
     """Schemas under `conf/<group>/base.yaml`'s name, so YAML typos and wrong types fail early."""
     cs = ConfigStore.instance()
+    cs.store(name="base_train", node=TrainConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    for method in method_classes():
+        cs.store(group="method", name=f"base_{method.name}", node=method.Config)
     for name, resolver in (("kdexp.run_label", run_label), ("kdexp.metadata_dir", hydra_metadata_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+def method_classes() -> list[type[methods.DistillationMethod]]:
+    """Every method defined in kdexp/methods/ (importing each module defines its class)."""
+    for module in pkgutil.iter_modules(methods.__path__, prefix=f"{methods.__name__}."):
+        importlib.import_module(module.name)
+    return [cls for cls in methods.DistillationMethod.__subclasses__() if cls.__module__.startswith(methods.__name__)]
 
 
 def hydra_metadata_dir(run_dir: str, retry_failed: bool) -> str | None:
@@ -138,30 +188,83 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: DictConfig) -> Any:
-    """Check the composed config; returns the (unbound) method so it is built only once."""
-    m, t, tr = cfg.model, cfg.teacher, cfg.trainer
-    _check(m.arch in ARCHS, f"model.arch={m.arch!r} is not one of {sorted(ARCHS)}")
-    _check(m.stem in STEMS, f"model.stem={m.stem!r} must be one of {list(STEMS)}")
-    _check(m.width >= 1, f"model.width={m.width} must be a positive number of base channels")
+def check_known_keys(node: DictConfig, prefix: str = "") -> None:
+    """Refuse keys no schema declares. Struct mode stops `trainer.epoch=3`, but Hydra's own hint
+    for it, `+trainer.epoch=3`, adds the key anyway: the run would train the default epochs in a
+    directory named after a setting that did nothing."""
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else list(node)
+    for key, value in node.items_ex(resolve=False):
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            where = f"under {prefix.rstrip('.')}" if prefix else "at the top level"
+            hint = f"did you mean {prefix}{close[0]}?" if close else \
+                f"the settings {where} are {', '.join(k for k in known if k != '_target_')}"
+            raise ConfigError(f"{prefix}{key} is not a kdexp setting: {hint}")
+        if isinstance(value, DictConfig):
+            check_known_keys(value, f"{prefix}{key}.")
+
+
+def _check_seed(key: str, value: int) -> None:
+    _check(0 <= value <= SEED_MAX, f"{key}={value} must be in [0, {SEED_MAX}]")
+
+
+def _check_trainer(tr: DictConfig) -> None:
     _check(tr.epochs > 0, f"trainer.epochs={tr.epochs} must be > 0")
     _check(tr.batch_size > 0, f"trainer.batch_size={tr.batch_size} must be > 0")
+    _check(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch > 0,
+           f"trainer.max_steps_per_epoch={tr.max_steps_per_epoch} must be > 0, or null for whole epochs")
     _check(tr.lr > 0, f"trainer.lr={tr.lr} must be > 0")
+    _check(0 <= tr.eta_min <= tr.lr, f"trainer.eta_min={tr.eta_min} must be in [0, trainer.lr={tr.lr}]: "
+           f"the cosine schedule decays the learning rate from trainer.lr down to it")
+    _check(0 <= tr.momentum < 1, f"trainer.momentum={tr.momentum} must be in [0, 1)")
+    _check(tr.momentum > 0 or not tr.nesterov,
+           "trainer.nesterov=true needs trainer.momentum > 0: use trainer.nesterov=false for plain SGD")
+    _check(tr.weight_decay >= 0, f"trainer.weight_decay={tr.weight_decay} must be >= 0")
     _check(tr.eval_every >= 1, f"trainer.eval_every={tr.eval_every} must be >= 1")
     _check(tr.clip_norm is None or tr.clip_norm > 0,
            f"trainer.clip_norm={tr.clip_norm} must be > 0, or null to disable clipping")
     _check(tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:"),
            f"trainer.device={tr.device!r} must be auto, cpu, cuda or cuda:N")
-    _check(cfg.data.loader in ("tensor", "torch"), f"data.loader={cfg.data.loader!r} must be tensor or torch")
     _check(tr.amp in AMP_MODES, f"trainer.amp={tr.amp!r} must be one of {list(AMP_MODES)}")
     _check(not (tr.compile and tr.device == "cpu"), COMPILE_NEEDS_CUDA)
-    _check(cfg.data.val_size >= 0, f"data.val_size={cfg.data.val_size} must be >= 0 (0 = no validation split)")
+
+
+def _check_data(d: DictConfig) -> None:
+    _check(d.name in DATASETS, f"data.name={d.name!r} must be one of {list(DATASETS)} (data=cifar10 or data=fake)")
+    _check(d.loader in ("tensor", "torch"), f"data.loader={d.loader!r} must be tensor or torch")
+    _check(d.val_size >= 0, f"data.val_size={d.val_size} must be >= 0 (0 = no validation split)")
+    _check_seed("data.split_seed", d.split_seed)
+    _check(d.eval_batch_size > 0, f"data.eval_batch_size={d.eval_batch_size} must be > 0")
+    _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0 (0 = load in the main process)")
+    if d.name == "fake":
+        for key in ("fake_train_size", "fake_test_size"):
+            _check(d[key] > 0, f"data.{key}={d[key]} must be > 0")
+
+
+def _check_network(key: str, net: DictConfig) -> None:
+    """model or teacher: arch, stem and width."""
+    _check(net.arch in ARCHS, f"{key}.arch={net.arch!r} is not one of {sorted(ARCHS)}")
+    _check(net.stem in STEMS, f"{key}.stem={net.stem!r} must be one of {list(STEMS)}")
+    _check(net.width >= 1, f"{key}.width={net.width} must be a positive number of base channels")
+
+
+def validate(cfg: DictConfig) -> Any:
+    """Check the composed config; returns the (unbound) method so it is built only once."""
+    check_known_keys(cfg)
+    m, t, tr = cfg.model, cfg.teacher, cfg.trainer
+    _check_seed("seed", cfg.seed)
+    _check_network("model", m)
+    _check(m.num_classes == len(CLASSES), f"model.num_classes={m.num_classes} must be {len(CLASSES)}: "
+           f"CIFAR-10 and data=fake have {len(CLASSES)} classes")
+    _check_trainer(tr)
+    _check_data(cfg.data)
     method = build_method(cfg.method)
     if method.needs_teacher:
         _check(t.arch is not None, f"method={method.name} distils from a teacher but teacher.arch is null: "
                f"choose one, e.g. teacher=resnet34 or pair=r34_to_r18")
-        _check(t.arch in ARCHS, f"teacher.arch={t.arch!r} is not one of {sorted(ARCHS)}")
-        _check(t.stem in STEMS, f"teacher.stem={t.stem!r} must be one of {list(STEMS)}")
+        _check_network("teacher", t)
+        _check_seed("teacher.seed", t.seed)
     else:
         _check(t.arch is None, f"method={method.name} trains without a teacher but teacher.arch={t.arch}: "
                f"use teacher=none (or a KD method such as method=logit)")

@@ -1,6 +1,7 @@
 """The config tree: the 81-job grid expands exactly, runs never share a directory, and every bad
 input gives one specific message and a non-zero exit."""
 import itertools
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,18 @@ def _job_configs(root: Path) -> dict[Path, dict]:
             for p in root.rglob(".hydra/config.yaml")}
 
 
+def dry_run(out: Path, fake_root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A dry-run multirun with data present (fake files in CIFAR-10's format), into `out`, where
+    no teacher exists: a student grid's dry run reports them missing (exit 2), a teacher's is clean."""
+    return run_train("-m", *overrides, "dry_run=true", f"paths.output_dir={out}", f"data.root={fake_root}",
+                     "data.verify_md5=false", timeout=900)
+
+
 @pytest.fixture(scope="module")
-def paper_v1_logit(tmp_path_factory):
+def paper_v1_logit(tmp_path_factory, fake_root):
     out = tmp_path_factory.mktemp("dry")
-    proc = run_train("-m", "experiment=paper_v1", "dry_run=true", f"paths.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = dry_run(out, fake_root, "experiment=paper_v1")
+    assert proc.returncode == 2 and "dry run: 81 jobs would fail" in proc.stdout, proc.stderr[-3000:]
     return out, proc
 
 
@@ -47,31 +55,28 @@ def test_dry_run_reports_the_missing_teacher_with_its_path(paper_v1_logit):
     assert "resnet50_cifar_w64_seed0.pt: MISSING" in proc.stdout + proc.stderr
 
 
-def test_feature_grid_does_not_multiply_by_temperature(tmp_path):
-    proc = run_train("-m", "experiment=paper_v1", "kd_grid=feature", "dry_run=true", f"paths.output_dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_feature_grid_does_not_multiply_by_temperature(tmp_path, fake_root):
+    proc = dry_run(tmp_path, fake_root, "experiment=paper_v1", "kd_grid=feature")
+    assert proc.returncode == 2 and "dry run: 27 jobs would fail" in proc.stdout, proc.stderr[-3000:]
     configs = _job_configs(tmp_path).values()
     assert len(configs) == 27
     assert {c["method"]["_target_"] for c in configs} == {"kdexp.methods.feature.FeatureKD"}
     assert all("T" not in c["method"] and c["method"]["beta"] == 0.5 for c in configs)
 
 
-def test_baselines_and_teachers_get_their_own_dirs(tmp_path):
-    proc = run_train("-m", "experiment=baseline", "protocol=v1", "model=resnet18,resnet34", "seeds=paper",
-                     "dry_run=true", f"paths.output_dir={tmp_path}")
+def test_baselines_and_teachers_get_their_own_dirs(tmp_path, fake_root):
+    proc = dry_run(tmp_path, fake_root, "experiment=baseline", "protocol=v1", "model=resnet18,resnet34", "seeds=paper")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_train("-m", "experiment=teacher", "protocol=v1", "model=resnet34,resnet50", "dry_run=true",
-                     f"paths.output_dir={tmp_path}")
+    proc = dry_run(tmp_path, fake_root, "experiment=teacher", "protocol=v1", "model=resnet34,resnet50")
     assert proc.returncode == 0, proc.stderr[-3000:]
     dirs = {str(d.relative_to(tmp_path)) for d in _job_configs(tmp_path)}
     assert dirs == {f"paper_v1/baseline/resnet{a}/seed{s}" for a in (18, 34) for s in (0, 1, 2)} | \
         {"paper_v1/teacher/resnet34/seed0", "paper_v1/teacher/resnet50/seed0"}
 
 
-def test_other_overrides_become_part_of_the_run_dir(tmp_path):
-    proc = run_train("-m", "pair=r34_to_r18", "method=logit", "trainer.epochs=3,5", "dry_run=true",
-                     f"paths.output_dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_other_overrides_become_part_of_the_run_dir(tmp_path, fake_root):
+    proc = dry_run(tmp_path, fake_root, "pair=r34_to_r18", "method=logit", "trainer.epochs=3,5", "paths.data_dir=/x")
+    assert proc.returncode == 2 and "dry run: 2 jobs would fail" in proc.stdout, proc.stderr[-3000:]
     dirs = sorted(str(d.relative_to(tmp_path)) for d in _job_configs(tmp_path))
     assert dirs == ["paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/trainer.epochs=3",
                     "paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/trainer.epochs=5"]

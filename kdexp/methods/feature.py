@@ -27,7 +27,7 @@ class FeatureKD(DistillationMethod):
         super().__init__()
         self.alpha = check_alpha(alpha)
         if not beta >= 0:
-            raise ValueError(f"method.beta={beta} must be >= 0 (the weight of the cosine term)")
+            raise ValueError(f"method.beta={fmt(beta)} must be >= 0 (the weight of the cosine term)")
         self.beta = float(beta)
         self.clip_with_student = bool(clip_projection)
         self.normalize_by_teacher_std = normalize_by_teacher_std

@@ -19,7 +19,7 @@ class LogitKD(DistillationMethod):
         super().__init__()
         self.alpha = check_alpha(alpha)
         if not T > 0:
-            raise ValueError(f"method.T={T} must be > 0 (the softmax temperature)")
+            raise ValueError(f"method.T={fmt(T)} must be > 0 (the softmax temperature)")
         self.T = float(T)
 
     def forward(self, student, teacher, targets):

@@ -30,3 +30,17 @@ test: install
 
 clean:
 	rm -rf outputs multirun .pytest_cache
+
+# The GPU path measured in one call on a CUDA machine without network (README: performance).
+# `make wheelhouse` here (pip reaches an index) fills .wheelhouse/ with the pure-Python wheels such
+# a machine lacks; it travels with the tree and `make gpu-check` there installs from it.
+.PHONY: wheelhouse gpu-check gpu-check-dry
+wheelhouse: install
+	$(PY) -m launch.gpu_check --build-wheelhouse
+
+gpu-check:
+	$(PYTHON) -m launch.gpu_check
+
+# The same check on this CPU at tiny sizes, from an environment without hydra & co (minutes).
+gpu-check-dry: install
+	$(PY) -m pytest -q tests/test_gpu_check.py

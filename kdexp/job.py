@@ -7,7 +7,6 @@ import platform
 import random
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from kdexp.execution import Execution
 from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
 from kdexp.models import build_model, count_parameters
 from kdexp.outcome import Outcome
-from kdexp.records import kept_result, write_result
+from kdexp.records import kept_result, unwritable, write_result
 from kdexp.teachers import (TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command)
 
 log = logging.getLogger(__name__)
@@ -144,15 +143,10 @@ def _holds_weights(path: Path, weights: dict) -> bool:
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """Raise CannotStart unless a file can be created in `folder` (or, while it does not exist yet,
-    in its nearest existing parent, where it will be made); leaves nothing behind."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise CannotStart(f"cannot write {what} into {folder}: {existing} is not writable ({err.strerror}); "
-                          f"make it writable or point paths.teachers_dir elsewhere") from None
+    why = unwritable(folder)
+    if why:
+        raise CannotStart(f"cannot write {what} into {folder}: {why}; make it writable or choose another "
+                          f"folder (paths.*, data.root)")
 
 
 def resolve_teacher_export_path(cfg: DictConfig) -> Path:

@@ -41,6 +41,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be created in `folder` (or, while it does not exist, in its nearest existing
+    parent, where it will be made), or None when one can; the probe leaves nothing behind."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return None
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror})"
+
+
 def _jsonable(value: Any) -> Any:
     """NaN/inf are not JSON: store them as null so every reader can parse the file."""
     if isinstance(value, float) and not math.isfinite(value):

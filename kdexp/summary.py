@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdexp.outcome import EXIT_CODES, Outcome, multirun_exit_code
-from kdexp.records import RESULT_FILE, atomic_write_json
+from kdexp.records import RESULT_FILE, atomic_write_json, unwritable
 
 OUTCOMES = ".kdexp-outcomes"
 RUN_ID_ENV = "KDEXP_MULTIRUN_ID"
@@ -97,3 +97,22 @@ class MultirunSummary(Callback):
             bad = sum(1 for o in outcomes if o["exit_code"])
             print(f"{bad} of {len(outcomes)} jobs did not succeed (listed above)", file=sys.stderr, flush=True)
             sys.exit(code)
+
+
+class OutputsWritable(Callback):
+    """Hydra makes the run (or sweep) dir before any kdexp code runs, and a failure there is a
+    traceback: check first, and say it in one line (exit 2, nothing written)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _require_writable(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _require_writable(config.hydra.sweep.dir)
+
+
+def _require_writable(folder: str) -> None:
+    why = unwritable(Path(folder))
+    if why:  # SystemExit: Hydra turns a callback's exception into a warning
+        print(f"kdexp: cannot write the output dir {folder}: {why}; set paths.output_dir (or KDEXP_OUTPUTS) "
+              f"to a writable folder", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -70,6 +70,7 @@ def train_command(cfg: DictConfig) -> str:
     overrides = ["experiment=teacher", f"protocol={cfg.protocol_name}", f"model={t.arch}"]
     needed = [("data.name", d.name, f"data={d.name}"), ("paths.output_dir", paths.output_dir, None),
               ("paths.teachers_dir", paths.teachers_dir, None), ("data.root", d.root, None),
+              ("data.fake_train_size", d.fake_train_size, None), ("data.fake_test_size", d.fake_test_size, None),
               ("data.val_size", d.val_size, None), ("data.split_seed", d.split_seed, None),
               ("model.stem", t.stem, None), ("model.width", t.width, None), ("seed", t.seed, None)]
     for key, want, override in needed:

@@ -2,11 +2,14 @@
 several conftest.py files cannot all be imported as `conftest`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -40,3 +43,25 @@ def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
 def student_args(out: Path, fake_root: Path, *extra: str) -> tuple[str, ...]:
     return (*TINY, "teacher=resnet18", "teacher.width=8", f"data.root={fake_root}",
             f"paths.output_dir={out}", *extra)
+
+
+# A few optimiser steps per epoch: for tests of what happens around training, not of learning.
+QUICK = ("trainer.epochs=1", "trainer.max_steps_per_epoch=2")
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """Make `folder` unwritable for this user, root included (root ignores mode bits, not the
+    immutable flag); skips the test where neither works."""
+    root = os.geteuid() == 0
+    if root and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only for root here (chattr +i failed)")
+    if not root:
+        folder.chmod(0o555)
+    try:
+        yield
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)

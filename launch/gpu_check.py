@@ -207,7 +207,7 @@ class Check:
         groups = {"gpu": gpu_tests, "cpu": [t for t in self.sizes.tests if t not in gpu_tests]}
         cores = os.cpu_count() or 1
         env = {**self.env, "OMP_NUM_THREADS": str(max(1, cores // 4))}
-        workers = ["-n", "4"] if self.sizes.device == "cuda" and _has_module("xdist") else []
+        workers = ["-n", "5"] if self.sizes.device == "cuda" and _has_module("xdist") else []
         running = {}
         for name, paths in groups.items():
             if paths:

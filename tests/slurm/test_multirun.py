@@ -48,11 +48,11 @@ def test_grid_runs_one_slurm_array_task_per_job(tmp_path, fake_root, slurm_clust
     assert {name for _, name, _ in records} == {"kdexp-test"}
 
 
-def test_dry_run_with_a_slurm_launcher_submits_nothing(tmp_path, slurm_cluster):
+def test_dry_run_with_a_slurm_launcher_submits_nothing(tmp_path, fake_root, slurm_cluster):
     """A dry run checks a grid before it is submitted: its jobs run here, never through sbatch."""
     name = f"kdexp-dry-{uuid.uuid4().hex[:8]}"  # tells this test's jobs from the session's other ones
-    proc = run_train("-m", *TINY, "experiment=baseline", "seed=0,1", "dry_run=true", f"paths.output_dir={tmp_path}",
-                     *SLURM, f"hydra.launcher.name={name}", env=ONE_THREAD)
+    proc = run_train("-m", *TINY, "experiment=baseline", "seed=0,1", "dry_run=true", f"data.root={fake_root}",
+                     f"paths.output_dir={tmp_path}", *SLURM, f"hydra.launcher.name={name}", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # slurmctld keeps ended jobs in squeue --states=all for MinJobAge (300 s): no accounting lag to wait for
     queued = subprocess.run(["squeue", "-h", "--states=all", f"--name={name}", "-o", "%i"], capture_output=True,

@@ -109,3 +109,14 @@ def test_composed_config_survives_pickling():
     cfg = compose_cfg(*KD)
     again = pickle.loads(pickle.dumps(cfg))
     assert again == cfg and OmegaConf.get_type(again.method) is OmegaConf.get_type(cfg.method)
+
+
+def test_a_site_config_with_a_misspelt_top_level_key_does_not_compose(tmp_path):
+    """The root has a schema too: a typo in a _global_ config (a site's experiment) is an error, not
+    a silently ignored setting."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nseeed: 3\n")
+    proc = run_train("experiment=mine", "dry_run=true", f"paths.output_dir={tmp_path}/out",
+                     env={"KDEXP_SITE_DIR": str(tmp_path)})
+    assert proc.returncode != 0 and "Key 'seeed' not in 'TrainConfig'" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -81,8 +81,8 @@ def _start(cfg: DictConfig, method, run_dir: Path) -> Outcome:
             log.info("exported teacher to %s", export)
         write_result(run_dir, result)
         return Outcome("completed")
-    except KeyboardInterrupt:
-        raise Interrupted(loop.state.epoch if loop else 0) from None
+    except KeyboardInterrupt as err:  # chained: train.log shows where it stopped
+        raise Interrupted(loop.state.epoch if loop else 0) from err
     except Exception as err:
         epoch = err.epoch if isinstance(err, NonFiniteLossError) else (loop.state.epoch + 1 if loop else None)
         _record_failure(run_dir, {**_identity(cfg, method), "status": "failed",

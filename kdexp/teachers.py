@@ -68,10 +68,12 @@ def train_command(cfg: DictConfig) -> str:
     its run dir's name)."""
     t, d, paths = cfg.teacher, cfg.data, cfg.paths
     overrides = ["experiment=teacher", f"protocol={cfg.protocol_name}", f"model={t.arch}"]
+    # in this order: a later key's default may follow from an earlier one (the generated data's root
+    # from its sizes, teachers_dir from output_dir)
     needed = [("data.name", d.name, f"data={d.name}"), ("paths.output_dir", paths.output_dir, None),
-              ("paths.teachers_dir", paths.teachers_dir, None), ("data.root", d.root, None),
+              ("paths.teachers_dir", paths.teachers_dir, None),
               ("data.fake_train_size", d.fake_train_size, None), ("data.fake_test_size", d.fake_test_size, None),
-              ("data.val_size", d.val_size, None), ("data.split_seed", d.split_seed, None),
+              ("data.root", d.root, None), ("data.val_size", d.val_size, None), ("data.split_seed", d.split_seed, None),
               ("model.stem", t.stem, None), ("model.width", t.width, None), ("seed", t.seed, None)]
     for key, want, override in needed:
         if OmegaConf.select(_compose(overrides), key) != want:

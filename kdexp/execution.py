@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch._inductor.config
 
-from kdexp.config import COMPILE_NEEDS_CUDA, ConfigError
+from kdexp.config import CHANNELS_LAST_NEEDS_CUDA, COMPILE_NEEDS_CUDA, ConfigError
 from kdexp.methods import DistillationMethod
 
 
@@ -30,6 +30,8 @@ class Execution:
         cuda = device.type == "cuda"
         if trainer.compile and not cuda:
             raise ConfigError(COMPILE_NEEDS_CUDA)
+        if trainer.channels_last and not cuda:
+            raise ConfigError(CHANNELS_LAST_NEEDS_CUDA)
         amp = {"auto": "bf16" if cuda else "none"}.get(trainer.amp, trainer.amp)
         cacheable = method.needs_teacher and not method.needs_features and loader == "tensor"
         return cls(

@@ -28,7 +28,7 @@ from torch import nn
 
 from kdexp import checkpoint
 from kdexp.data.cifar import CIFAR_MEAN, CIFAR_STD
-from kdexp.data.loaders import PAD, SIZE, Batch, crop_flip, normalize
+from kdexp.data.loaders import PAD, SIZE, Batch, augment
 from kdexp.execution import Execution
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def lookup(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 def build(teacher: nn.Module, images: torch.Tensor, execution: Execution,
           batch_size: int = BUILD_BATCH) -> torch.Tensor:
     """Teacher logits for every view of every image, (N, 9, 9, 2, classes), computed as the live
-    path computes them (same crop_flip and normalize, same autocast) and kept in its dtype."""
+    path computes them (same augmentation and layout, same autocast) and kept in its dtype."""
     device = next(teacher.parameters()).device
     images = images.to(device)
     out = None
@@ -57,7 +57,7 @@ def build(teacher: nn.Module, images: torch.Tensor, execution: Execution,
             chunk = images[start:start + batch_size]
             dy_, dx_, flip_ = (torch.full((len(chunk),), v, device=device) for v in (dy, dx, bool(flip)))
             with execution.autocast(device):
-                logits = teacher(normalize(crop_flip(chunk, dy_, dx_, flip_)))
+                logits = teacher(augment(chunk, dy_, dx_, flip_, execution.channels_last))
             if out is None:
                 out = torch.empty(len(images), OFFSETS, OFFSETS, 2, logits.shape[1], dtype=logits.dtype, device=device)
             out[start:start + len(chunk), dy, dx, flip] = logits

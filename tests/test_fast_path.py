@@ -22,7 +22,7 @@ from kdexp.models import build_model
 from kdexp.teachers import FrozenTeacher
 
 CPU = torch.device("cpu")
-FAST = ("trainer.amp=bf16", "trainer.channels_last=true", "trainer.fused=true")
+FAST = ("trainer.amp=bf16", "trainer.fused=true")  # channels_last: CUDA only (see CHANNELS_LAST_NEEDS_CUDA)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,7 @@ def test_auto_settings_are_the_reference_on_cpu_and_fast_on_cuda():
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.compile=true", "trainer.device=cpu"], "trainer.compile=true needs a CUDA device"),
     (["trainer.amp=fp16"], "trainer.amp='fp16' must be one of"),
+    (["trainer.channels_last=true", "trainer.device=cpu"], "trainer.channels_last=true needs a CUDA device"),
     (["pair=r34_to_r18", "method=feature", "trainer.teacher_cache=true"], "method=feature needs teacher features"),
     (["trainer.teacher_cache=true"], "method=ce has no teacher"),
     (["pair=r34_to_r18", "method=logit", "trainer.teacher_cache=true", "data.loader=torch"], "data.loader=tensor"),
@@ -90,11 +91,9 @@ def _params(loop) -> list[torch.Tensor]:
     return [p for g in loop.optimizer.param_groups for p in g["params"]]
 
 
-def test_channels_last_and_fused_sgd_change_nothing_in_fp32(tmp_path, splits, teacher):
+def test_fused_sgd_changes_nothing_in_fp32(tmp_path, splits, teacher):
     """Same loss, gradients and clipped SGD update as the reference, to fp32 rounding."""
-    loops = [_loop(tmp_path / str(i), splits, teacher, *extra)
-             for i, extra in enumerate([(), ("trainer.channels_last=true", "trainer.fused=true")])]
-    assert loops[1].student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    loops = [_loop(tmp_path / str(i), splits, teacher, *extra) for i, extra in enumerate([(), ("trainer.fused=true",)])]
     assert loops[1].optimizer.defaults["fused"] and not loops[0].optimizer.defaults["fused"]
     batch = next(loops[0].train.epoch(1))
     (ref_parts, ref_grad), (parts, grad) = [_step(loop, batch) for loop in loops]
@@ -109,7 +108,7 @@ def test_channels_last_and_fused_sgd_change_nothing_in_fp32(tmp_path, splits, te
 
 @pytest.mark.parametrize("method", ["logit", "feature"])
 def test_bf16_step_is_within_bf16_rounding_of_fp32(tmp_path, splits, teacher, method):
-    """bf16 autocast (with channels_last and fused SGD) against the fp32 reference on one batch.
+    """bf16 autocast (with fused SGD) against the fp32 reference on one batch.
     A fresh ResNet's gradient is so sensitive that merely rounding the fp32 step's input and weights
     to bf16 moves it by 15-30% (relative L2): the bf16 step must stay within twice that (measured:
     1.1-1.5x), and every loss part within 1% (measured: < 0.3%)."""
@@ -225,8 +224,8 @@ def test_study_hours_count_every_run_of_the_study():
 
 
 @pytest.mark.parametrize("before, after", [((), FAST[1:]), (FAST[1:], ())])
-def test_resume_with_another_layout_continues_the_same_run(tmp_path, splits, teacher, before, after):
-    """A checkpoint written with(out) channels_last and fused SGD, resumed with the other layout (as
+def test_resume_with_another_optimiser_kernel_continues_the_same_run(tmp_path, splits, teacher, before, after):
+    """A checkpoint written with(out) fused SGD, resumed with the other kernel (as
     when `auto` resolves differently on the next node), continues as the run would have (1e-5)."""
     straight = without_timing(_loop(tmp_path / "a", splits, teacher, *before).fit().history)
     first = _loop(tmp_path / "b", splits, teacher, *before)
@@ -239,3 +238,14 @@ def test_resume_with_another_layout_continues_the_same_run(tmp_path, splits, tea
         # rel 1e-5, plus abs 1e-6 for near-zero values (a KL of ~7e-4 moves in its 5th digit with the layout)
         expected = pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value
         assert again[1][key] == expected, key
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_batches_have_the_memory_layout_asked_for(channels_last):
+    # The crop gather leaves NHWC strides; handed to an NCHW model at width 4 they crashed torch
+    # 2.14's CPU conv backward (a segfault of the whole run), so the loader pins the layout.
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    batches = TrainBatches(images, torch.arange(10), 4, seed=0, device=torch.device("cpu"),
+                           channels_last=channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert all(b.x.is_contiguous(memory_format=layout) for b in batches.epoch(0))

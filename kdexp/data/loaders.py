@@ -53,6 +53,15 @@ def crop_flip(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip:
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+def augment(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+            channels_last: bool) -> torch.Tensor:
+    """The training view of each image, normalised, in the layout the model was prepared with.
+    The gather leaves NHWC strides: pinning the layout matters (an input whose layout differs from
+    the model's costs a copy per conv, and at 4 channels crashes torch 2.14's CPU conv backward)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return normalize(crop_flip(images_u8, dy, dx, flip)).contiguous(memory_format=layout)
+
+
 @dataclass
 class Batch:
     x: torch.Tensor  # normalised float images
@@ -85,9 +94,7 @@ class TrainBatches:
         for step in range(len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             dy, dx, flip = offsets[idx, 0], offsets[idx, 1], flips[idx]
-            x = normalize(crop_flip(self.images[idx], dy, dx, flip))
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = augment(self.images[idx], dy, dx, flip, self.channels_last)
             yield Batch(x, self.labels[idx], idx, dy, dx, flip)
 
 

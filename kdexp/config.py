@@ -14,10 +14,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
+from torch import nn
 
 from kdexp import methods
 from kdexp.data import CLASSES
-from kdexp.models import ARCHS, STEMS
+from kdexp.models import ARCHS, STEMS, model_layout
 from kdexp.records import kept_result
 
 
@@ -246,11 +247,16 @@ def _check_data(d: DictConfig) -> None:
             _check(d[key] > 0, f"data.{key}={d[key]} must be > 0")
 
 
-def _check_network(key: str, net: DictConfig) -> None:
-    """model or teacher: arch, stem and width."""
+def _check_network(key: str, net: DictConfig, num_classes: int) -> nn.Module:
+    """model or teacher: arch, stem and width, and that the network builds (on the meta device:
+    no memory); returns it for its stage layout."""
     _check(net.arch in ARCHS, f"{key}.arch={net.arch!r} is not one of {sorted(ARCHS)}")
     _check(net.stem in STEMS, f"{key}.stem={net.stem!r} must be one of {list(STEMS)}")
     _check(net.width >= 1, f"{key}.width={net.width} must be a positive number of base channels")
+    try:
+        return model_layout(net.arch, num_classes, net.stem, net.width)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def validate(cfg: DictConfig) -> Any:
@@ -258,7 +264,7 @@ def validate(cfg: DictConfig) -> Any:
     check_known_keys(cfg)
     m, t, tr = cfg.model, cfg.teacher, cfg.trainer
     _check_seed("seed", cfg.seed)
-    _check_network("model", m)
+    student = _check_network("model", m, m.num_classes)
     _check(m.num_classes == len(CLASSES), f"model.num_classes={m.num_classes} must be {len(CLASSES)}: "
            f"CIFAR-10 and data=fake have {len(CLASSES)} classes")
     _check_trainer(tr)
@@ -267,7 +273,7 @@ def validate(cfg: DictConfig) -> Any:
     if method.needs_teacher:
         _check(t.arch is not None, f"method={method.name} distils from a teacher but teacher.arch is null: "
                f"choose one, e.g. teacher=resnet34 or pair=r34_to_r18")
-        _check_network("teacher", t)
+        teacher = _check_network("teacher", t, m.num_classes)
         _check_seed("teacher.seed", t.seed)
     else:
         _check(t.arch is None, f"method={method.name} trains without a teacher but teacher.arch={t.arch}: "
@@ -279,6 +285,8 @@ def validate(cfg: DictConfig) -> Any:
         _check(cfg.data.loader == "tensor", "trainer.teacher_cache=true looks logits up by each image's crop and "
                "flip, which only data.loader=tensor reports: use data.loader=tensor or trainer.teacher_cache=false")
     if method.needs_features:
-        _check(t.stem == m.stem, f"method={method.name} matches feature maps stage by stage, so "
-               f"teacher.stem ({t.stem}) must equal model.stem ({m.stem})")
+        _check(teacher.stage_strides == student.stage_strides, f"method={method.name} matches feature maps "
+               f"stage by stage, so teacher and student need the same stages at the same resolutions: "
+               f"{t.arch} ({t.stem} stem) has stage strides {teacher.stage_strides}, {m.arch} ({m.stem} stem) "
+               f"{student.stage_strides}")
     return method

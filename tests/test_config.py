@@ -100,7 +100,11 @@ def test_recipe_defaults_are_the_study():
     (["trainer.epochs=0"], "trainer.epochs=0 must be > 0"),
     (["method=logit"], "teacher.arch is null"),
     (["teacher=resnet34"], "method=ce trains without a teacher"),
-    (["pair=r34_to_r18", "method=feature", "teacher.stem=imagenet"], "teacher.stem (imagenet) must equal model.stem"),
+    (["pair=r34_to_r18", "method=feature", "teacher.stem=imagenet"],
+     "resnet34 (imagenet stem) has stage strides [4, 8, 16, 32], resnet18 (cifar stem) [1, 2, 4, 8]"),
+    (["model=shufflenetv2", "teacher=resnet32x4", "method=feature"], "the same stages at the same resolutions"),
+    (["model=resnet8x4", "model.stem=imagenet"], "model: stem='imagenet' is not available for resnet8x4"),
+    (["model=mobilenetv2", "model.width=1"], "model: width=1 is too small for mobilenetv2"),
     (["model.stem=fancy"], "model.stem='fancy'"),
 ])
 def test_bad_values_give_one_specific_error(overrides, message):

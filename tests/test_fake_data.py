@@ -46,7 +46,7 @@ def test_generated_data_fits_every_protocol(protocol, tmp_path, monkeypatch):
 
 
 def test_each_size_of_generated_data_has_its_own_folder(tmp_path, monkeypatch):
-    """A quickstart copy (2500 images) must never be taken for the 50000 a v2 run asked for."""
+    """A quickstart copy (3000 images) must never be taken for the 50000 a v2 run asked for."""
     monkeypatch.setenv("KDEXP_DATA", str(tmp_path))
     roots = {compose_cfg("data=fake", *p).data.root for p in ([], ["protocol=quickstart"],
                                                               ["data.fake_train_size=4000"])}

@@ -138,11 +138,12 @@ def test_nan_loss_fails_the_run_with_its_epoch_and_is_retried_only_when_asked(tm
     assert "NonFiniteLossError" in result["error"]
     assert proc.stderr.strip().splitlines() == [  # one line, and no "check the teacher" for a baseline
         "kdexp: loss became NaN/inf in epoch 1; lower trainer.lr"], proc.stderr
-    assert "Traceback" in (result_dir := next(tmp_path.rglob("result.json")).parent / "train.log").read_text()
-    before = (result_dir.parent / "result.json").read_bytes()
+    run_dir = next(tmp_path.rglob("result.json")).parent
+    assert "Traceback" in (run_dir / "train.log").read_text()  # the traceback is in the log only
+    before = (run_dir / "result.json").read_bytes()
     again = run_train(*args)  # skipped, and still a failure: exit 1, not 0
     assert again.returncode == 1 and "retry_failed=true" in again.stderr
-    assert (result_dir.parent / "result.json").read_bytes() == before
+    assert (run_dir / "result.json").read_bytes() == before
     retried = run_train(*args, "retry_failed=true")
     assert retried.returncode == 1 and "loss became NaN/inf in epoch 1" in retried.stderr
 

@@ -49,7 +49,10 @@ def main(cfg: DictConfig) -> str:
 
 def _outcome(cfg: DictConfig, run_dir: Path) -> Outcome:
     try:
-        return job.run(cfg, run_dir)
+        outcome = job.run(cfg, run_dir)
+        if outcome.status == "failed":  # a skipped failed run: its log says so too
+            _log_to_file(outcome.reason)
+        return outcome
     except (ConfigError, job.CannotStart) as err:  # bad input, nothing written: one clear line
         _forget(run_dir, cfg.paths.output_dir)
         prefix = "invalid config: " if isinstance(err, ConfigError) else ""
@@ -57,11 +60,11 @@ def _outcome(cfg: DictConfig, run_dir: Path) -> Outcome:
     except runlock.RunLocked as err:  # says nothing to train.log: it is the other process's log
         return Outcome("locked", str(err))
     except job.Interrupted as err:
-        _log_traceback(str(err), err)
+        _log_to_file(str(err), err)
         return Outcome("interrupted", str(err))
     except Exception as err:
         reason = _one_line(err)
-        _log_traceback(reason, err)
+        _log_to_file(reason, err)
         return Outcome("failed", reason if isinstance(err, EXPECTED) else f"{reason} (traceback in {run_dir}/train.log)")
 
 
@@ -74,13 +77,14 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _log_traceback(message: str, err: BaseException) -> None:
-    """The traceback goes to the run's train.log only (the terminal has the one line), unless
-    HYDRA_FULL_ERROR=1 asks for it everywhere."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+def _log_to_file(message: str, err: BaseException | None = None) -> None:
+    """`message` (and the traceback) go to the run's train.log only, as the terminal has the one
+    line; HYDRA_FULL_ERROR=1 asks for the traceback everywhere."""
+    if err is not None and os.environ.get("HYDRA_FULL_ERROR") == "1":
         log.error(message, exc_info=err)
         return
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, (type(err), err, err.__traceback__))
+    exc_info = (type(err), err, err.__traceback__) if err is not None else None
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, exc_info)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

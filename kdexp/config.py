@@ -16,7 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from kdexp import methods
+from kdexp import methods, runlock
 from kdexp.data import CLASSES
 from kdexp.models import ARCHS, STEMS, model_layout
 from kdexp.records import kept_result
@@ -149,8 +149,9 @@ def method_classes() -> list[type[methods.DistillationMethod]]:
 def hydra_metadata_dir(run_dir: str, retry_failed: bool) -> str | None:
     """`hydra.output_subdir`: `.hydra`, or None (Hydra then writes nothing) when this start will
     skip a finished run, so `.hydra/config.yaml` stays the config that made its result: a grid
-    resubmitted with, say, another trainer.device, or v2's seed-0 final (its selection run)."""
-    return None if kept_result(Path(run_dir), retry_failed) else ".hydra"
+    resubmitted with, say, another trainer.device, or v2's seed-0 final (its selection run); or when
+    another live process holds the run dir (this start will be refused, that run's config stays)."""
+    return None if kept_result(Path(run_dir), retry_failed) or runlock.holder(run_dir) else ".hydra"
 
 
 def run_role(cfg: DictConfig) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from kdexp import checkpoint
 from kdexp.config import register_configs
 from kdexp.data import data_identity, split_indices
-from kdexp.models import KDResNet, build_model
+from kdexp.models import build_model
 
 FORMAT = "kdexp-teacher-v1"
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -31,8 +31,11 @@ class TeacherError(RuntimeError):
 
 
 def data_id(data: DictConfig) -> str:
+    """`cifar10_val5000_split1234`; generated data carries its sizes (`fake3000x1000_...`), so
+    teachers trained on different generated sets never share a path."""
+    name = f"fake{data.fake_train_size}x{data.fake_test_size}" if data.name == "fake" else data.name
     split = f"_val{data.val_size}_split{data.split_seed}" if data.val_size else "_full"
-    return f"{data.name}{split}"
+    return f"{name}{split}"
 
 
 def teacher_path(teachers_dir: str, arch: str, stem: str, width: int, seed: int, data: DictConfig) -> Path:
@@ -75,19 +78,21 @@ def train_command(cfg: DictConfig) -> str:
               ("data.fake_train_size", d.fake_train_size, None), ("data.fake_test_size", d.fake_test_size, None),
               ("data.root", d.root, None), ("data.val_size", d.val_size, None), ("data.split_seed", d.split_seed, None),
               ("model.stem", t.stem, None), ("model.width", t.width, None), ("seed", t.seed, None)]
+    composed = _compose(overrides)
     for key, want, override in needed:
-        if OmegaConf.select(_compose(overrides), key) != want:
+        if OmegaConf.select(composed, key) != want:
             overrides.append(override or f"{key}={want}")
+            composed = _compose(overrides)  # only after a change: each composition costs ~0.3 s
     return "python -m kdexp.train " + " ".join(shlex.quote(o) for o in overrides)
 
 
-def export_teacher(model: KDResNet, path: Path, seed: int, data: DictConfig, identity: dict, test_acc: float,
+def export_teacher(model: nn.Module, path: Path, seed: int, data: DictConfig, identity: dict, test_acc: float,
                    run_dir: str) -> None:
     """Write the teacher checkpoint students load: weights, architecture and the data identity
     (`kdexp.data.data_identity`) it was trained on."""
     checkpoint.save(path, {
         "format": FORMAT, "arch": model.arch, "stem": model.stem, "width": model.width,
-        "num_classes": model.fc.out_features, "seed": seed, "data": data_id(data), "data_identity": identity,
+        "num_classes": model.num_classes, "seed": seed, "data": data_id(data), "data_identity": identity,
         "test_acc": test_acc, "run_dir": run_dir, "state_dict": model.state_dict(),
     })
 
@@ -96,7 +101,7 @@ class FrozenTeacher(nn.Module):
     """A teacher that stays in eval mode (BN running stats) whatever `train()` is called on,
     with no parameter requiring grad."""
 
-    def __init__(self, model: KDResNet):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
         for p in self.model.parameters():

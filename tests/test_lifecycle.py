@@ -169,8 +169,6 @@ def test_second_start_of_a_running_run_is_refused_without_touching_it(contended)
     assert third.returncode == 0, third.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="Hydra writes .hydra/ before the job runs: needs kdexp.config."
-                   "hydra_metadata_dir to return None while runlock.holder(run_dir) says the dir is held")
 def test_second_start_of_a_running_run_leaves_its_hydra_config(contended):
     _, _, _, _, before, after, _, _ = contended
     assert {k: v for k, v in after.items() if k.startswith(".hydra")} == \

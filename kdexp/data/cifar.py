@@ -62,7 +62,7 @@ def _missing_message(root: Path) -> str:
         f"CIFAR-10 not found under data.root={root} (expected {root / BATCH_DIR}/data_batch_1..5 and "
         f"test_batch). Either pass data.download=true to fetch it with torchvision, or download "
         f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into {root}; "
-        f"for a quick offline try use data=fake."
+        f"for a quick offline try use protocol=quickstart (small generated data)."
     )
 
 

@@ -86,12 +86,14 @@ def test_failing_task_fails_the_driver_after_the_others_complete(mixed):
 
 
 def test_resubmission_skips_every_finished_run(mixed):
-    """Completed runs are never redone; failed ones only with retry_failed=true."""
+    """Completed runs are never redone; failed ones only with retry_failed=true, and until then a
+    resubmission still fails (exit 1: SLURM's afterok and scripts must not read it as success)."""
     out, args, first = mixed
     before = {d: (d / "result.json").read_bytes() for d in run_dirs(out)}
     again = run_train(*args, env=ONE_THREAD)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "multirun summary: 2 skipped" in again.stdout
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "multirun summary: 1 skipped, 1 failed" in again.stdout
+    assert "retry_failed=true" in again.stdout + again.stderr
     assert {d: (d / "result.json").read_bytes() for d in run_dirs(out)} == before
     for d in before:
         assert "skipping" in (d / "train.log").read_text()

@@ -26,11 +26,10 @@ DRIVERS = {"teacher-resnet18", "logit-quickstart", "baselines", "analysis"}
 
 def study(out: Path, fake_root: Path, *options: str) -> subprocess.CompletedProcess:
     # tinier than the quickstart: width 4 everywhere, 2 short epochs, and seed=0 trims its seeds 0,1
-    # to one (1 teacher, 2 students, 1 baseline); data.loader=torch: at width 4 the tensor loader's
-    # jobs crash in libtorch on this machine (heap corruption, seen back to a55eee6; reported)
+    # to one (1 teacher, 2 students, 1 baseline)
     argv = [sys.executable, "-m", "launch.study", "--cluster", "slurm_local", "--protocol", "quickstart",
             "--output-dir", str(out), *options, f"data.root={fake_root}", "model.width=4", "teacher.width=4",
-            "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "seed=0", "data.loader=torch"]
+            "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "seed=0"]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **ONE_THREAD})
 

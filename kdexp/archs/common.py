@@ -53,3 +53,12 @@ def reference_init(model: nn.Module, linear_std: float | None = None, zero_linea
                 nn.init.normal_(m.weight, 0.0, linear_std)
             if linear_std is not None or zero_linear_bias:
                 nn.init.zeros_(m.bias)
+
+
+def run_stages(x: torch.Tensor, stages: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """Each stage's output, the stages applied in turn to the stem's output `x`."""
+    features = []
+    for stage in stages:
+        x = stage(x)
+        features.append(x)
+    return features

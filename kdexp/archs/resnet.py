@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kdexp.archs.common import CifarNet, reference_init
+from kdexp.archs.common import CifarNet, reference_init, run_stages
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -72,12 +72,7 @@ class CifarResNet(CifarNet):
         reference_init(self)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
-        features = []
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            features.append(x)
-        return features
+        return run_stages(self.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
 
     def classify(self, last_stage: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(last_stage), 1))

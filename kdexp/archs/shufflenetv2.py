@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdexp.archs.common import CifarNet
+from kdexp.archs.common import CifarNet, run_stages
 
 
 def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
@@ -102,12 +102,7 @@ class ShuffleNetV2(CifarNet):
         self.linear = nn.Linear(last_channels, num_classes)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
-        features = []
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            features.append(x)
-        return features
+        return run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
 
     def classify(self, last_stage: torch.Tensor) -> torch.Tensor:
         return self.linear(torch.flatten(self.avgpool(F.relu(self.bn2(self.conv2(last_stage)))), 1))

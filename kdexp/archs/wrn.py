@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kdexp.archs.common import CifarNet, reference_init
+from kdexp.archs.common import CifarNet, reference_init, run_stages
 
 
 class BasicBlock(nn.Module):
@@ -76,12 +76,7 @@ class WideResNet(CifarNet):
         reference_init(self, zero_linear_bias=True)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.conv1(x)
-        features = []
-        for stage in (self.block1, self.block2, self.block3):
-            x = stage(x)
-            features.append(x)
-        return features
+        return run_stages(self.conv1(x), (self.block1, self.block2, self.block3))
 
     def classify(self, last_stage: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(self.relu(self.bn1(last_stage))), 1))

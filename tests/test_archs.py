@@ -174,12 +174,15 @@ def test_tiny_forward_and_backward(arch):
 
 @pytest.mark.parametrize("arch", CIFAR_ARCHS)
 def test_channels_last_gives_the_same_outputs(arch):
-    """The GPU path (trainer.channels_last) runs every network in NHWC memory."""
-    model = build_model(arch, width=4).eval()
+    """The GPU path (trainer.channels_last) runs every network in NHWC memory. Width 16 and a loose
+    tolerance: torch 2.14's CPU channels_last convolutions are themselves off (and corrupt the heap
+    at 4 channels; see kdexp.config.CHANNELS_LAST_NEEDS_CUDA); a layout bug in a network (a view
+    that assumes NCHW) changes outputs by far more."""
+    model = build_model(arch, width=16).eval()
     x = torch.randn(2, 3, 32, 32)
     nchw = model(x)
     nhwc = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
-    assert torch.allclose(nchw, nhwc, atol=1e-5)
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

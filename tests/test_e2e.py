@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import REPO, TINY, run_train, student_args, without_timing
 from kdexp.records import read_metrics, read_result
@@ -57,7 +58,8 @@ def test_result_and_metrics_carry_every_field(method_runs, name):
     extra = {"ce": set(), "logit": {"loss_kd", "agreement", "kl_t1", "kl_t4"},
              "feature": {"loss_kd", "loss_mse", "loss_cos", "agreement", "kl_t1", "kl_t4"}}[name]
     assert set(rows[0]) == common | extra
-    assert rows[0]["lr"] == pytest.approx(0.1) and rows[1]["lr"] < rows[0]["lr"]
+    lr = OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.lr  # the protocol's, not a constant here
+    assert rows[0]["lr"] == pytest.approx(lr) and rows[1]["lr"] < rows[0]["lr"]
     assert (rows[0]["proj_grad_norm_max"] is not None) == (name == "feature")
     result = read_result(run_dir)
     for key in ["best_val_acc", "best_val_epoch", "test_acc_at_best_val", "test_acc_final", "best_test_acc",

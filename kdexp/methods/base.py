@@ -1,9 +1,11 @@
 """What every distillation method provides to the training loop."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass, field, make_dataclass
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -20,17 +22,41 @@ class ModelOutputs:
 class DistillationMethod(nn.Module):
     """Base class. `forward` returns named loss parts; "loss" is the one that is minimised, the
     others are logged as `loss_<name>`. Parameters a method owns (projections) are trained by the
-    same optimiser as the student and, unless `clip_with_student` is False, clipped with it."""
+    same optimiser as the student and, unless `clip_with_student` is False, clipped with it.
+
+    A method also owns its identity, which the run label, analysis and the study launcher read
+    from the class (found through a run config's `_target_`), never from a list of names:
+    `name`, the `grid` of hyperparameters that make a grid cell (with the symbol tables show),
+    the `variant` a non-default switch makes (e.g. "bugged", "std"), and what it needs."""
 
     name: ClassVar[str]
+    grid: ClassVar[dict[str, str]] = {}  # cell-defining hyperparameters -> display symbol, in table order
     needs_teacher: ClassVar[bool] = True
     needs_features: ClassVar[bool] = False
+    needs_indices: ClassVar[bool] = False  # dataset indices of the batch (`forward`'s `indices`)
     clip_with_student: bool = True
     Config: ClassVar[type]  # the method's Hydra schema, made from __init__'s signature
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.Config = arguments_schema(cls)
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The epoch in progress (1-based) as a tensor, so a schedule inside `forward` (DKD's
+        # warm-up) reads it without torch.compile recapturing the graph each epoch.
+        self.register_buffer("epoch", torch.zeros(()), persistent=False)
+        self.epochs = 1  # total epochs of the run: constant, so a plain attribute
+
+    @classmethod
+    def can_use_teacher_cache(cls) -> bool:
+        """Teacher logits of each augmented view can replace the live teacher: logit-only methods."""
+        return cls.needs_teacher and not cls.needs_features
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the loop before each training epoch (also after a resume)."""
+        self.epoch.fill_(epoch)
+        self.epochs = epochs
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once both networks exist, before the optimiser is built (create parameters here)."""
@@ -39,10 +65,41 @@ class DistillationMethod(nn.Module):
                 targets: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    @staticmethod
-    def run_tag(cfg: dict) -> str:
-        """A short, readable name for run directories, from the method's config."""
-        raise NotImplementedError
+    @classmethod
+    def cell(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The grid coordinates of a run's method config: {hyperparameter: value} over `grid`."""
+        return {key: cfg.get(key) for key in cls.grid}
+
+    @classmethod
+    def variant(cls, cfg: Mapping[str, Any]) -> str | None:
+        """A switch that makes a different method, not another cell (None: the plain method)."""
+        return None
+
+    @classmethod
+    def label(cls, cfg: Mapping[str, Any]) -> str:
+        """The KD column of tables: `logit`, `feature(bugged)`, `logit(std)`."""
+        variant = cls.variant(cfg)
+        return f"{cls.name}({variant})" if variant else cls.name
+
+    @classmethod
+    def cell_label(cls, cfg: Mapping[str, Any]) -> str:
+        """A grid cell as tables show it: `α=0.5, T=4`."""
+        return ", ".join(f"{symbol}={fmt(cfg[key])}" for key, symbol in cls.grid.items())
+
+    @classmethod
+    def run_tag(cls, cfg: Mapping[str, Any]) -> str:
+        """A short, readable name for run directories: `logit_a0.5_T4`, and every other argument
+        that differs from the method's default, `feature_a0.5_b0.5_clip_projection-false`: two
+        configs that train differently never share a directory (`method.*` stays out of Hydra's
+        override_dirname, see config.label_excluded_keys)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+        cells = [f"{TAG_NAMES.get(key, key)}{fmt(value)}" for key, value in cls.cell(cfg).items()]
+        others = [f"{key}-{fmt(value)}" for key, value in cfg.items()
+                  if key not in cls.grid and key != "_target_" and value != defaults.get(key)]
+        return "_".join([cls.name, *cells, *others])
+
+
+TAG_NAMES = {"alpha": "a", "beta": "b", "gamma": "g"}  # short forms in directory names
 
 
 def arguments_schema(cls: type) -> type:
@@ -70,6 +127,8 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def fmt(value: float) -> str:
-    """0.5 → '0.5', 4.0 → '4': numbers as a person writes them in a directory name."""
-    return f"{value:g}"
+def fmt(value: Any) -> str:
+    """0.5 → '0.5', 4.0 → '4', True → 'true': values as a person writes them in a directory name."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "null"
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)

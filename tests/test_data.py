@@ -1,5 +1,6 @@
 """The generated data round-trips through torchvision's real CIFAR-10 loader; augmentation does
-exactly what torchvision's RandomCrop(32, padding=4) + flip do; bad data gives clear errors."""
+exactly what torchvision's RandomCrop(32, padding=4) + flip (+ Resize to data.image_size) do; bad
+data gives clear errors."""
 import pickle
 from urllib.error import URLError
 
@@ -7,9 +8,11 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from kdexp.data import DataError, TrainBatches, cifar, load_splits
+from torchvision import transforms
+
+from kdexp.data import CIFAR_MEAN, CIFAR_STD, DataError, EvalBatches, TrainBatches, cifar, load_splits
 from kdexp.data.fake import write_fake_cifar
-from kdexp.data.loaders import crop_flip
+from kdexp.data.loaders import TorchLoaderBatches, augment, crop_flip
 
 
 def test_fake_data_is_the_real_on_disk_format(fake_root):
@@ -93,3 +96,28 @@ def test_batches_are_a_function_of_seed_and_epoch():
     assert not torch.equal(first[0], next(a.epoch(4)).x)
     assert not torch.equal(first[0], next(TrainBatches(images, labels, 128, 1, torch.device("cpu")).epoch(3)).x)
     assert [len(x) for x in first] == [128, 128, 44]  # the last partial batch is kept
+
+
+@pytest.mark.parametrize("size", [64, 224, 20])  # up (the report's 224) and down (antialiased)
+def test_training_views_are_resized_as_torchvisions_resize_does(size):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    dy, dx, flip = torch.tensor([0, 8, 3]), torch.tensor([8, 0, 5]), torch.tensor([True, False, True])
+    out = augment(images, dy, dx, flip, channels_last=False, size=size)
+    reference = transforms.Compose([transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+                                    transforms.Resize(size, transforms.InterpolationMode.BILINEAR, antialias=True)])
+    for i in range(3):
+        view = crop_flip(images[i:i + 1], dy[i:i + 1], dx[i:i + 1], flip[i:i + 1])[0]
+        assert torch.allclose(out[i], reference(view.float() / 255), atol=1e-5)
+    assert out.shape == (3, 3, size, size) and out.is_contiguous()
+
+
+def test_every_loader_and_evaluation_give_images_of_data_image_size():
+    images, labels = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10)
+    cpu = torch.device("cpu")
+    tensor_path = next(TrainBatches(images, labels, 4, 0, cpu, image_size=48).epoch(1)).x
+    torch_path = next(TorchLoaderBatches(images, labels, 4, 0, cpu, image_size=48).epoch(1)).x
+    evaluated, _ = next(iter(EvalBatches(images, labels, 4, cpu, image_size=48)))
+    assert tensor_path.shape == torch_path.shape == evaluated.shape == (4, 3, 48, 48)
+    unresized, _ = next(iter(EvalBatches(images, labels, 4, cpu)))
+    assert torch.allclose(evaluated, transforms.Resize(48, antialias=True)(unresized), atol=1e-5)

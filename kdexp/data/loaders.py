@@ -4,6 +4,11 @@
 `TrainBatches` (data.loader=tensor, the default) augments whole batches with tensor indexing on
 whatever device holds the data. `TorchLoaderBatches` (data.loader=torch) is the reference path the
 study's code used: PIL transforms in DataLoader workers, kept for parity checks.
+
+Every path (both training loaders, evaluation, the teacher-logit cache) can resize its images to
+`data.image_size` as the last step, after the crop and flip: bilinear, antialiased as torchvision's
+`Resize` (on these tensors it is the same operation). It is a fixed function of the 32-pixel view,
+so the crop/flip index still identifies a view exactly.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from torchvision import transforms
 from kdexp.data.cifar import CIFAR_MEAN, CIFAR_STD
 
 PAD = 4
-SIZE = 32
+SIZE = 32  # the stored images' side, and the crop's
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -53,13 +58,26 @@ def crop_flip(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip:
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def augment(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
-            channels_last: bool) -> torch.Tensor:
-    """The training view of each image, normalised, in the layout the model was prepared with.
-    The gather leaves NHWC strides: pinning the layout matters (an input whose layout differs from
-    the model's costs a copy per conv, and at 4 channels crashes torch 2.14's CPU conv backward)."""
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images resized to size x size (bilinear; antialiased, so a smaller size averages
+    instead of skipping pixels); unchanged at their own size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def model_input(images: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor:
+    """Normalised, resized images in the layout the model was prepared with. The crop's gather
+    leaves NHWC strides: pinning the layout matters (an input whose layout differs from the model's
+    costs a copy per conv, and at 4 channels crashes torch 2.14's CPU conv backward)."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return normalize(crop_flip(images_u8, dy, dx, flip)).contiguous(memory_format=layout)
+    return resize(normalize(images), size).contiguous(memory_format=layout)
+
+
+def augment(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+            channels_last: bool, size: int = SIZE) -> torch.Tensor:
+    """The training view of each image as the model sees it: cropped, flipped, normalised, resized."""
+    return model_input(crop_flip(images_u8, dy, dx, flip), size, channels_last)
 
 
 @dataclass
@@ -76,10 +94,11 @@ class TrainBatches:
     """Shuffled, augmented training batches; the last partial batch is kept (as DataLoader does)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device, max_steps: int | None = None, channels_last: bool = False):
+                 device: torch.device, max_steps: int | None = None, channels_last: bool = False,
+                 image_size: int = SIZE):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
-        self.max_steps, self.channels_last = max_steps, channels_last
+        self.max_steps, self.channels_last, self.image_size = max_steps, channels_last, image_size
 
     def __len__(self) -> int:
         steps = -(-len(self.images) // self.batch_size)
@@ -94,19 +113,22 @@ class TrainBatches:
         for step in range(len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             dy, dx, flip = offsets[idx, 0], offsets[idx, 1], flips[idx]
-            x = augment(self.images[idx], dy, dx, flip, self.channels_last)
+            x = augment(self.images[idx], dy, dx, flip, self.channels_last, self.image_size)
             yield Batch(x, self.labels[idx], idx, dy, dx, flip)
 
 
 class _PILDataset(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int = SIZE):
         self.images = images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10 holds it
         self.labels = labels.tolist()
+        resize = [transforms.Resize(image_size, transforms.InterpolationMode.BILINEAR, antialias=True)] \
+            if image_size != SIZE else []
         self.transform = transforms.Compose([
             transforms.RandomCrop(SIZE, padding=PAD),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+            *resize,
         ])
 
     def __len__(self) -> int:
@@ -120,10 +142,10 @@ class TorchLoaderBatches(TrainBatches):
     """The reference path: torchvision PIL transforms in DataLoader workers, seeded per epoch."""
 
     def __init__(self, images, labels, batch_size, seed, device, max_steps=None, channels_last=False,
-                 num_workers: int = 0):
-        super().__init__(images, labels, batch_size, seed, torch.device("cpu"), max_steps, channels_last)
+                 image_size: int = SIZE, num_workers: int = 0):
+        super().__init__(images, labels, batch_size, seed, torch.device("cpu"), max_steps, channels_last, image_size)
         self.target_device, self.num_workers = device, num_workers
-        self.dataset = _PILDataset(images, labels)
+        self.dataset = _PILDataset(images, labels, image_size)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
@@ -145,12 +167,12 @@ def _seed_numpy_in_worker(worker_id: int) -> None:
 
 def build_train_batches(loader: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                         seed: int, device: torch.device, max_steps: int | None = None,
-                        channels_last: bool = False, num_workers: int = 0) -> TrainBatches:
+                        channels_last: bool = False, image_size: int = SIZE, num_workers: int = 0) -> TrainBatches:
     if loader == "tensor":
-        return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last)
+        return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last, image_size)
     if loader == "torch":
         return TorchLoaderBatches(images, labels, batch_size, seed, device, max_steps, channels_last,
-                                  num_workers)
+                                  image_size, num_workers)
     raise ValueError(f"data.loader={loader!r}: choose 'tensor' or 'torch'")
 
 
@@ -158,16 +180,14 @@ class EvalBatches:
     """Fixed-order, un-augmented batches of one split (val or test)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
-                 channels_last: bool = False):
+                 channels_last: bool = False, image_size: int = SIZE):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.channels_last = batch_size, channels_last
+        self.batch_size, self.channels_last, self.image_size = batch_size, channels_last, image_size
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.images), self.batch_size):
-            x = normalize(self.images[start:start + self.batch_size])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = model_input(self.images[start:start + self.batch_size], self.image_size, self.channels_last)
             yield x, self.labels[start:start + self.batch_size]

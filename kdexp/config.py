@@ -134,7 +134,8 @@ def register_configs() -> None:
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     for method in method_classes():
         cs.store(group="method", name=f"base_{method.name}", node=method.Config)
-    for name, resolver in (("kdexp.run_label", run_label), ("kdexp.metadata_dir", hydra_metadata_dir)):
+    for name, resolver in (("kdexp.run_label", run_label), ("kdexp.label_excluded_keys", label_excluded_keys),
+                           ("kdexp.metadata_dir", hydra_metadata_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -175,8 +176,17 @@ def run_label(*, _root_: DictConfig) -> str:
 
 
 def method_tag(method_cfg: DictConfig) -> str:
+    """The method class's own run tag (`logit_a0.5_T4`), found through the config's `_target_`."""
     container = OmegaConf.to_container(method_cfg, resolve=True)
     return get_class(container["_target_"]).run_tag(container)
+
+
+def label_excluded_keys(keys: list[str], *, _root_: DictConfig) -> list[str]:
+    """`hydra.job.config.override_dirname.exclude_keys`: `keys`, plus `method.<arg>` for every
+    argument of the run's method, whichever method it is: the method's run tag already names each
+    argument that differs from its default, so a `method.*` override in the dir name would say it
+    twice."""
+    return [*keys, *(f"method.{key}" for key in _root_.method)]
 
 
 def build_method(method_cfg: DictConfig) -> Any:
@@ -280,9 +290,10 @@ def validate(cfg: DictConfig) -> Any:
         _check(t.arch is None, f"method={method.name} trains without a teacher but teacher.arch={t.arch}: "
                f"use teacher=none (or a KD method such as method=logit)")
     if tr.teacher_cache:
-        why = "needs teacher features" if method.needs_teacher else "has no teacher"
-        _check(method.needs_teacher and not method.needs_features, f"trainer.teacher_cache=true caches teacher "
-               f"logits, but method={method.name} {why}: use trainer.teacher_cache=null")
+        why = "has no teacher" if not method.needs_teacher else \
+            "needs teacher features" if method.needs_features else "runs its teacher live"
+        _check(method.can_use_teacher_cache(), f"trainer.teacher_cache=true caches teacher logits, but "
+               f"method={method.name} {why}: use trainer.teacher_cache=null")
         _check(cfg.data.loader == "tensor", "trainer.teacher_cache=true looks logits up by each image's crop and "
                "flip, which only data.loader=tensor reports: use data.loader=tensor or trainer.teacher_cache=false")
     if method.needs_features:

@@ -33,7 +33,7 @@ class Execution:
         if trainer.channels_last and not cuda:
             raise ConfigError(CHANNELS_LAST_NEEDS_CUDA)
         amp = {"auto": "bf16" if cuda else "none"}.get(trainer.amp, trainer.amp)
-        cacheable = method.needs_teacher and not method.needs_features and loader == "tensor"
+        cacheable = method.can_use_teacher_cache() and loader == "tensor"
         return cls(
             amp=torch.bfloat16 if amp == "bf16" else None,
             channels_last=_auto(trainer.channels_last, cuda),

@@ -91,6 +91,7 @@ class Loop:
 
     def fit(self) -> TrainState:
         for epoch in range(self.state.epoch + 1, self.trainer.epochs + 1):
+            self.method.start_epoch(epoch, self.trainer.epochs)  # a resumed run's first epoch too
             row = self.train_epoch(epoch)
             if epoch % self.trainer.eval_every == 0 or epoch == self.trainer.epochs:
                 row.update(self.evaluate(epoch))

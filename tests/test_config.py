@@ -82,6 +82,22 @@ def test_other_overrides_become_part_of_the_run_dir(tmp_path, fake_root):
                     "paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/trainer.epochs=5"]
 
 
+def test_every_method_argument_names_the_run_dir_through_the_methods_run_tag(tmp_path, fake_root):
+    """No `method.*` override is spelt out after the seed: the run tag names each non-default argument,
+    whichever the method (exclude_keys lists them from the run's method node), in a multirun and a run."""
+    proc = dry_run(tmp_path, fake_root, "pair=r34_to_r18", "method=feature", "method.clip_projection=false",
+                   "method.normalize_by_teacher_std=true,false", "trainer.epochs=3")
+    assert proc.returncode == 2 and "dry run: 2 jobs would fail" in proc.stdout, proc.stderr[-3000:]
+    proc = run_train("pair=r34_to_r18", "method=logit", "method.T=2", "method.alpha=0.5", "dry_run=true",
+                     f"paths.output_dir={tmp_path}", f"data.root={fake_root}", "data.verify_md5=false")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    dirs = sorted(str(d.relative_to(tmp_path)) for d in _job_configs(tmp_path))
+    assert dirs == ["paper_v2/resnet34-to-resnet18/feature_a0.5_b0.5_clip_projection-false/seed0/trainer.epochs=3",
+                    "paper_v2/resnet34-to-resnet18/feature_a0.5_b0.5_clip_projection-false_normalize_by_teacher_std-true"
+                    "/seed0/trainer.epochs=3",
+                    "paper_v2/resnet34-to-resnet18/logit_a0.5_T2/seed0"]
+
+
 def test_recipe_defaults_are_the_study():
     cfg = compose_cfg("pair=r50_to_r18", "method=feature")
     t = cfg.trainer

@@ -18,6 +18,7 @@ from kdexp.data.loaders import Batch, crop_flip, normalize
 from kdexp.execution import Execution
 from kdexp.job import build_loop, seed_everything
 from kdexp.loop import clip_gradients
+from kdexp.methods.logit import LogitKD
 from kdexp.models import build_model
 from kdexp.teachers import FrozenTeacher
 
@@ -54,6 +55,14 @@ def _loop(run_dir, splits, teacher, *overrides, method="logit", cache=None):
                       cache if execution.teacher_cache else None)
 
 
+class LiveTeacherKD(LogitKD):
+    """A logit-only method that opts out of the cache (say, its teacher must see each batch live)."""
+
+    @classmethod
+    def can_use_teacher_cache(cls) -> bool:
+        return False
+
+
 def test_auto_settings_are_the_reference_on_cpu_and_fast_on_cuda():
     trainer = compose_cfg().trainer
     logit, feature = validate(compose_cfg("pair=r34_to_r18", "method=logit")), \
@@ -64,6 +73,7 @@ def test_auto_settings_are_the_reference_on_cpu_and_fast_on_cuda():
         Execution(amp=torch.bfloat16, channels_last=True, fused=True, compile=False, teacher_cache=True)
     assert not Execution.resolve(trainer, cuda, feature, "tensor").teacher_cache  # feature-KD runs its teacher
     assert not Execution.resolve(trainer, cuda, logit, "torch").teacher_cache  # no views to look up
+    assert not Execution.resolve(trainer, cuda, LiveTeacherKD(), "tensor").teacher_cache  # the method says no
     with pytest.raises(ConfigError, match="trainer.compile=true needs a CUDA device"):
         Execution.resolve(compose_cfg("trainer.compile=true").trainer, CPU, logit, "tensor")
 
@@ -75,6 +85,8 @@ def test_auto_settings_are_the_reference_on_cpu_and_fast_on_cuda():
     (["pair=r34_to_r18", "method=feature", "trainer.teacher_cache=true"], "method=feature needs teacher features"),
     (["trainer.teacher_cache=true"], "method=ce has no teacher"),
     (["pair=r34_to_r18", "method=logit", "trainer.teacher_cache=true", "data.loader=torch"], "data.loader=tensor"),
+    (["pair=r34_to_r18", "method=logit", f"method._target_={__name__}.LiveTeacherKD", "trainer.teacher_cache=true"],
+     "method=logit runs its teacher live"),
 ])
 def test_fast_options_that_cannot_apply_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

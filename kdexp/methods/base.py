@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import nn
 
@@ -35,6 +36,7 @@ class DistillationMethod(nn.Module):
     needs_features: ClassVar[bool] = False
     needs_indices: ClassVar[bool] = False  # dataset indices of the batch (`forward`'s `indices`)
     clip_with_student: bool = True
+    label_smoothing: float = 0.0  # of every CE term (`cross_entropy`): trainer.label_smoothing, set by the job
     Config: ClassVar[type]  # the method's Hydra schema, made from __init__'s signature
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -57,6 +59,10 @@ class DistillationMethod(nn.Module):
         """Called by the loop before each training epoch (also after a resume)."""
         self.epoch.fill_(epoch)
         self.epochs = epochs
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The CE term of any method, with the run's label smoothing (0: plain cross-entropy)."""
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once both networks exist, before the optimiser is built (create parameters here)."""

@@ -1,8 +1,6 @@
 """Plain cross-entropy: teachers and baseline students."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from kdexp.methods.base import DistillationMethod
 
 
@@ -11,9 +9,5 @@ class CrossEntropy(DistillationMethod):
     needs_teacher = False
 
     def forward(self, student, teacher, targets):
-        ce = F.cross_entropy(student.logits, targets)
+        ce = self.cross_entropy(student.logits, targets)
         return {"loss": ce, "ce": ce}
-
-    @staticmethod
-    def run_tag(cfg: dict) -> str:
-        return "ce"

@@ -11,6 +11,9 @@ false reproduces the study's v1 bug: the projections are left out of the gradien
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +23,7 @@ from kdexp.methods.base import DistillationMethod, check_alpha, fmt
 
 class FeatureKD(DistillationMethod):
     name = "feature"
+    grid = {"alpha": "α", "beta": "β"}
     needs_features = True
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.5, clip_projection: bool = True,
@@ -40,7 +44,7 @@ class FeatureKD(DistillationMethod):
             self.projections.append(proj)
 
     def forward(self, student, teacher, targets):
-        ce = F.cross_entropy(student.logits, targets)
+        ce = self.cross_entropy(student.logits, targets)
         mse, cos = [], []
         for proj, s, t in zip(self.projections, student.features, teacher.features):
             s_hat, t = proj(s), t.detach()
@@ -54,7 +58,6 @@ class FeatureKD(DistillationMethod):
         return {"loss": self.alpha * feat + (1.0 - self.alpha) * ce, "ce": ce, "kd": feat,
                 "mse": loss_mse, "cos": loss_cos}
 
-    @staticmethod
-    def run_tag(cfg: dict) -> str:
-        clip = "" if cfg.get("clip_projection", True) else "_noclip"
-        return f"feature_a{fmt(cfg['alpha'])}_b{fmt(cfg['beta'])}{clip}"
+    @classmethod
+    def variant(cls, cfg: Mapping[str, Any]) -> str | None:
+        return None if cfg.get("clip_projection", True) else "bugged"

@@ -1,0 +1,132 @@
+"""A method is a plugin: it owns its identity (run tag, label, grid cell), receives the training
+progress (correct after a resume, and without recompiling a compiled graph each epoch), shares the
+base class's label-smoothed cross-entropy, and a method written outside the package trains through
+the real entry point with no other change."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from helpers import compose_cfg, without_timing
+from kdexp.data import Splits, load_splits
+from kdexp.execution import Execution
+from kdexp.job import build_loop, seed_everything
+from kdexp.methods import ModelOutputs
+from kdexp.methods.ce import CrossEntropy
+from kdexp.methods.feature import FeatureKD
+from kdexp.methods.logit import LogitKD
+from kdexp.models import build_model
+from kdexp.teachers import FrozenTeacher
+
+CPU = torch.device("cpu")
+
+
+class WarmupKD(LogitKD):
+    """Logit-KD whose KD weight ramps with the epoch, as DKD's warm-up does; records what it saw."""
+
+    def forward(self, student, teacher, targets):
+        parts = super().forward(student, teacher, targets)
+        weight = self.epoch / self.epochs
+        return {**parts, "loss": parts["ce"] + weight * parts["kd"], "weight": weight}
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptedWarmupKD(WarmupKD):
+    """Stops the run when epoch `stop_at` starts (the epochs before it are checkpointed)."""
+
+    stop_at = 2
+
+    def forward(self, student, teacher, targets):
+        if self.epoch.item() == self.stop_at:
+            raise Interrupt
+        return super().forward(student, teacher, targets)
+
+
+def test_the_package_methods_identities():
+    ce, feature = {"_target_": "kdexp.methods.ce.CrossEntropy"}, dict(alpha=0.5, beta=0.5, clip_projection=True,
+                                                                     normalize_by_teacher_std=False)
+    assert (CrossEntropy.run_tag(ce), CrossEntropy.label(ce), CrossEntropy.cell_label(ce)) == ("ce", "ce", "")
+    bugged = {**feature, "alpha": 0.3, "clip_projection": False}
+    assert FeatureKD.run_tag(feature) == "feature_a0.5_b0.5"
+    assert FeatureKD.run_tag(bugged) == "feature_a0.3_b0.5_clip_projection-false"
+    assert (FeatureKD.label(feature), FeatureKD.label(bugged)) == ("feature", "feature(bugged)")
+    assert FeatureKD.cell_label(bugged) == "α=0.3, β=0.5" and FeatureKD.cell(bugged) == {"alpha": 0.3, "beta": 0.5}
+    assert FeatureKD.run_tag({**feature, "normalize_by_teacher_std": True}) == \
+        "feature_a0.5_b0.5_normalize_by_teacher_std-true"
+
+
+def _smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> torch.Tensor:
+    """Szegedy et al.: the target distribution (1 - eps) * one_hot + eps / K, by hand."""
+    log_p = logits.log_softmax(1)
+    return ((1 - eps) * -log_p.gather(1, targets[:, None]).squeeze(1) - eps * log_p.mean(1)).mean()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_every_ce_term_carries_the_runs_label_smoothing(eps):
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet18", width=4), build_model("resnet18", width=8).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    s = ModelOutputs(*student(x, with_features=True))
+    t = ModelOutputs(*teacher(x, with_features=True))
+    feature = FeatureKD()
+    feature.bind(student, teacher)
+    for method, teacher_out in ((CrossEntropy(), None), (feature, t)):
+        method.label_smoothing = eps
+        ce = method(s, teacher_out, y)["ce"]
+        torch.testing.assert_close(ce, _smoothed_ce(s.logits, y, eps))
+        torch.testing.assert_close(ce, F.cross_entropy(s.logits, y, label_smoothing=eps))
+
+
+@pytest.fixture(scope="module")
+def splits(fake_root) -> Splits:
+    s = load_splits(fake_root, 200, 1234, verify_md5=False)
+    return Splits(s.train_x[:96], s.train_y[:96], s.val_x[:32], s.val_y[:32], s.test_x[:32], s.test_y[:32])
+
+
+def _loop(run_dir, splits, method):
+    cfg = compose_cfg("protocol=quickstart", "model.width=4", "teacher=resnet18", "teacher.width=4", "method=logit",
+                      "trainer.epochs=3", "trainer.batch_size=32", "data.eval_batch_size=32", "trainer.progress=false")
+    execution = Execution.resolve(cfg.trainer, CPU, method, cfg.data.loader)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    torch.manual_seed(1)
+    teacher = FrozenTeacher(build_model("resnet18", width=4))
+    return build_loop(cfg, method, execution, splits, teacher, CPU, run_dir)
+
+
+def test_a_schedule_reads_the_epoch_in_progress_also_after_a_resume(tmp_path, splits):
+    """The epoch buffer is not saved (a buffer of the method, not its state): the loop sets it before
+    every epoch, so a resumed run trains its remaining epochs with the same schedule, exactly."""
+    straight = _loop(tmp_path / "straight", splits, WarmupKD()).fit().history
+    assert [row["loss_weight"] for row in straight] == pytest.approx([1 / 3, 2 / 3, 1])
+    with pytest.raises(Interrupt):
+        _loop(tmp_path / "resumed", splits, InterruptedWarmupKD()).fit()
+    resumed = _loop(tmp_path / "resumed", splits, WarmupKD())
+    assert resumed.resume() and resumed.state.epoch == 1
+    assert without_timing(resumed.fit().history) == without_timing(straight)
+
+
+def test_reading_the_epoch_compiles_one_graph_for_every_epoch():
+    """The epoch is a tensor the graph reads, not a constant baked into it: Dynamo (here its CPU
+    backend; tests/gpu/test_method_progress.py runs CUDA graphs) captures the method once, and each
+    epoch's value reaches the loss. A Python number would recompile every epoch."""
+    method = WarmupKD()
+    loss = torch.compile(lambda s, t, y: method(ModelOutputs(s), ModelOutputs(t), y), backend="aot_eager",
+                         dynamic=False)
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    counters.clear()
+    weights, graphs = [], []
+    for epoch in range(1, 5):
+        method.start_epoch(epoch, 4)
+        weights.append(loss(s, t, y)["weight"].item())
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert weights == [0.25, 0.5, 0.75, 1.0] and graphs == [1, 1, 1, 1]
+    eager = copy.deepcopy(method)
+    torch.testing.assert_close(loss(s, t, y)["loss"], eager(ModelOutputs(s), ModelOutputs(t), y)["loss"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -108,3 +108,23 @@ def model_layout(arch: str, num_classes: int = 10, stem: str = "cifar", width: i
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def state_dict_misfit(expected: Mapping[str, torch.Tensor], state: object) -> str | None:
+    """Why `state` cannot load where `expected` (a model's state_dict) would: the first few missing,
+    unexpected and mis-shaped keys; None when it fits."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state_dict"
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{label} {_first(keys)}" for label, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch (checkpoint vs model)", shapes))
+             if keys]
+    return "; ".join(parts) or None
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

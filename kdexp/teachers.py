@@ -19,7 +19,7 @@ from torch import nn
 from kdexp import checkpoint
 from kdexp.config import register_configs
 from kdexp.data import data_identity, split_indices
-from kdexp.models import build_model
+from kdexp.models import build_model, state_dict_misfit
 
 FORMAT = "kdexp-teacher-v1"
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -140,7 +140,7 @@ def load_teacher(cfg: DictConfig, device: torch.device, images: int) -> FrozenTe
     else:
         check_teacher_data(path, None, cfg, images)
     model = build_model(t.arch, cfg.model.num_classes, t.stem, t.width)
-    misfit = state_dict_misfit(model, state)
+    misfit = state_dict_misfit(model.state_dict(), state)
     if misfit:  # a plain state_dict from elsewhere that does not fit this architecture
         raise TeacherError(f"teacher checkpoint {path} does not fit teacher.arch={t.arch} "
                            f"stem={t.stem} width={t.width}: {misfit}")
@@ -159,27 +159,6 @@ def _check_exists(cfg: DictConfig, path: Path) -> None:
     raise TeacherError(f"teacher checkpoint not found: {path} (teacher.arch={t.arch}, stem={t.stem}, "
                        f"width={t.width}, seed={t.seed}, data={data_id(cfg.data)}); train it first: "
                        f"{train_command(cfg)} (or point teacher.ckpt at an existing checkpoint)")
-
-
-def state_dict_misfit(model: nn.Module, state: object) -> str | None:
-    """Why `state` cannot load into `model` (the first few missing, unexpected and mis-shaped keys),
-    or None when it fits."""
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}, not a state_dict"
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
-    parts = [f"{label} {_first(keys)}" for label, keys in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch (checkpoint vs model)", shapes))
-             if keys]
-    return "; ".join(parts) or None
-
-
-def _first(items: list[str], n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def check_teacher_data(path: Path, recorded: dict | None, cfg: DictConfig, images: int) -> None:

@@ -1,10 +1,14 @@
 """The study's architectures are torchvision's, with the study's CIFAR stem (the KD benchmark's
-CIFAR networks: tests/test_archs.py)."""
+CIFAR networks: tests/test_archs.py); pretrained initialisation (model.init) loads torchvision's
+weights into them."""
 import pytest
 import torch
+import torchvision
 from torch import nn
 
+from kdexp.checkpoint import file_sha256
 from kdexp.models import build_model, count_parameters, model_layout
+from kdexp.pretrained import InitError, cache_file, init_problem, initialise
 
 
 @pytest.mark.parametrize("arch, params", [("resnet18", 11_173_962), ("resnet34", 21_282_122)])
@@ -73,3 +77,70 @@ def test_width_64_imagenet_stem_is_torchvisions_network(arch):
     ours.load_state_dict(theirs.state_dict())  # strict: same names, shapes and buffers
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def _torchvision_weights(path, arch="resnet18"):
+    """A torchvision-format state_dict as ImageNet weights are saved: the 1000-class network."""
+    torch.manual_seed(1)
+    state = getattr(torchvision.models, arch)(num_classes=1000).state_dict()
+    torch.save(state, path)
+    return state
+
+
+def _loads_all_but_the_classifier(model, state, fresh_fc):
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("fc."))
+    assert own["fc.weight"].shape == (10, 512) and torch.equal(own["fc.weight"], fresh_fc)
+
+
+def test_init_from_a_local_torchvision_state_dict_keeps_a_fresh_classifier(tmp_path):
+    state = _torchvision_weights(tmp_path / "r18.pth")
+    model = build_model("resnet18", stem="imagenet")
+    fresh_fc = model.fc.weight.detach().clone()
+    record = initialise(model, str(tmp_path / "r18.pth"))
+    _loads_all_but_the_classifier(model, state, fresh_fc)
+    assert record == {"init": str(tmp_path / "r18.pth"), "file": str(tmp_path / "r18.pth"),
+                      "sha256": file_sha256(tmp_path / "r18.pth")}
+
+
+def test_imagenet_init_reads_torchvisions_file_from_torch_hubs_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert cache_file("resnet18") == tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cache_file("resnet18").parent.mkdir(parents=True)
+    state = _torchvision_weights(cache_file("resnet18"))
+    model = build_model("resnet18", stem="imagenet")
+    fresh_fc = model.fc.weight.detach().clone()
+    assert initialise(model, "imagenet")["file"] == str(cache_file("resnet18"))
+    _loads_all_but_the_classifier(model, state, fresh_fc)
+
+
+def test_imagenet_init_offline_and_not_cached_names_the_file_its_hash_and_where_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # no internet, whatever this machine has
+    with pytest.raises(InitError) as err:
+        initialise(build_model("resnet34", stem="imagenet"), "imagenet")
+    msg = str(err.value)
+    assert "ResNet34_Weights.IMAGENET1K_V1 weights resnet34-b627a593.pth, sha256 starting b627a593" in msg
+    assert f"put it in {tmp_path / 'hub' / 'checkpoints'}" in msg
+    assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in msg and "\n" not in msg
+
+
+def test_weights_that_do_not_fit_the_network_are_a_clear_error(tmp_path):
+    _torchvision_weights(tmp_path / "r18.pth")
+    with pytest.raises(InitError, match=r"does not fit resnet18 \(stem=cifar, width=64\): size mismatch .*conv1"):
+        initialise(build_model("resnet18"), str(tmp_path / "r18.pth"))
+    (tmp_path / "broken.pth").write_bytes(b"not a torch file")
+    with pytest.raises(InitError, match="cannot be read as a state_dict"):
+        initialise(build_model("resnet18"), str(tmp_path / "broken.pth"))
+    with pytest.raises(InitError, match="no such file"):
+        initialise(build_model("resnet18"), str(tmp_path / "absent.pth"))
+
+
+@pytest.mark.parametrize("arch, stem, width, complaint", [
+    ("resnet34", "cifar", 64, "set model.stem=imagenet model.width=64"),
+    ("resnet34", "imagenet", 16, "set model.stem=imagenet model.width=64"),
+    ("resnet20", "cifar", 16, "torchvision has ImageNet weights for resnet18, resnet34, resnet50, resnet101, not resnet20"),
+])
+def test_imagenet_init_needs_torchvisions_network(arch, stem, width, complaint):
+    assert complaint in init_problem("model", "imagenet", arch, stem, width)
+    assert init_problem("model", "imagenet", "resnet34", "imagenet", 64) is None

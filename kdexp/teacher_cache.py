@@ -45,10 +45,11 @@ def lookup(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build(teacher: nn.Module, images: torch.Tensor, execution: Execution,
+def build(teacher: nn.Module, images: torch.Tensor, execution: Execution, image_size: int = SIZE,
           batch_size: int = BUILD_BATCH) -> torch.Tensor:
     """Teacher logits for every view of every image, (N, 9, 9, 2, classes), computed as the live
-    path computes them (same augmentation and layout, same autocast) and kept in its dtype."""
+    path computes them (same augmentation, resize to `image_size` and layout, same autocast) and
+    kept in its dtype."""
     device = next(teacher.parameters()).device
     images = images.to(device)
     out = None
@@ -57,18 +58,19 @@ def build(teacher: nn.Module, images: torch.Tensor, execution: Execution,
             chunk = images[start:start + batch_size]
             dy_, dx_, flip_ = (torch.full((len(chunk),), v, device=device) for v in (dy, dx, bool(flip)))
             with execution.autocast(device):
-                logits = teacher(augment(chunk, dy_, dx_, flip_, execution.channels_last))
+                logits = teacher(augment(chunk, dy_, dx_, flip_, execution.channels_last, image_size))
             if out is None:
                 out = torch.empty(len(images), OFFSETS, OFFSETS, 2, logits.shape[1], dtype=logits.dtype, device=device)
             out[start:start + len(chunk), dy, dx, flip] = logits
     return out
 
 
-def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, execution: Execution) -> torch.Tensor:
-    """The cache for this teacher, split and execution: read from next to the checkpoint, or built
-    and stored there (by one job at a time)."""
+def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, execution: Execution,
+                  image_size: int = SIZE) -> torch.Tensor:
+    """The cache for this teacher, split, input size and execution: read from next to the
+    checkpoint, or built and stored there (by one job at a time)."""
     device = next(teacher.parameters()).device
-    spec = _spec(teacher_ckpt, images, execution, device)
+    spec = _spec(teacher_ckpt, images, execution, device, image_size)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = teacher_ckpt.with_name(f"{teacher_ckpt.stem}.logits-{key}.pt")
     logits = _read(path, spec, device)
@@ -79,7 +81,7 @@ def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, 
         if logits is not None:
             return logits
         start = time.perf_counter()
-        logits = build(teacher, images, execution)
+        logits = build(teacher, images, execution, image_size)
         log.info("built teacher logits for %d images x %d views in %.1f s", len(images), VIEWS,
                  time.perf_counter() - start)
         try:
@@ -89,8 +91,12 @@ def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, 
         return logits
 
 
-def _spec(teacher_ckpt: Path, images: torch.Tensor, execution: Execution, device: torch.device) -> dict:
-    return {"format": FORMAT, "teacher_sha256": checkpoint.file_sha256(teacher_ckpt),
+def _spec(teacher_ckpt: Path, images: torch.Tensor, execution: Execution, device: torch.device,
+          image_size: int) -> dict:
+    # Resized views are another cache; at the stored size the spec (and so every existing file's
+    # key) stays what it was before inputs could be resized.
+    resized = {"image_size": image_size} if image_size != SIZE else {}
+    return {**resized, "format": FORMAT, "teacher_sha256": checkpoint.file_sha256(teacher_ckpt),
             "images_sha256": hashlib.sha256(images.cpu().contiguous().numpy()).hexdigest(), "images": len(images),
             "pad": PAD, "size": SIZE, "flips": 2, "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD),
             "precision": execution.precision, "device": device.type}

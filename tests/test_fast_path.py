@@ -150,6 +150,15 @@ def test_cached_logits_equal_a_live_teacher_on_the_training_batches(teacher, spl
     torch.testing.assert_close(cache[7].reshape(162, 10), live, rtol=1e-5, atol=1e-5)
 
 
+def test_resized_views_are_cached_as_the_live_path_resizes_them(teacher, splits):
+    """data.image_size: each view is resized after its crop and flip, in the cache as in training."""
+    images, labels = splits.train_x[:4], splits.train_y[:4]
+    cache = teacher_cache.build(teacher, images, Execution(), image_size=48)
+    for batch in TrainBatches(images, labels, 4, seed=3, device=CPU, image_size=48).epoch(1):
+        assert batch.x.shape[-2:] == (48, 48)
+        torch.testing.assert_close(teacher_cache.lookup(cache, batch), teacher(batch.x), rtol=1e-5, atol=1e-5)
+
+
 def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, splits, teacher, cache):
     """Two epochs of Logit-KD: every metric equal to 1e-5 relative, accuracies and agreement exactly
     (on this CPU the runs are in fact bit-identical)."""
@@ -207,7 +216,8 @@ def test_cache_file_is_keyed_built_once_and_shared(tmp_path, teacher, splits, mo
     assert len(builds) == 1  # read back, not rebuilt
     teacher_cache.load_or_build(path, teacher, splits.train_x[2:4], Execution())  # another split
     teacher_cache.load_or_build(path, teacher, images, Execution(amp=torch.bfloat16))  # another precision
-    assert len(builds) == 3 and len(list(path.parent.glob("*.logits-*.pt"))) == 3
+    teacher_cache.load_or_build(path, teacher, images, Execution(), image_size=48)  # another input size
+    assert len(builds) == 4 and len(list(path.parent.glob("*.logits-*.pt"))) == 4
 
 
 def test_bench_runs_on_cpu_and_writes_its_json(tmp_path):

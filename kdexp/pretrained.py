@@ -61,6 +61,23 @@ def cache_file(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(IMAGENET_WEIGHTS[arch].url).path).name
 
 
+def init_missing(init: str, arch: str) -> str | None:
+    """Why `model.init=init` cannot be loaded on this machine without a download (None: it can),
+    for dry runs: jobs on compute nodes often have no internet."""
+    file = cache_file(arch) if init == IMAGENET else Path(init)
+    if file.is_file():
+        return None
+    if init == IMAGENET:
+        return f"model.init=imagenet: {file} is not there yet; fetch it where there is internet: {fetch_command(arch)}"
+    return f"model.init={init}: no such file"
+
+
+def fetch_command(arch: str) -> str:
+    """The command that downloads `arch`'s ImageNet weights into torch.hub's cache."""
+    return (f"python -c \"import torchvision; torchvision.models.get_weight('{weights_name(arch)}')"
+            f".get_state_dict()\"")
+
+
 def initialise(model: nn.Module, init: str) -> dict:
     """Load `init` into `model`, all but its classifier; returns what a result records of it
     (init, file, sha256). InitError says what is missing or wrong."""
@@ -101,21 +118,25 @@ def _imagenet_state(arch: str) -> dict:
     weights, file = IMAGENET_WEIGHTS[arch], cache_file(arch)
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
-    except OSError as err:  # no internet (URLError), unwritable cache dir
-        raise InitError(_not_cached(weights, file, f"downloading {weights.url} failed ({type(err).__name__}: {err})")) \
-            from None
-    except RuntimeError as err:  # a download with the wrong hash, a corrupt cached file
-        raise InitError(f"model.init=imagenet: {file} is not torchvision's {_weights_name(weights)} file "
-                        f"({err}); delete it and load it again") from None
+    except Exception as err:  # no internet, a download with the wrong hash, a corrupt cached file
+        why = f"{type(err).__name__}: {err}"
+        if not file.is_file():
+            raise InitError(_not_cached(arch, f"downloading {weights.url} failed ({why})")) from None
+        raise InitError(f"model.init=imagenet: cannot load {file} as torchvision's {weights_name(arch)} weights "
+                        f"({why}); delete it and fetch it again") from None
 
 
-def _not_cached(weights: tvm.WeightsEnum, file: Path, why: str) -> str:
-    prefix = re.search(r"-([a-f0-9]+)\.", file.name)
+def _not_cached(arch: str, why: str) -> str:
+    file = cache_file(arch)
+    prefix = re.search(r"-([a-f0-9]+)\.", file.name)  # torch.hub's convention: the sha256's first digits
     sha = f", sha256 starting {prefix.group(1)}" if prefix else ""
-    return (f"model.init=imagenet needs torchvision's {_weights_name(weights)} weights {file.name}{sha}, which is "
-            f"not in torch.hub's cache {file.parent} and {why}: download {weights.url} where there is internet "
-            f"and put it in {file.parent} (set TORCH_HOME to move that dir)")
+    return (f"model.init=imagenet needs torchvision's {weights_name(arch)} weights {file.name}{sha}, which is "
+            f"not in torch.hub's cache {file.parent} and {why}: download {IMAGENET_WEIGHTS[arch].url} where there "
+            f"is internet and put it in {file.parent} (set TORCH_HOME to move that dir), or run there: "
+            f"{fetch_command(arch)}")
 
 
-def _weights_name(weights: tvm.WeightsEnum) -> str:
+def weights_name(arch: str) -> str:
+    """`ResNet34_Weights.IMAGENET1K_V1`: the ImageNet weights of `arch` as torchvision names them."""
+    weights = IMAGENET_WEIGHTS[arch]
     return f"{type(weights).__name__}.{weights.name}"

@@ -8,7 +8,7 @@ from torch import nn
 
 from kdexp.checkpoint import file_sha256
 from kdexp.models import build_model, count_parameters, model_layout
-from kdexp.pretrained import InitError, cache_file, init_problem, initialise
+from kdexp.pretrained import InitError, cache_file, init_missing, init_problem, initialise
 
 
 @pytest.mark.parametrize("arch, params", [("resnet18", 11_173_962), ("resnet34", 21_282_122)])
@@ -144,3 +144,22 @@ def test_weights_that_do_not_fit_the_network_are_a_clear_error(tmp_path):
 def test_imagenet_init_needs_torchvisions_network(arch, stem, width, complaint):
     assert complaint in init_problem("model", "imagenet", arch, stem, width)
     assert init_problem("model", "imagenet", "resnet34", "imagenet", 64) is None
+
+
+def test_a_corrupt_cached_imagenet_file_is_named_with_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache_file("resnet18").parent.mkdir(parents=True)
+    cache_file("resnet18").write_bytes(b"truncated")
+    with pytest.raises(InitError, match=f"cannot load {cache_file('resnet18')} as torchvision's "
+                                        r"ResNet18_Weights.IMAGENET1K_V1 weights .*delete it and fetch it again"):
+        initialise(build_model("resnet18", stem="imagenet"), "imagenet")
+
+
+def test_dry_runs_find_init_weights_missing_on_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert "torchvision.models.get_weight('ResNet34_Weights.IMAGENET1K_V1').get_state_dict()" in \
+        init_missing("imagenet", "resnet34")
+    assert init_missing(str(tmp_path / "absent.pth"), "resnet34") == f"model.init={tmp_path / 'absent.pth'}: no such file"
+    cache_file("resnet34").parent.mkdir(parents=True)
+    cache_file("resnet34").touch()
+    assert init_missing("imagenet", "resnet34") is None

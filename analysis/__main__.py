@@ -146,7 +146,9 @@ def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: st
         _write_tables(analysis.tables[exp.name], exp_dir, formats)
         figures[exp.name] = make_figures(exp, out / "figures")
     _write_tables(analysis.shared + [analysis.problems, analysis.cells_table()], out, formats)
-    runs = analysis.frame.assign(config=analysis.frame["config"].map(lambda c: json.dumps(c, default=str)))
+    as_json = {column: analysis.frame[column].map(lambda v: json.dumps(v, default=str, ensure_ascii=False))
+               for column in ("hparams", "grid", "config")}
+    runs = analysis.frame.assign(**as_json)
     runs.to_csv(out / "runs.csv", index=False)
     if "html" in formats:
         write_report(out / "report.html", analysis, figures, command, __version__)

@@ -13,12 +13,13 @@ import pandas as pd
 from kdexp.models import ARCHS
 
 from .collect import KNOWN_CONFIG_KEYS
+from .methods import NO_KD
 from .rules import Rule
 from .stats import Comparison, compare, mean_std
 
 # What makes two runs the same configuration (their seeds then vary within a cell).
 CELL_FIELDS = ("kind", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem",
-               "width", "kd", "alpha", "T", "beta", "epochs", "val_size", "data")
+               "width", "kd", "hparams", "epochs", "val_size", "data")
 # What a baseline must share with a distilled student to be its reference.
 STUDENT_CONTEXT = ("student", "stem", "width", "epochs", "val_size", "data")
 # What a pair's rows share; the method and its hyperparameters vary within a pair.
@@ -92,12 +93,46 @@ class Cell:
         return [k for k in self.key if k not in CELL_FIELDS and not k.startswith("method.")]
 
     @property
+    def hparams(self) -> dict[str, Any]:
+        """The method's grid cell: {hyperparameter: value}, in the grid's order."""
+        return self["hparams"] or {}
+
+    @property
+    def grid(self) -> dict[str, str]:
+        """The method's grid keys and their display symbols (one method per cell: any run says)."""
+        return self.runs[0].get("grid") or {}
+
+    @property
+    def cell_label(self) -> str:
+        """`α=0.5, T=4`: the grid cell as the method writes it ("" for a method without a grid)."""
+        return self.runs[0].get("cell") or ""
+
+    @property
+    def method(self) -> str | None:
+        """The method class's `name` (`feature` for both `feature` and `feature(bugged)`)."""
+        return self.runs[0].get("method")
+
+    @property
     def sort_key(self) -> tuple:
-        """The study's order: sorted by (teacher or "-", student, kd, alpha, T, stem)."""
-        def num(x: Any) -> float:
-            return -math.inf if x is None else x
-        return (self["teacher"] or "-", self["student"] or "", self["kd"] or "", num(self["alpha"]),
-                num(self["T"]), self["stem"] or "", tuple(str(self.key.get(k)) for k in self.key))
+        """The study's order: sorted by (teacher or "-", student, kd, the grid cell's values, stem)."""
+        return (self["teacher"] or "-", self["student"] or "", self["kd"] or "",
+                tuple(sortable(v) for v in self.hparams.values()), self["stem"] or "",
+                tuple(str(self.key.get(k)) for k in self.key))
+
+
+def sortable(value: Any) -> tuple:
+    """Numbers in numeric order before anything else in text order (None first)."""
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
+
+
+def kd_labels(cells: Iterable[Cell]) -> list[str]:
+    """The KD columns (method labels) among `cells` that distil, alphabetically: one order for
+    every table and figure, whatever methods an experiment ran."""
+    return sorted({c["kd"] for c in cells if c["kd"] not in (None, NO_KD)})
 
 
 def extra_keys(runs: list[dict[str, Any]]) -> list[str]:
@@ -107,7 +142,7 @@ def extra_keys(runs: list[dict[str, Any]]) -> list[str]:
     """
     by_cell: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
-        by_cell[tuple(run.get(f) for f in CELL_FIELDS)].append(run)
+        by_cell[tuple(repr(run.get(f)) for f in CELL_FIELDS)].append(run)
     varying: set[str] = set()
     for same in by_cell.values():
         if len(same) < 2:

@@ -33,10 +33,11 @@ ENV_KEY = re.compile(
 
 # Config keys that already have a column; any other key that varies between otherwise equal
 # runs becomes an extra grouping column in the tables (see aggregate.extra_keys).
+# A method's arguments need no entry: its grid keys are the `hparams` column and a switch that
+# makes a variant is in its `kd` label, so neither varies within a cell.
 KNOWN_CONFIG_KEYS = frozenset({
     "experiment_name", "protocol_name", "seed", "model.arch", "model.stem", "model.width",
-    "teacher.arch", "teacher.stem", "teacher.width", "teacher.seed", "method._target_",
-    "method.alpha", "method.T", "method.beta", "method.clip_projection", "trainer.epochs",
+    "teacher.arch", "teacher.stem", "teacher.width", "teacher.seed", "method._target_", "trainer.epochs",
     "data.name", "data.val_size",
 })
 
@@ -60,7 +61,6 @@ def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFr
     # Explicit dtypes: a column that is empty for every run would otherwise be `object`.
     frame[INT_COLUMNS] = frame[INT_COLUMNS].astype("Int64")
     frame[FLOAT_COLUMNS] = frame[FLOAT_COLUMNS].astype("float64")
-    frame["clip_projection"] = frame["clip_projection"].astype("boolean")
     return frame
 
 
@@ -95,7 +95,7 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
     else:
         result_error = (None if result is None or isinstance(result, dict)
                         else f"{run_dir / records.RESULT_FILE} is not a JSON object")
-    _fill_config(row, cfg, result.get("method") if isinstance(result, dict) else None)
+    unknown_method = _fill_config(row, cfg)
 
     history, history_note = _read_metrics(run_dir)
     row["notes"] = history_note
@@ -120,6 +120,8 @@ def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
         return mark(row, "corrupt", f"unknown status {result.get('status')!r}")
     if not is_fraction(row["test_final"]):
         return mark(row, "corrupt", f"{records.RESULT_FILE} has no valid test_acc_final")
+    if unknown_method:  # a finished run whose KD column and grid cell cannot be told
+        return mark(row, "unknown method", unknown_method)
     row["status"] = "completed"
     return row
 
@@ -134,7 +136,8 @@ def _no_result(epochs_logged: int) -> str:
             "see its train.log)")
 
 
-def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> None:
+def _fill_config(row: dict[str, Any], cfg: dict) -> str | None:
+    """The configuration columns; returns why the method is unknown, or None."""
     model, teacher, method, trainer, data = (_node(cfg, key)
                                              for key in ("model", "teacher", "method", "trainer", "data"))
     row.update(
@@ -149,12 +152,11 @@ def _fill_config(row: dict[str, Any], cfg: dict, method_name: str | None) -> Non
         row.update(teacher=teacher["arch"], teacher_stem=teacher.get("stem"),
                    teacher_width=teacher.get("width"), teacher_seed=teacher.get("seed"))
         row["pair"] = f"{row['teacher']}→{row['student']}"
-    set_method(row, method_name if method_name in ("ce", "logit", "feature") else infer_method(method),
-               alpha=method.get("alpha"), T=method.get("T"), beta=method.get("beta"),
-               clip_projection=method.get("clip_projection"))
+    unknown_method = set_method(row, method)
     flat = {k: v for k, v in flatten(cfg).items() if not ENV_KEY.match(k)}
     row["config"] = flat
     row["config_hash"] = config_hash(flat)
+    return unknown_method
 
 
 def _node(cfg: dict, key: str) -> dict:
@@ -162,23 +164,10 @@ def _node(cfg: dict, key: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def infer_method(method_cfg: dict) -> str:
-    """Method name from the config node (result.json's `method` overrides it once written)."""
-    target = str(method_cfg.get("_target_", "")).lower()
-    for name in ("logit", "feature"):
-        if name in target:
-            return name
-    if "T" in method_cfg:
-        return "logit"
-    if "clip_projection" in method_cfg or "beta" in method_cfg:
-        return "feature"
-    return "ce"
-
-
 def _fill_result(row: dict[str, Any], result: dict) -> None:
     if result.get("kind"):
         row["kind"] = result["kind"]
-    fidelity, params = _node(result, "fidelity"), _node(result, "params")
+    fidelity, params, gflops = _node(result, "fidelity"), _node(result, "params"), _node(result, "gflops")
     row.update(
         epochs_completed=result.get("epochs_completed", row["epochs_completed"]),
         best_val_acc=result.get("best_val_acc"), best_val_epoch=result.get("best_val_epoch"),
@@ -192,6 +181,7 @@ def _fill_result(row: dict[str, Any], result: dict) -> None:
         device=result.get("device"), precision=_node(result, "execution").get("precision"),
         params_student=params.get("student"),
         params_method=params.get("method"), params_teacher=params.get("teacher"),
+        gflops_student=gflops.get("student"), gflops_teacher=gflops.get("teacher"),
         error=result.get("error"), failed_epoch=result.get("failed_epoch"),
         kdexp_version=result.get("kdexp_version"), git_commit=result.get("git_commit"),
     )

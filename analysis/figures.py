@@ -1,4 +1,7 @@
-"""Figures (PNG + PDF): α×T heatmaps, learning curves, Δ bars with CIs, clip-ablation grad norms."""
+"""Figures (PNG + PDF): grid heatmaps (α × T, ...), learning curves, Δ bars with CIs, variant grad norms.
+
+Every method an experiment ran gets its figures: its KD label and grid come from the runs (the
+method's class), its colour from its place among the experiment's labels."""
 from __future__ import annotations
 
 import math
@@ -12,14 +15,22 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from .aggregate import Cell, Experiment
+from .aggregate import Cell, Experiment, kd_labels, sortable
 from .collect import load_history
 from .stats import mean_std
 from .tables import slug
 
 # Figures are built with the object API on an Agg canvas: no pyplot state, no display needed.
 DPI = 110
-COLORS = {"none": "#555555", "logit": "#1f77b4", "feature": "#d62728", "feature(bugged)": "#ff7f0e"}
+BASELINE_COLOR = "#555555"
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+
+def colors(exp: Experiment) -> dict[str, str]:
+    """One colour per KD label of the experiment (alphabetical order), grey for the baseline: the same
+    method has the same colour in every figure of an experiment."""
+    labels = kd_labels(exp.cells)
+    return {kd: PALETTE[i % len(PALETTE)] for i, kd in enumerate(labels)}
 
 
 @dataclass(frozen=True)
@@ -34,8 +45,8 @@ def make_figures(exp: Experiment, out_dir: Path) -> list[Figure]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = []
     for cells in exp.pairs().values():
-        figures += [f for f in (heatmap(exp, cells, out_dir), learning_curves(exp, cells, out_dir),
-                                grad_norms(exp, cells, out_dir)) if f]
+        figures += [f for kd in kd_labels(cells) if (f := heatmap(exp, cells, kd, out_dir))]
+        figures += [f for f in (learning_curves(exp, cells, out_dir), grad_norms(exp, cells, out_dir)) if f]
     bars = delta_bars(exp, out_dir)
     return figures + ([bars] if bars else [])
 
@@ -58,41 +69,52 @@ def _pair_slug(exp: Experiment, ref: Cell) -> str:
     return slug(f"{exp.name}__{exp.pair_label(ref)}")
 
 
-def heatmap(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
-    logit = [c for c in cells if c["kd"] == "logit" and exp.acc(c)[0]]
-    alphas = sorted({c["alpha"] for c in logit})
-    temps = sorted({c["T"] for c in logit})
-    if len(logit) < 2:
+def heatmap(exp: Experiment, cells: list[Cell], kd: str, out_dir: Path) -> Figure | None:
+    """One method's two-key grid (rows its first key, columns its second), where it has two cells."""
+    here = [c for c in cells if c["kd"] == kd and exp.acc(c)[0]]
+    if len(here) < 2 or len(here[0].grid) != 2:
         return None
-    grid = np.full((len(alphas), len(temps)), np.nan)
+    (row_key, row_symbol), (col_key, col_symbol) = here[0].grid.items()
+    rows = sorted({c.hparams.get(row_key) for c in here}, key=sortable)
+    cols = sorted({c.hparams.get(col_key) for c in here}, key=sortable)
+    grid = np.full((len(rows), len(cols)), np.nan)
     stds = np.full_like(grid, np.nan)
-    for c in logit:
+    for c in here:
         mean, std = mean_std(exp.acc(c)[0])
-        grid[alphas.index(c["alpha"]), temps.index(c["T"])] = 100 * mean
-        stds[alphas.index(c["alpha"]), temps.index(c["T"])] = 100 * std
-    fig, (ax,) = _new(1.3 * len(temps) + 2.4, 1.0 * len(alphas) + 1.6)
+        at = rows.index(c.hparams.get(row_key)), cols.index(c.hparams.get(col_key))
+        grid[at], stds[at] = 100 * mean, 100 * std
+    fig, (ax,) = _new(1.3 * len(cols) + 2.4, 1.0 * len(rows) + 1.6)
     low, high, scale_note = colour_limits(grid, stds)
     image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=low, vmax=high)
     fig.colorbar(image, ax=ax, label=f"{exp.rule.label} (%)")
-    ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
-    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel("α (weight of the KD term)")
+    ax.set_xticks(range(len(cols)), [_tick(v) for v in cols])
+    ax.set_yticks(range(len(rows)), [_tick(v) for v in rows])
+    ax.set_xlabel(_axis_label(col_key, col_symbol))
+    ax.set_ylabel(_axis_label(row_key, row_symbol))
     for (i, j), value in np.ndenumerate(grid):
         if np.isfinite(value):
             text = f"{value:.2f}" + (f"\n±{stds[i, j]:.2f}" if np.isfinite(stds[i, j]) else "")
             ax.text(j, i, text, ha="center", va="center", fontsize=9,  # dark text on viridis' light half
                     color="black" if (value - low) / (high - low) > 0.5 else "white")
-    best = exp.best_config(logit, "logit")
+    best = exp.best_config(here, kd)
     if best is not None:
-        ax.add_patch(Rectangle((temps.index(best["T"]) - 0.5, alphas.index(best["alpha"]) - 0.5), 1, 1,
-                                   fill=False, edgecolor="red", linewidth=2.5))
-    seeds = exp.selection_seeds(logit, "logit")
+        ax.add_patch(Rectangle((cols.index(best.hparams.get(col_key)) - 0.5, rows.index(best.hparams.get(row_key)) - 0.5),
+                               1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    seeds = exp.selection_seeds(here, kd)
     chosen_on = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else "own seeds"
-    title = f"{logit[0].pair_name}: Logit-KD α × T"
+    title = f"{here[0].pair_name}: {kd} {row_symbol} × {col_symbol}"
     ax.set_title(f"{title}\n(mean ± std over seeds; red box: best configuration, chosen on {chosen_on})\n"
                  f"{scale_note}", fontsize=9)
-    return _save(fig, out_dir, f"{_pair_slug(exp, logit[0])}__heatmap", title)
+    return _save(fig, out_dir, f"{_pair_slug(exp, here[0])}__{slug(kd)}__heatmap", title)
+
+
+def _tick(value: object) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _axis_label(key: str, symbol: str) -> str:
+    """`α (alpha)`, or the key alone where it is its own symbol (`T`)."""
+    return symbol if symbol == key else f"{symbol} ({key})"
 
 
 def colour_limits(means: np.ndarray, stds: np.ndarray) -> tuple[float, float, str]:
@@ -131,10 +153,10 @@ def _curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def learning_curves(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
-    """Baseline vs the best Logit-/Feature-KD configuration: val and test accuracy per epoch."""
+    """Baseline vs each method's best configuration: val and test accuracy per epoch."""
     shown = [("baseline", exp.baseline_for(cells[0]))]
-    shown += [(f"{kd} (best: α={c['alpha']:g}" + (f", T={c['T']:g})" if c["T"] is not None else ")"), c)
-              for kd in ("logit", "feature") if (c := exp.best_config(cells, kd)) is not None]
+    shown += [(f"{kd} (best: {c.cell_label})" if c.cell_label else kd, c)
+              for kd in kd_labels(cells) if (c := exp.best_config(cells, kd)) is not None]
     shown = [(label, c) for label, c in shown if c is not None]
     if not shown:
         return None
@@ -142,6 +164,7 @@ def learning_curves(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure
     keys = [k for k in ("val_acc", "test_acc") if any(len(curves[(label, k)][0]) for label, _ in shown)]
     if not keys:
         return None
+    palette = colors(exp)
     fig, axes = _new(6.2 * len(keys), 7.6, len(keys), nrows=2)
     grid = np.array(axes, dtype=object).reshape(2, len(keys))
     for column, key in enumerate(keys):
@@ -151,7 +174,7 @@ def learning_curves(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure
                 epochs, mean, std = curves[(label, key)]
                 if not len(epochs):
                     continue
-                color = COLORS.get(c["kd"], "#555555")
+                color = palette.get(c["kd"], BASELINE_COLOR)
                 ax.plot(epochs, 100 * mean, color=color, label=f"{label}, n={len(c.runs)}")
                 ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.2, linewidth=0)
             ax.set_xlabel("epoch")
@@ -191,7 +214,7 @@ def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
     """Δ vs baseline of each pair's best configuration per method, with its 95% CI."""
     bars = []
     for cells in exp.pairs().values():
-        for kd in ("logit", "feature"):
+        for kd in kd_labels(cells):
             best = exp.best_config(cells, kd)
             comp = exp.versus_baseline(best) if best is not None else None
             if comp is not None and not math.isnan(comp.delta):
@@ -200,7 +223,8 @@ def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
     if not bars:
         return None
     pairs = sorted({p for p, _, _ in bars})
-    methods = [kd for kd in ("logit", "feature") if any(k == kd for _, k, _ in bars)]
+    methods = sorted({k for _, k, _ in bars})
+    palette = colors(exp)
     width = 0.8 / len(methods)
     fig, (ax,) = _new(max(5.0, 1.9 * len(pairs) + 1.5), 4.2)
     for i, kd in enumerate(methods):
@@ -209,7 +233,7 @@ def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
         deltas = np.array([100 * c.delta for _, c in here])
         low = np.array([100 * (c.delta - c.ci[0]) if not math.isnan(c.ci[0]) else 0 for _, c in here])
         high = np.array([100 * (c.ci[1] - c.delta) if not math.isnan(c.ci[1]) else 0 for _, c in here])
-        ax.bar(xs, deltas, width, color=COLORS[kd], label=f"{kd}-KD", yerr=[low, high], capsize=4)
+        ax.bar(xs, deltas, width, color=palette[kd], label=kd, yerr=[low, high], capsize=4)
         for x, (_, c) in zip(xs, here):
             mark = {True: "n.s.", False: "*", None: "n<2"}[c.within_noise]
             top = 100 * (c.ci[1] if not math.isnan(c.ci[1]) else c.delta)
@@ -227,30 +251,34 @@ def delta_bars(exp: Experiment, out_dir: Path) -> Figure | None:
 
 
 def grad_norms(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | None:
-    """Per-epoch max pre-clip and projection-only gradient norms, clip_projection true vs false."""
+    """Per-epoch max pre-clip and method-only (projection) gradient norms of a method's variants
+    beside the plain method in the same cell (`feature(bugged)`: clip_projection=false, vs `feature`)."""
     def twin_key(c: Cell) -> dict:
         return {k: v for k, v in c.key.items() if k != "kd"}
-    bugged = [c for c in cells if c["kd"] == "feature(bugged)"]
-    fixed = [c for c in cells if c["kd"] == "feature" and any(twin_key(c) == twin_key(b) for b in bugged)]
-    bugged = [b for b in bugged if any(twin_key(f) == twin_key(b) for f in fixed)]
-    if not fixed:
+    plain = [c for c in cells if c["kd"] == c.method]
+    variants = [c for c in cells if c["kd"] != c.method
+                and any(p.method == c.method and twin_key(p) == twin_key(c) for p in plain)]
+    plain = [p for p in plain if any(v.method == p.method and twin_key(p) == twin_key(v) for v in variants)]
+    if not plain:
         return None
-    alphas = sorted({c["alpha"] for c in fixed})
+    shown = plain + variants
+    labels = list(dict.fromkeys(c.cell_label for c in shown))
     styles = ["-", "--", ":", "-."]
+    palette = colors(exp)
     fig, axes = _new(11, 4.0, 2)
     for ax, key, what in ((axes[0], "grad_norm_max", "max pre-clip gradient norm"),
-                          (axes[1], "proj_grad_norm_max", "max projection-only gradient norm")):
+                          (axes[1], "proj_grad_norm_max", "max gradient norm of the method's own parameters")):
         drawn = []
-        for cell in fixed + bugged:
+        for cell in shown:
             epochs, mean, std = _curve(cell.runs, key)
             if not len(epochs):
                 continue
-            clip = "true (fixed)" if cell["kd"] == "feature" else "false (bugged)"
-            ax.plot(epochs, mean, color=COLORS[cell["kd"]], linestyle=styles[alphas.index(cell["alpha"]) % 4],
-                    label=f"clip_projection={clip}, α={cell['alpha']:g}")
-            ax.fill_between(epochs, mean - std, mean + std, color=COLORS[cell["kd"]], alpha=0.15, linewidth=0)
+            color = palette[cell["kd"]]
+            ax.plot(epochs, mean, color=color, linestyle=styles[labels.index(cell.cell_label) % 4],
+                    label=", ".join(x for x in (cell["kd"], cell.cell_label) if x))
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
             drawn.append(mean)
-        clip_norm = fixed[0].runs[0].get("clip_norm")
+        clip_norm = plain[0].runs[0].get("clip_norm")
         if key == "grad_norm_max" and clip_norm:
             ax.axhline(clip_norm, color="black", linewidth=0.8, linestyle=":",
                        label=f"clip threshold {clip_norm:g}")
@@ -266,6 +294,6 @@ def grad_norms(exp: Experiment, cells: list[Cell], out_dir: Path) -> Figure | No
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    title = f"{fixed[0].pair_name}: gradient norms, clip_projection true vs false"
+    title = f"{plain[0].pair_name}: gradient norms, {' / '.join(sorted({c['kd'] for c in shown}))}"
     fig.suptitle(f"{title} (mean ± std over seeds)")
-    return _save(fig, out_dir, f"{_pair_slug(exp, fixed[0])}__grad_norms", title)
+    return _save(fig, out_dir, f"{_pair_slug(exp, plain[0])}__grad_norms", title)

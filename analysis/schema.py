@@ -9,20 +9,27 @@ from typing import Any
 
 import yaml
 
-STATUSES = ("completed", "failed", "incomplete", "corrupt", "duplicate")
+from .methods import UnknownMethod, identify
+
+# "unknown method": a run whose method class cannot be imported; its numbers are read but not
+# tabulated (its KD column and grid cell come from the class).
+STATUSES = ("completed", "failed", "incomplete", "corrupt", "duplicate", "unknown method")
 
 COLUMNS = [
     # identity and state
     "source", "run_dir", "status", "reason", "notes", "experiment", "protocol", "kind",
     # configuration
     "pair", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem", "width",
-    "method", "kd", "alpha", "T", "beta", "clip_projection", "seed", "epochs", "val_size", "data",
+    # method: the class's name; kd: its KD column (label); hparams: its grid cell {key: value};
+    # cell: that cell as tables show it ("α=0.5, T=4"); grid: {key: display symbol} (methods.py)
+    "method", "kd", "hparams", "cell", "grid", "seed", "epochs", "val_size", "data",
     "clip_norm",
     # metrics (accuracies are fractions in [0, 1])
     "epochs_completed", "best_val_acc", "best_val_epoch", "test_at_best_val", "test_final",
     "best_test", "best_test_epoch", "agreement", "kl_t1", "kl_t4", "teacher_test_acc",
     "grad_norm_max", "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction",
     "wall_seconds", "train_seconds", "images_per_s", "device", "precision", "params_student", "params_method", "params_teacher",
+    "gflops_student", "gflops_teacher",  # forward GFLOPs per image at the run's input size
     "error", "failed_epoch", "kdexp_version", "git_commit", "finished_at",
     # provenance of the configuration itself
     "config_hash", "config",
@@ -30,10 +37,10 @@ COLUMNS = [
 INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "seed", "epochs", "val_size",
                 "epochs_completed", "best_val_epoch", "best_test_epoch", "failed_epoch",
                 "params_student", "params_method", "params_teacher"]
-FLOAT_COLUMNS = ["alpha", "T", "beta", "clip_norm", "best_val_acc", "test_at_best_val", "test_final",
+FLOAT_COLUMNS = ["clip_norm", "best_val_acc", "test_at_best_val", "test_final",
                  "best_test", "agreement", "kl_t1", "kl_t4", "teacher_test_acc", "grad_norm_max",
                  "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction", "wall_seconds",
-                 "train_seconds", "images_per_s", "finished_at"]
+                 "train_seconds", "images_per_s", "gflops_student", "gflops_teacher", "finished_at"]
 
 
 def coerce_types(row: dict[str, Any]) -> dict[str, Any]:
@@ -77,22 +84,15 @@ def empty_row(run_dir: Path, source: str) -> dict[str, Any]:
     return row
 
 
-def set_method(row: dict[str, Any], method: str, *, alpha: Any, T: Any, beta: Any,
-               clip_projection: Any) -> None:
-    """Method columns, keeping only the hyperparameters that mean something for the method."""
-    row["method"] = method
-    row["alpha"] = alpha if method != "ce" else None
-    row["T"] = T if method == "logit" else None
-    row["beta"] = beta if method == "feature" else None
-    row["clip_projection"] = bool(clip_projection) if method == "feature" and clip_projection is not None else None
-    row["kd"] = kd_label(method, row["clip_projection"])
-
-
-def kd_label(method: str, clip_projection: bool | None) -> str:
-    """The study's KD column: "none" for plain CE, "feature(bugged)" for unclipped projections."""
-    if method == "ce":
-        return "none"
-    return f"{method}(bugged)" if clip_projection is False else method
+def set_method(row: dict[str, Any], method_cfg: dict) -> str | None:
+    """The method columns from the class `method_cfg` names; None, or why the method is unknown."""
+    try:
+        identity = identify(method_cfg)
+    except UnknownMethod as err:
+        return str(err)
+    row.update(method=identity.name, kd=identity.kd, hparams=identity.hparams, cell=identity.cell,
+               grid=identity.grid)
+    return None
 
 
 def clipped_fraction(history: list[dict], clip_norm: float | None) -> float | None:

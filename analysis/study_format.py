@@ -58,10 +58,12 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
         # One `stem` field describes both networks of a run.
         row.update(teacher=teacher, teacher_stem=stem, teacher_width=STUDY_WIDTH, teacher_seed=STUDY_TEACHER_SEED,
                    pair=f"{teacher}→{data['model']}")
-    method = "ce" if kd_type == "none" else kd_type
-    set_method(row, method, alpha=data.get("alpha"), T=data.get("temperature"), beta=data.get("feat_beta"),
-               clip_projection=not data.get("no_proj_clip", False))
-    if method == "feature":  # the logit runs log 0.0 here, which would read as a measurement
+    if kd_type not in STUDY_METHODS:
+        return mark(row, "corrupt", f"{path}: unknown kd_type {kd_type!r} (the study has {', '.join(STUDY_METHODS)})")
+    method = study_method(kd_type, data)
+    if unknown := set_method(row, method):
+        return mark(row, "unknown method", unknown)
+    if kd_type == "feature":  # the logit runs log 0.0 here, which would read as a measurement
         row["proj_grad_norm_max"] = data.get("proj_grad_norm_max_overall")
     tests = [(h["test_acc"], h.get("epoch")) for h in history
              if isinstance(h, dict) and isinstance(h.get("test_acc"), (int, float))]
@@ -70,11 +72,30 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
         row["best_test"], row["best_test_epoch"] = best
     notes = _read_fidelity(row, run_dir)
     row["notes"] = notes
-    config = {k: row[k] for k in ("teacher", "student", "kd", "alpha", "T", "beta", "stem", "seed", "epochs",
-                                   "val_size")}
+    config = {k: row[k] for k in ("teacher", "student", "stem", "seed", "epochs", "val_size")}
+    config.update({f"method.{key}": value for key, value in method.items()})
     row["config"], row["config_hash"] = config, config_hash(config)
     row["status"] = "completed"  # the study writes results.json only when a run has finished
     return row
+
+
+# The study's kd_type → kdexp's class for it, and its fields → that class's arguments: a
+# translation of the study's file format (its runs are these methods with these arguments).
+STUDY_METHODS = {
+    "none": ("kdexp.methods.ce.CrossEntropy", {}),
+    "logit": ("kdexp.methods.logit.LogitKD", {"alpha": "alpha", "T": "temperature"}),
+    "feature": ("kdexp.methods.feature.FeatureKD", {"alpha": "alpha", "beta": "feat_beta"}),
+}
+
+
+def study_method(kd_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The `method` node kdexp would have saved for a study run."""
+    target, arguments = STUDY_METHODS[kd_type]
+    method = {"_target_": target, **{arg: data[field] for arg, field in arguments.items()
+                                     if data.get(field) is not None}}
+    if kd_type == "feature":
+        method["clip_projection"] = not data.get("no_proj_clip", False)  # v1's bug: projections not clipped
+    return method
 
 
 def _read_fidelity(row: dict[str, Any], run_dir: Path) -> str:

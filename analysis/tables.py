@@ -11,13 +11,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .aggregate import CELL_FIELDS, PAIR_CONTEXT, Cell, Experiment, teacher_runs
+from .aggregate import CELL_FIELDS, PAIR_CONTEXT, Cell, Experiment, kd_labels, sortable, teacher_runs
 from .stats import Comparison, compare, mean_std
 
 DASH = "-"
 # Cell fields shown as a column only when they take more than one value in a table.
 # Widths are in the model names (aggregate.model_name).
-_OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "teacher_seed": "Teacher seed", "beta": "beta", "epochs": "Epochs",
+_OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "teacher_seed": "Teacher seed", "epochs": "Epochs",
                      "val_size": "Val split", "data": "Data"}
 STD_NOTE = "Values: mean ± sample std (ddof=1) over seeds, in %; a single seed shows the mean alone."
 
@@ -120,10 +120,10 @@ def delta_text(comp: Comparison | None) -> str:
 
 
 def config_text(cell: Cell | None) -> str:
+    """`α=0.5, T=4 (n=3)`: a method's grid cell as the method writes it, and its number of seeds."""
     if cell is None:
         return DASH
-    parts = [f"α={num(cell['alpha'])}"] + ([f"T={num(cell['T'])}"] if cell["T"] is not None else [])
-    return ", ".join(parts) + f" (n={len(cell.runs)})"
+    return f"{cell.cell_label or DASH} (n={len(cell.runs)})"
 
 
 # ---------------------------------------------------------------- column helpers
@@ -142,13 +142,20 @@ def _values(cell: Cell, fields: list[str]) -> list[str]:
     return [num(cell[f]) for f in fields]
 
 
-def _identity(cell: Cell) -> list[str]:
-    """Teacher, Student, KD, alpha, T, Stem: the study's grouping columns."""
-    return [cell.teacher_name or DASH, cell.student_name, str(cell["kd"]), num(cell["alpha"]),
-            num(cell["T"]), str(cell["stem"] or DASH)]
+def grid_keys(cells: Iterable[Cell]) -> list[str]:
+    """The grid keys of every method among `cells`, in order of first appearance: one column each."""
+    return list(dict.fromkeys(key for c in cells for key in c.grid))
 
 
-IDENTITY_HEADERS = ["Teacher", "Student", "KD", "alpha", "T", "Stem"]
+def identity_headers(keys: list[str]) -> list[str]:
+    """Teacher, Student, KD, one column per grid key (alpha, T, ...), Stem: the study's grouping columns."""
+    return ["Teacher", "Student", "KD", *keys, "Stem"]
+
+
+def _identity(cell: Cell, keys: list[str]) -> list[str]:
+    """The values under `identity_headers(keys)`; '-' under a key the cell's method does not have."""
+    return [cell.teacher_name or DASH, cell.student_name, str(cell["kd"]),
+            *(num(cell.hparams.get(key)) for key in keys), str(cell["stem"] or DASH)]
 STUDY_METRICS = [("best_val_acc", "Val acc (%)"), ("test_at_best_val", "Test@best (%)"),
                  ("test_final", "Test@final (%)")]
 
@@ -167,9 +174,10 @@ def runs_table(exp: Experiment, cells: list[Cell], name: str, title: str) -> Tab
     metrics = list(STUDY_METRICS)
     if exp.rule.name == "test":
         metrics.append(("best_test", "Best test (%) (optimistic)"))
-    columns = IDENTITY_HEADERS + headers + ["Seeds"] + [h for _, h in metrics]
-    rows = [_identity(c) + _values(c, fields) + [seeds_text(c.seeds)] + [stat_text(c, col) for col, _ in metrics]
-            for c in cells]
+    keys = grid_keys(cells)
+    columns = identity_headers(keys) + headers + ["Seeds"] + [h for _, h in metrics]
+    rows = [_identity(c, keys) + _values(c, fields) + [seeds_text(c.seeds)]
+            + [stat_text(c, col) for col, _ in metrics] for c in cells]
     notes = _rule_notes(exp) + [
         STD_NOTE, "Test@best: test accuracy at the best-validation epoch; Test@final: after the last epoch."]
     return Table(name, title, columns, rows, notes)
@@ -187,7 +195,7 @@ def key_results(exp: Experiment) -> list[Table]:
 
 
 def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | None:
-    """Per pair: teacher, baseline, gap, the best Logit-/Feature-KD configuration and its Δ."""
+    """Per pair: teacher, baseline, gap, and each KD method's best configuration and its Δ."""
     pairs = exp.pairs()
     if not pairs:
         return None
@@ -196,9 +204,9 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
                                                                     if not k.startswith("method.")]
     fields = _varying([cells[0] for cells in pairs.values()], context)
     headers = [_OPTIONAL_COLUMNS.get(f, f) for f in fields]
-    columns = (["Teacher", "Student", "Stem"] + headers
-               + ["Teacher (%)", "Baseline (%)", "Gap (pp)", "Logit-KD best", "Logit-KD Δ (pp)",
-                  "Feature-KD best", "Feature-KD Δ (pp)", "Best method"])
+    methods = kd_labels(exp.of_kind("student"))
+    columns = (["Teacher", "Student", "Stem"] + headers + ["Teacher (%)", "Baseline (%)", "Gap (pp)"]
+               + [f"{kd} {what}" for kd in methods for what in ("best", "Δ (pp)")] + ["Best method"])
     rows, used_fidelity, unmatched, chosen_on = [], False, [], {}
     for cells in sorted(pairs.values(), key=lambda cs: cs[0].sort_key):
         ref = cells[0]
@@ -207,7 +215,7 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
         base = exp.baseline_for(ref)
         base_mean, base_std = mean_std(exp.acc(base)[0]) if base else (math.nan, math.nan)
         gap = teacher_mean - base_mean
-        best = {kd: exp.best_config(cells, kd) for kd in ("logit", "feature")}
+        best = {kd: exp.best_config(cells, kd) for kd in methods}
         comps = {kd: exp.versus_baseline(c) if c else None for kd, c in best.items()}
         for kd, c in best.items():
             if c is not None:
@@ -215,10 +223,9 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
             if (text := unmatched_text(comps[kd], ("KD", "baseline"))) != DASH:
                 unmatched.append(f"{exp.pair_label(ref)} {kd}: {text}")
         rows.append([str(ref.teacher_name), ref.student_name, str(ref["stem"])] + _values(ref, fields) + [
-            teacher_text, pct(base_mean, base_std), pp(gap),
-            config_text(best["logit"]), delta_text(comps["logit"]),
-            config_text(best["feature"]), delta_text(comps["feature"]),
-            _best_method(exp, base, best, comps)])
+            teacher_text, pct(base_mean, base_std), pp(gap)]
+            + [text for kd in methods for text in (config_text(best[kd]), delta_text(comps[kd]))]
+            + [_best_method(exp, base, best, comps)])
     notes = _rule_notes(exp) + [
         f"All accuracies: {label}. Gap = teacher − baseline; Δ = best configuration − baseline "
         "(percentage points) on every seed both ran, paired by seed; 'within noise': its 95% CI contains 0 "
@@ -273,14 +280,15 @@ def _teacher_acc(exp: Experiment, ref: Cell, cells: list[Cell],
 def _best_method(exp: Experiment, base: Cell | None, best: dict[str, Cell | None],
                  comps: dict[str, Comparison | None]) -> str:
     """The method whose best configuration gains most over the baseline, each gain on the seeds it
-    shares with the baseline (raw means over different seed sets would compare unlike things)."""
+    shares with the baseline (raw means over different seed sets would compare unlike things).
+    Without a baseline, each method's gain is its smallest margin over any other method."""
     if base is None:
         found = [kd for kd, c in best.items() if c is not None]
-        if len(found) != 2:
+        if len(found) < 2:
             return found[0] if found else DASH
-        (a, sa), (b, sb) = exp.acc(best["logit"]), exp.acc(best["feature"])
-        comps = {"logit": compare(a, sa, b, sb)}
-        comps["feature"] = compare(b, sb, a, sa)
+        comps = {kd: min((compare(*exp.acc(best[kd]), *exp.acc(best[other])) for other in found if other != kd),
+                         key=lambda c: c.delta if not math.isnan(c.delta) else math.inf)
+                 for kd in found}
     gains = {kd: c.delta for kd, c in comps.items() if c is not None and not math.isnan(c.delta)}
     if not gains:
         return DASH
@@ -292,37 +300,49 @@ def _best_method(exp: Experiment, base: Cell | None, best: dict[str, Cell | None
 
 # ---------------------------------------------------------------- 2. grids
 def grids(exp: Experiment) -> list[Table]:
-    """Per pair and method: rows α, columns T (logit) or β (feature); mean ± std of the rule's metric."""
+    """Per pair and method: rows the grid's first hyperparameter, columns the others' combinations
+    (α × T for `logit`; one column for a one-key grid); mean ± std of the rule's metric."""
     tables = []
     for cells in exp.pairs().values():
-        for kd in sorted({c["kd"] for c in cells}):
+        for kd in kd_labels(cells):
             method_cells = [c for c in cells if c["kd"] == kd]
-            if len(method_cells) < 2:
+            grid = method_cells[0].grid
+            if len(method_cells) < 2 or not grid:
                 continue
-            col_field = "T" if kd == "logit" else "beta"
+            row_key, *col_keys = grid
             best = exp.best_config(method_cells, kd)
-            alphas = sorted({c["alpha"] for c in method_cells})
-            cols = sorted({c[col_field] for c in method_cells}, key=lambda v: (v is None, v or 0))
             # Cells of unlike seed counts (a selection stage beside its finals) say how many.
             uneven = len({len(exp.acc(c)[0]) for c in method_cells}) > 1
-            rows = []
-            for alpha in alphas:
-                row = [num(alpha)]
-                for col in cols:
-                    here = [c for c in method_cells if c["alpha"] == alpha and c[col_field] == col]
-                    row.append(", ".join(pct(*mean_std(exp.acc(c)[0])) + (f" (n={len(exp.acc(c)[0])})" if uneven else "")
-                                         + (" *" if c is best else "") for c in here) or DASH)
-                rows.append(row)
+
+            def text(c: Cell) -> str:
+                n = len(exp.acc(c)[0])
+                return pct(*mean_std(exp.acc(c)[0])) + (f" (n={n})" if uneven else "") + (" *" if c is best else "")
+            row_values = _axis(method_cells, [row_key])
+            col_values = _axis(method_cells, col_keys)
+            rows = [[num(r[0])] + [", ".join(text(c) for c in method_cells
+                                             if _at(c, [row_key], r) and _at(c, col_keys, col)) or DASH
+                                   for col in col_values] for r in row_values]
             ref = method_cells[0]
             label = exp.pair_label(ref)
-            title = f"{label} ({ref['stem']} stem) · {kd}: α × {col_field}, {exp.rule.label} (%)"
+            title = f"{label} ({ref['stem']} stem) · {kd}: {' × '.join(grid.values())}, {exp.rule.label} (%)"
+            headers = ([", ".join(f"{grid[k]}={num(v)}" for k, v in zip(col_keys, col)) for col in col_values]
+                       if col_keys else [f"{exp.rule.label} (%)"])
             notes = _rule_notes(exp) + [
                 STD_NOTE, "* best configuration: highest mean validation accuracy where runs have a validation "
                 "split, else the selected accuracy, on the seeds every cell of this grid ran (a cell's further "
                 "seeds do not enter the choice).", selection_seeds_note({kd: exp.selection_seeds(cells, kd)})]
-            tables.append(Table(slug(f"grid__{label}__{kd}"), title,
-                                ["alpha"] + [f"{col_field}={num(v)}" for v in cols], rows, notes))
+            tables.append(Table(slug(f"grid__{label}__{kd}"), title, [row_key] + headers, rows, notes))
     return tables
+
+
+def _axis(cells: list[Cell], keys: list[str]) -> list[tuple]:
+    """The distinct values of `keys` among the cells, in numeric order: one row or column each."""
+    values = {tuple(c.hparams.get(k) for k in keys) for c in cells}
+    return sorted(values, key=lambda v: tuple(sortable(x) for x in v))
+
+
+def _at(cell: Cell, keys: list[str], values: tuple) -> bool:
+    return tuple(cell.hparams.get(k) for k in keys) == values
 
 
 # ---------------------------------------------------------------- 4. significance of every Δ
@@ -331,8 +351,9 @@ def significance(exp: Experiment) -> Table | None:
     if not cells:
         return None
     fields, headers = _optional(cells, exp)
-    columns = IDENTITY_HEADERS + headers + comparison_headers("Δ")
-    rows = [_identity(c) + _values(c, fields) + comparison_values(exp.versus_baseline(c), ("KD", "baseline"))
+    keys = grid_keys(cells)
+    columns = identity_headers(keys) + headers + comparison_headers("Δ")
+    rows = [_identity(c, keys) + _values(c, fields) + comparison_values(exp.versus_baseline(c), ("KD", "baseline"))
             for c in cells]
     notes = _rule_notes(exp) + [
         f"Δ = KD − baseline ({exp.rule.label}), percentage points. " + COMPARISON_NOTE,
@@ -342,21 +363,27 @@ def significance(exp: Experiment) -> Table | None:
 
 
 # ---------------------------------------------------------------- 3. ablations
-def temperature_sweep(exp: Experiment) -> Table | None:
-    """Logit-KD at one α over several T (kd_grid=tsweep); full α×T grids are in the grid tables."""
+def sweeps(exp: Experiment) -> Table | None:
+    """A method run over one hyperparameter of its grid with the others fixed (kd_grid=tsweep: logit's
+    T at α=0.5), each value against the baseline; full grids are in the grid tables."""
     rows = []
     for cells in exp.pairs().values():
-        logit = sorted((c for c in cells if c["kd"] == "logit"), key=lambda c: c["T"] or 0)
-        if len({c["alpha"] for c in logit}) != 1 or len({c["T"] for c in logit}) < 2:
-            continue
-        for c in logit:
-            rows.append([c.pair_name, str(c["stem"]), num(c["alpha"]), num(c["T"]), seeds_text(c.seeds),
-                         stat_text(c, exp.rule.column)]
-                        + comparison_values(exp.versus_baseline(c), ("KD", "baseline")))
+        for kd in kd_labels(cells):
+            method_cells = [c for c in cells if c["kd"] == kd]
+            grid = method_cells[0].grid
+            varying = [k for k in grid if len({repr(c.hparams.get(k)) for c in method_cells}) > 1]
+            if len(grid) < 2 or len(varying) != 1:  # a one-key grid is its own sweep: see its grid table
+                continue
+            (swept,) = varying
+            fixed = ", ".join(f"{grid[k]}={num(method_cells[0].hparams.get(k))}" for k in grid if k != swept)
+            for c in sorted(method_cells, key=lambda c: sortable(c.hparams.get(swept))):
+                rows.append([c.pair_name, str(c["stem"]), kd, fixed, f"{grid[swept]}={num(c.hparams.get(swept))}",
+                             seeds_text(c.seeds), stat_text(c, exp.rule.column)]
+                            + comparison_values(exp.versus_baseline(c), ("KD", "baseline")))
     if not rows:
         return None
-    return Table("ablation_temperature", f"Temperature sweep: {exp.name}",
-                 ["Pair", "Stem", "alpha", "T", "Seeds", f"{exp.rule.label} (%)"]
+    return Table("ablation_sweep", f"One hyperparameter swept, the others fixed: {exp.name}",
+                 ["Pair", "Stem", "KD", "Fixed", "Swept", "Seeds", f"{exp.rule.label} (%)"]
                  + comparison_headers("Δ vs baseline"), rows, _rule_notes(exp) + [STD_NOTE, COMPARISON_NOTE])
 
 
@@ -370,63 +397,74 @@ def _ablation_groups(exp: Experiment, ignore: tuple[str, ...]) -> list[list[Cell
 def stem_ablation(exp: Experiment) -> Table | None:
     """Same configuration with the CIFAR and the ImageNet stem; Δ against the CIFAR-stem cell."""
     rows = []
-    for group in _ablation_groups(exp, ("stem", "teacher_stem")):
-        if len({c["stem"] for c in group}) < 2:
-            continue
+    groups = [g for g in _ablation_groups(exp, ("stem", "teacher_stem")) if len({c["stem"] for c in g}) > 1]
+    keys = grid_keys(c for g in groups for c in g)
+    for group in groups:
         ref = next((c for c in group if c["stem"] == "cifar" and c["teacher_stem"] in (None, "cifar")), None)
         for c in sorted(group, key=lambda c: (c["stem"] != "cifar", c["stem"], c["teacher_stem"] or "")):
             comp = None
             if ref is not None and c is not ref:
                 (a, sa), (b, sb) = exp.acc(c), exp.acc(ref)
                 comp = compare(a, sa, b, sb) if a and b else None
-            rows.append([str(c["kind"]), c.pair_name, str(c["kd"]), num(c["alpha"]), num(c["T"]),
+            rows.append([str(c["kind"]), c.pair_name, str(c["kd"]), *(num(c.hparams.get(k)) for k in keys),
                          str(c["stem"]), str(c["teacher_stem"] or DASH), seeds_text(c.seeds),
                          stat_text(c, exp.rule.column)] + comparison_values(comp, (str(c["stem"]), "cifar")))
     if not rows:
         return None
     return Table("ablation_stem", f"CIFAR vs ImageNet stem: {exp.name}",
-                 ["Kind", "Pair / model", "KD", "alpha", "T", "Stem", "Teacher stem", "Seeds",
+                 ["Kind", "Pair / model", "KD", *keys, "Stem", "Teacher stem", "Seeds",
                   f"{exp.rule.label} (%)"] + comparison_headers("Δ vs CIFAR stem"), rows,
                  _rule_notes(exp) + [STD_NOTE, COMPARISON_NOTE])
 
 
-def clip_ablation(exp: Experiment) -> Table | None:
-    """Feature-KD with projections inside (fixed) vs outside (v1's bug) the gradient clipping."""
-    rows = []
+def variant_ablation(exp: Experiment) -> Table | None:
+    """A method's variant against the plain method in the same cell (`feature(bugged)`, v1's
+    projections outside the gradient clip, vs `feature`; `logit(std)` vs `logit`), on shared seeds."""
+    found = []
     for group in _ablation_groups(exp, ("kd",)):
-        fixed = next((c for c in group if c["kd"] == "feature"), None)
-        bugged = next((c for c in group if c["kd"] == "feature(bugged)"), None)
-        if fixed is None or bugged is None:
-            continue
-        (a, sa), (b, sb) = exp.acc(bugged), exp.acc(fixed)
-        comp = compare(a, sa, b, sb) if a and b else None
-        for c, label in ((fixed, "true (fixed)"), (bugged, "false (bugged, v1)")):
-            rows.append([c.pair_name, num(c["alpha"]), num(c["beta"]), label, seeds_text(c.seeds),
+        for plain in (c for c in group if c["kind"] == "student" and c["kd"] == c.method):
+            variants = [c for c in group if c["kind"] == "student" and c.method == plain.method and c is not plain]
+            if variants:
+                found.append((plain, variants))
+    if not found:
+        return None
+    keys = grid_keys(plain for plain, _ in found)
+    rows = []
+    for plain, variants in found:
+        for c in [plain, *variants]:
+            comp = None
+            if c is not plain:
+                (a, sa), (b, sb) = exp.acc(c), exp.acc(plain)
+                comp = compare(a, sa, b, sb) if a and b else None
+            rows.append([c.pair_name, str(c["kd"]), *(num(c.hparams.get(k)) for k in keys), seeds_text(c.seeds),
                          stat_text(c, exp.rule.column), _max_text(c, "grad_norm_max"),
                          _max_text(c, "proj_grad_norm_max"), _mean_pct(c, "clip_fraction"),
                          _mean_pct(c, "clipped_epoch_fraction")]
-                        + comparison_values(comp if c is bugged else None, ("bugged", "fixed")))
-    if not rows:
-        return None
-    return Table("ablation_clip", f"clip_projection true vs false: {exp.name}",
-                 ["Pair", "alpha", "beta", "clip_projection", "Seeds", f"{exp.rule.label} (%)",
+                        + comparison_values(comp, ("variant", "plain")))
+    return Table("ablation_variants", f"Method variants vs the plain method: {exp.name}",
+                 ["Pair", "KD", *keys, "Seeds", f"{exp.rule.label} (%)",
                   "Max pre-clip grad norm", "Max projection grad norm", "Clipped steps (%)",
-                  "Epochs clipped (%)"] + comparison_headers("Δ bugged − fixed"), rows,
+                  "Epochs clipped (%)"] + comparison_headers("Δ variant − plain"), rows,
                  _rule_notes(exp) + [
-                     STD_NOTE, COMPARISON_NOTE, "Gradient norms: the largest over all steps and seeds (pre-clip norm of "
-                     "the clipped parameter set; projections alone). Clipped steps: mean over seeds of the "
-                     "fraction of steps whose pre-clip norm exceeded the clip threshold (not logged by the "
-                     "study: '-'); epochs clipped: fraction of epochs whose largest norm exceeded it."])
+                     STD_NOTE, "Each variant (`method(variant)`: a switch of the method, e.g. `feature(bugged)`: "
+                     "clip_projection=false, the study's v1 bug) against the plain method with the same "
+                     "hyperparameters, on the row above it. " + COMPARISON_NOTE,
+                     "Gradient norms: the largest over all steps and seeds (pre-clip norm of "
+                     "the clipped parameter set; a method's own parameters, e.g. projections, alone). Clipped "
+                     "steps: mean over seeds of the fraction of steps whose pre-clip norm exceeded the clip "
+                     "threshold (not logged by the study: '-'); epochs clipped: fraction of epochs whose largest "
+                     "norm exceeded it."])
 
 
 def fidelity(exp: Experiment) -> Table | None:
     cells = [c for c in exp.of_kind("student") if c.values("agreement")[0]]
     if not cells:
         return None
-    rows = [_identity(c) + [seeds_text(c.seeds), stat_text(c, "agreement"), _mean_std_plain(c, "kl_t1"),
-                            _mean_std_plain(c, "kl_t4"), stat_text(c, "teacher_test_acc")] for c in cells]
+    keys = grid_keys(cells)
+    rows = [_identity(c, keys) + [seeds_text(c.seeds), stat_text(c, "agreement"), _mean_std_plain(c, "kl_t1"),
+                                  _mean_std_plain(c, "kl_t4"), stat_text(c, "teacher_test_acc")] for c in cells]
     return Table("fidelity", f"Teacher fidelity: {exp.name}",
-                 IDENTITY_HEADERS + ["Seeds", "Agreement (%)", "KL T=1", "KL T=4", "Teacher test (%)"], rows,
+                 identity_headers(keys) + ["Seeds", "Agreement (%)", "KL T=1", "KL T=4", "Teacher test (%)"], rows,
                  _rule_notes(exp) + [STD_NOTE, "Agreement: teacher–student top-1 agreement on the test split; "
                                      "KL(teacher ‖ student) at T=1 and T=4 (nats, not %)."])
 
@@ -436,18 +474,112 @@ def compute(exp: Experiment) -> Table | None:
     cells = [c for c in exp.cells if c.values("train_seconds")[0]]
     if not cells:
         return None
-    rows = [[str(c["kind"])] + _identity(c) + [str(len(c.runs)), _distinct(c, "device"), _distinct(c, "precision"),
-                                               _per_epoch_text(c), _mean_text(c, "images_per_s"),
-                                               _hours(c.runs)] for c in cells]
+    keys = grid_keys(cells)
+    rows = [[str(c["kind"])] + _identity(c, keys) + [str(len(c.runs)), _distinct(c, "device"),
+                                                     _distinct(c, "precision"), _per_epoch_text(c), _hours(c.runs)]
+            for c in cells]
     every_run = [r for c in cells for r in c.runs]
-    rows.append(["Total", *[""] * len(IDENTITY_HEADERS), str(len(every_run)), "", "", "", "", _hours(every_run)])
+    rows.append(["Total", *[""] * len(identity_headers(keys)), str(len(every_run)), "", "", "", _hours(every_run)])
     return Table("compute", f"Compute: {exp.name}",
-                 ["Kind"] + IDENTITY_HEADERS + ["Runs", "Device", "Precision", "Train s/epoch", "Images/s",
-                                                "Train hours"], rows,
+                 ["Kind"] + identity_headers(keys) + ["Runs", "Device", "Precision", "Train s/epoch", "Train hours"],
+                 rows,
                  _rule_notes(exp) + ["Train s/epoch: each run's training time (result.json train_seconds: the training steps of "
                   "every epoch, across resumes; evaluation excluded) over its epochs, mean ± sample std over "
-                  "runs. Images/s: mean over runs. Train hours: the sum over runs. Device and precision: as "
-                  "each run's result.json records them."])
+                  "runs. Train hours: the sum over runs. Device and precision: as each run's result.json records "
+                  "them. Training throughput (images/s) is in the cost table, beside accuracy."])
+
+
+# ---------------------------------------------------------------- cost: parameters, GFLOPs, throughput
+COST_NOTE = ("Params: trainable parameters of the network (result.json params; a method's own, e.g. projections, "
+             "not included); GFLOPs/image: forward pass at the run's input size (result.json gflops); images/s: "
+             "measured training throughput, mean over runs. S/T: student ÷ teacher (the teacher the student "
+             "distilled from, as the student's run recorded it).")
+
+
+def cost(exp: Experiment) -> Table | None:
+    """Accuracy beside what each configuration costs: parameters, GFLOPs per image, training
+    images/s, and for students the teacher's cost and the student/teacher ratios."""
+    cells = [c for c in exp.cells if any(c.values(col)[0] for col in ("params_student", "gflops_student",
+                                                                       "images_per_s"))]
+    if not cells:
+        return None
+    keys = grid_keys(cells)
+    rows = [[str(c["kind"])] + _identity(c, keys)
+            + [seeds_text(c.seeds), stat_text(c, exp.rule.column), _millions(_mean(c, "params_student")),
+               _gflops(_mean(c, "gflops_student")), _mean_text(c, "images_per_s"),
+               _millions(_mean(c, "params_teacher")), _gflops(_mean(c, "gflops_teacher")),
+               _ratio(_mean(c, "params_student"), _mean(c, "params_teacher")),
+               _ratio(_mean(c, "gflops_student"), _mean(c, "gflops_teacher"))] for c in cells]
+    return Table("cost", f"Accuracy and cost: {exp.name}",
+                 ["Kind"] + identity_headers(keys)
+                 + ["Seeds", f"{exp.rule.label} (%)", "Params (M)", "GFLOPs/image", "Train images/s",
+                    "Teacher params (M)", "Teacher GFLOPs/image", "Params S/T", "GFLOPs S/T"],
+                 rows, _rule_notes(exp) + [STD_NOTE, COST_NOTE])
+
+
+def teacher_vs_student(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | None:
+    """The report's comparison, per pair: teacher and student accuracy, the fraction of the
+    teacher's accuracy the student keeps, and what each costs (the baseline and each method's best
+    configuration)."""
+    rows, chosen_on = [], {}
+    for cells in sorted(exp.pairs().values(), key=lambda cs: cs[0].sort_key):
+        ref = cells[0]
+        teacher_mean, teacher_text, _ = _teacher_acc(exp, ref, cells, all_runs)
+        if math.isnan(teacher_mean):
+            continue
+        teacher_params = _mean_over(cells, "params_teacher")
+        teacher_gflops = _mean_over(cells, "gflops_teacher")
+        shown = [("baseline", exp.baseline_for(ref))]
+        for kd in kd_labels(cells):
+            if (best := exp.best_config(cells, kd)) is not None:
+                shown.append((f"{kd} (best: {best.cell_label})" if best.cell_label else kd, best))
+                chosen_on[f"{exp.pair_label(ref)} {kd}"] = exp.selection_seeds(cells, kd)
+        for what, c in shown:
+            if c is None:
+                continue
+            mean, std = mean_std(exp.acc(c)[0])
+            rows.append([exp.pair_label(ref), str(ref["stem"]), what, seeds_text(c.seeds), teacher_text,
+                         pct(mean, std), _retained(mean, teacher_mean), _millions(teacher_params),
+                         _millions(_mean(c, "params_student")),
+                         _ratio(_mean(c, "params_student"), teacher_params), _gflops(teacher_gflops),
+                         _gflops(_mean(c, "gflops_student")), _ratio(_mean(c, "gflops_student"), teacher_gflops)])
+    if not rows:
+        return None
+    return Table("teacher_vs_student", f"Teacher vs student: {exp.name}",
+                 ["Pair", "Stem", "Student", "Seeds", "Teacher (%)", "Student (%)", "Retained (%)",
+                  "Teacher params (M)", "Student params (M)", "Params S/T", "Teacher GFLOPs/image",
+                  "Student GFLOPs/image", "GFLOPs S/T"], rows,
+                 _rule_notes(exp) + [
+                     STD_NOTE, "Retained: the student's mean accuracy ÷ the teacher's (the teacher run the students "
+                     "distilled from; † as in the per-pair table), in %.", COST_NOTE,
+                     "Each method's best configuration as in the per-pair table. " + selection_seeds_note(chosen_on)
+                     if chosen_on else "Only baselines: no method's best configuration to show."])
+
+
+def _mean(cell: Cell, column: str) -> float | None:
+    values = cell.values(column)[0]
+    return mean_std(values)[0] if values else None
+
+
+def _mean_over(cells: list[Cell], column: str) -> float | None:
+    values = [v for c in cells for v in c.values(column)[0]]
+    return mean_std(values)[0] if values else None
+
+
+def _millions(value: float | None) -> str:
+    return DASH if value is None else f"{value / 1e6:.3g}"
+
+
+def _gflops(value: float | None) -> str:
+    return DASH if value is None else f"{value:.3g}"
+
+
+def _ratio(student: float | None, teacher: float | None) -> str:
+    return DASH if student is None or not teacher else f"{student / teacher:.3g}"
+
+
+def _retained(student: float, teacher: float) -> str:
+    return DASH if math.isnan(student) or not teacher else f"{100 * student / teacher:.2f}"
 
 
 def _distinct(cell: Cell, column: str) -> str:
@@ -501,16 +633,17 @@ def comparison(experiments: list[Experiment]) -> Table | None:
     shared = [cells for cells in found.values() if len(cells) > 1]
     if not shared:
         return None
-    rows = []
-    for cells in sorted(shared, key=lambda cs: next(iter(cs.values())).sort_key):
+    shared.sort(key=lambda cs: next(iter(cs.values())).sort_key)
+    rows, keys = [], grid_keys(c for cells in shared for c in cells.values())
+    for cells in shared:
         ref = next(iter(cells.values()))
-        row = [str(ref["kind"])] + _identity(ref)
+        row = [str(ref["kind"])] + _identity(ref, keys)
         for exp in experiments:
             c = cells.get(exp.name)
             row.append(f"{stat_text(c, exp.rule.column)} (n={len(exp.acc(c)[0])})" if c else DASH)
         rows.append(row)
     return Table("comparison", "The same configurations across experiments",
-                 ["Kind"] + IDENTITY_HEADERS + [f"{e.name}: {e.rule.label} (%)" for e in experiments], rows,
+                 ["Kind"] + identity_headers(keys) + [f"{e.name}: {e.rule.label} (%)" for e in experiments], rows,
                  [f"{e.name}: {e.rule_note}" for e in experiments]
                  + [STD_NOTE, "Each experiment under its own selection rule (in the header)."])
 
@@ -518,9 +651,9 @@ def comparison(experiments: list[Experiment]) -> Table | None:
 def experiment_tables(exp: Experiment, all_runs: list[dict[str, Any]]) -> list[Table]:
     """Every table of one experiment, in reading order; ablations only where their runs exist."""
     tables = key_results(exp)
-    optional = [pair_summary(exp, all_runs), significance(exp)]
+    optional = [pair_summary(exp, all_runs), teacher_vs_student(exp, all_runs), significance(exp)]
     tables += [t for t in optional if t is not None]
     tables += grids(exp)
-    ablations = [temperature_sweep(exp), stem_ablation(exp),
-                 clip_ablation(exp), fidelity(exp), compute(exp)]
+    ablations = [sweeps(exp), stem_ablation(exp),
+                 variant_ablation(exp), fidelity(exp), cost(exp), compute(exp)]
     return tables + [t for t in ablations if t is not None]

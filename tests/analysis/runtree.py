@@ -49,17 +49,20 @@ class RunTree:
               overrides: list[str] | None = None, extra_config: dict | None = None,
               fidelity: dict | None = None, grad_norm_max: float = 3.0, proj_grad_norm_max: float | None = None,
               clip_fraction: float = 0.5, history: list[dict] | None = None,
-              train_seconds: float | None = None) -> Path:
-        """A kdexp run dir: `acc` is test@best-val (or the final test acc without a val split)."""
+              train_seconds: float | None = None, method_config: dict | None = None,
+              params: dict | None = None, gflops: dict | None = None, images_per_s: float = 1000.0) -> Path:
+        """A kdexp run dir: `acc` is test@best-val (or the final test acc without a val split).
+        `method_config` replaces the `method` node (a method outside kdexp: its own `_target_`)."""
         kind = kind or ("student" if teacher else "baseline")
         final = acc if final is None else final
         has_val = val_size > 0
         run_dir = self._dir(path, [experiment, f"{teacher}-to-{student}" if teacher else student, method])
-        method_cfg: dict[str, Any] = {"_target_": TARGETS[method]}
+        method_cfg: dict[str, Any] = {"_target_": TARGETS.get(method)}
         if method == "logit":
             method_cfg.update(alpha=alpha, T=T)
         elif method == "feature":
             method_cfg.update(alpha=alpha, beta=beta, clip_projection=clip, normalize_by_teacher_std=False)
+        method_cfg = method_config if method_config is not None else method_cfg
         # As Hydra saves it: unresolved, with the interpolations kdexp's configs use.
         cfg = {
             "seed": seed, "recipe_epochs": {"student": epochs, "teacher": epochs},
@@ -113,9 +116,10 @@ class RunTree:
             "per_class_test_acc": {"airplane": acc}, "fidelity": fidelity,
             "grad_norm_max": grad_norm_max, "proj_grad_norm_max": proj_grad_norm_max,
             "clip_fraction": clip_fraction,
-            "params": {"student": 11_173_962, "method": 0, "teacher": 21_282_122 if teacher else None},
+            "params": params or {"student": 11_173_962, "method": 0, "teacher": 21_282_122 if teacher else None},
+            "gflops": gflops or {"student": 0.557, "teacher": 1.16 if teacher else None},
             "wall_seconds": 12.5, "train_seconds": train_seconds if train_seconds is not None else float(epochs),
-            "images_per_s": 1000.0, "device": "cpu",
+            "images_per_s": images_per_s, "device": "cpu",
             "execution": {"precision": "fp32", "channels_last": False, "fused": False, "compile": False,
                           "teacher_cache": False}, "torch": "2.14.1", "cuda": None,
             "python": "3.11", "kdexp_version": "0.1.0", "git_commit": "abc123", "hostname": "node1",

@@ -35,14 +35,14 @@ def test_columns_come_from_the_files_not_the_path(tree):
         ("kdexp", "completed", "paper_v2", "paper_v2", "student")
     assert (row.teacher, row.student, row.pair, row.method, row.kd) == \
         ("resnet50", "resnet18", "resnet50→resnet18", "logit", "logit")
-    assert (row.alpha, row["T"], row.seed, row.epochs, row.val_size, row.width, row.stem) == \
-        (0.3, 2.0, 3, 100, 5000, 64, "cifar")
+    assert (row.hparams, row.cell, row.seed, row.epochs, row.val_size, row.width, row.stem) == \
+        ({"alpha": 0.3, "T": 2.0}, "α=0.3, T=2", 3, 100, 5000, 64, "cifar")
     assert (row.teacher_stem, row.teacher_width, row.teacher_seed, row.data) == ("cifar", 64, 0, "cifar10")
-    assert math.isnan(row.beta) and row.clip_projection is pd.NA
     assert (row.best_val_acc, row.test_at_best_val, row.test_final, row.best_test) == (0.9601, 0.9512, 0.9490, 0.9530)
     assert (row.agreement, row.kl_t1, row.kl_t4, row.teacher_test_acc) == (0.953, 0.24, 0.03, 0.9536)
     assert (row.grad_norm_max, row.clip_fraction, row.wall_seconds, row.images_per_s) == (7.5, 0.97, 12.5, 1000.0)
     assert (row.params_student, row.params_teacher, row.kdexp_version) == (11_173_962, 21_282_122, "0.1.0")
+    assert (row.gflops_student, row.gflops_teacher) == (0.557, 1.16)
     # grad_norm_max per epoch is 7.5 / epoch: above the 1.0 threshold in epochs 1..7 of 100.
     assert row.clipped_epoch_fraction == pytest.approx(0.07)
 
@@ -52,10 +52,11 @@ def test_hyperparameters_only_where_they_mean_something(tree):
     baseline = tree.kdexp(acc=0.94, method="ce")
     frame = collect(tree.root)
     f, b = one(frame, feature), one(frame, baseline)
-    assert (f.kd, f.alpha, f.beta, bool(f.clip_projection)) == ("feature(bugged)", 0.7, 0.5, False)
-    assert math.isnan(f["T"])  # T means nothing for Feature-KD
-    assert (b.kd, b.kind) == ("none", "baseline")
-    assert math.isnan(b.alpha) and math.isnan(b["T"]) and math.isnan(b.beta) and pd.isna(b.pair)
+    # The method's class says which keys make its grid cell and which switch makes a variant.
+    assert (f.method, f.kd, f.hparams, f.cell) == ("feature", "feature(bugged)", {"alpha": 0.7, "beta": 0.5},
+                                                   "α=0.7, β=0.5")
+    assert (b.method, b.kd, b.kind, b.hparams, b.cell) == ("ce", "none", "baseline", {}, "")
+    assert pd.isna(b.pair)
 
 
 def test_unfinished_failed_and_corrupt_runs_are_kept_with_a_reason(tree):
@@ -141,8 +142,8 @@ def test_the_studys_real_sample():
     row = collect(SAMPLE).iloc[0]
     assert (row.source, row.status, row.experiment, row.protocol, row.kind) == \
         ("study", "completed", "study", "v2", "student")
-    assert (row.teacher, row.student, row.kd, row.alpha, row["T"], row.stem, row.seed, row.epochs) == \
-        ("resnet50", "resnet18", "logit", 0.5, 4.0, "cifar", 0, 100)
+    assert (row.teacher, row.student, row.kd, row.hparams, row.stem, row.seed, row.epochs) == \
+        ("resnet50", "resnet18", "logit", {"alpha": 0.5, "T": 4.0}, "cifar", 0, 100)
     assert (row.best_val_acc, row.best_val_epoch, row.test_at_best_val, row.test_final) == (0.955, 99, 0.9486, 0.9489)
     assert math.isnan(row.best_test)  # the study's history has no test accuracy
     assert (row.agreement, row.teacher_test_acc) == (0.9524, 0.9536)
@@ -165,8 +166,7 @@ def test_study_files_defaults_and_corruption(tree):
     (lacking / "results.json").write_text(json.dumps(data))
     frame = collect(tree.root)
     row = one(frame, legacy)
-    assert (row.stem, row.kd, bool(row.clip_projection), row.beta) == ("cifar", "feature", True, 0.5)
-    assert math.isnan(row["T"])  # present in the file, meaningless for feature runs
+    assert (row.stem, row.kd, row.hparams) == ("cifar", "feature", {"alpha": 0.5, "beta": 0.5})  # no T: meaningless here
     row = one(frame, bugged)
     assert (row.kd, row.proj_grad_norm_max) == ("feature(bugged)", 0.21)
     assert one(frame, broken).status == "corrupt" and "is not valid JSON" in one(frame, broken).reason

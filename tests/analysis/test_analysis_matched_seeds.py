@@ -37,10 +37,10 @@ def test_grid_best_is_chosen_on_the_seeds_every_cell_ran(tree):
     analysis = analyse(collect(tree.root))
     pairs = table(analysis, "study", "pairs")
     row = row_of(pairs, "resnet34", "resnet18")
-    assert row["Logit-KD best"] == "α=0.5, T=4 (n=5)"  # the cell the protocol selected
+    assert row["logit best"] == "α=0.5, T=4 (n=5)"  # the cell the protocol selected
     # Δ on all five seeds of the chosen cell and of the baseline, paired by seed.
     delta, _, _ = paired_by_hand(FINAL_TEST, BASELINE)
-    assert row["Logit-KD Δ (pp)"].startswith(f"{100 * delta:+.2f}") and f"{100 * delta:+.2f}" == "+0.16"
+    assert row["logit Δ (pp)"].startswith(f"{100 * delta:+.2f}") and f"{100 * delta:+.2f}" == "+0.16"
     assert "Best configurations chosen on seed 0." in pairs.notes
     grid = table(analysis, "study", "grid__resnet34_to_resnet18__logit")
     assert grid.rows == [["0.3", "94.80 (n=1)", "-"], ["0.5", "-", "94.96 ± 0.07 (n=5) *"], ["0.7", "-", "94.80 (n=1)"]]
@@ -65,7 +65,7 @@ def test_delta_is_on_the_shared_seeds_and_the_others_are_listed(tree):
     assert (sig["Test, seeds compared"], sig["p"]) == ("paired t, seeds 0, 1, 2", f"{p:.3f}")
     assert sig["Seeds not compared"] == "KD: 3, 4"
     pairs = table(analysis, "exp", "pairs")
-    assert row_of(pairs, "resnet34")["Logit-KD Δ (pp)"] == "+0.05 (within noise)"
+    assert row_of(pairs, "resnet34")["logit Δ (pp)"] == "+0.05 (within noise)"
     assert "Seeds not in Δ (run by one side only): resnet34→resnet18 logit: KD: 3, 4." in pairs.notes
 
 
@@ -110,7 +110,7 @@ def test_best_method_is_the_largest_gain_on_shared_seeds(tree):
         for seed, acc in accs.items():
             tree.kdexp(acc=acc, seed=seed, teacher="resnet34", method=method)
     row = row_of(table(analyse(collect(tree.root)), "exp", "pairs"), "resnet34")
-    assert (row["Logit-KD Δ (pp)"], row["Feature-KD Δ (pp)"]) == ("+0.05 (within noise)", "+0.30")
+    assert (row["logit Δ (pp)"], row["feature Δ (pp)"]) == ("+0.05 (within noise)", "+0.30")
     assert row["Best method"] == "feature"
 
 

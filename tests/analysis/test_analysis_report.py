@@ -61,7 +61,7 @@ def test_terminal_output(report):
 def test_every_table_in_every_format(report):
     out, _ = report
     for name in ("key_results", "teachers", "pairs", "significance", "grid__resnet34_to_resnet18__logit",
-                 "ablation_clip", "fidelity", "problems", "missing_cells"):
+                 "ablation_variants", "fidelity", "teacher_vs_student", "cost", "problems", "missing_cells"):
         for ext in (".md", ".tex", ".csv"):
             assert (out / f"{name}{ext}").is_file(), f"{name}{ext}"
     tex = (out / "key_results.tex").read_text()
@@ -133,4 +133,5 @@ def test_pairs_differing_only_in_teacher_seed_get_their_own_grid_and_figures(tre
     grids = sorted(p.name for p in out.glob("grid__*.csv"))
     assert grids == ["grid__resnet34_to_resnet18_2__logit.csv", "grid__resnet34_to_resnet18__logit.csv"]
     heatmaps = sorted(p.name for p in (out / "figures").glob("*__heatmap.png"))
-    assert heatmaps == ["exp__resnet34_to_resnet18_2__heatmap.png", "exp__resnet34_to_resnet18__heatmap.png"]
+    assert heatmaps == ["exp__resnet34_to_resnet18_2__logit__heatmap.png",
+                        "exp__resnet34_to_resnet18__logit__heatmap.png"]

@@ -68,20 +68,23 @@ def test_key_results_table_exact(tree):
     exp = build(tree)
     analysis = analyse(collect(tree.root))
     tab = table(analysis, exp, "key_results")
-    assert tab.columns == ["Teacher", "Student", "KD", "alpha", "T", "Stem", "Seeds", "Val acc (%)",
+    # One column per grid key of the methods found, in order of first appearance (the methods' classes
+    # say which: feature's α, β and logit's α, T); '-' where a method has no such key.
+    assert tab.columns == ["Teacher", "Student", "KD", "alpha", "beta", "T", "Stem", "Seeds", "Val acc (%)",
                            "Test@best (%)", "Test@final (%)"]
     assert tab.rows == [
-        ["-", "resnet18", "none", "-", "-", "cifar", "3 [0, 1, 2]", "95.50 ± 0.00", "94.80 ± 0.10", "94.70 ± 0.10"],
-        ["resnet34", "resnet18", "feature", "0.5", "-", "cifar", "3 [0, 1, 2]", "95.55 ± 0.00", "94.85 ± 0.09",
-         "94.85 ± 0.09"],
-        ["resnet34", "resnet18", "logit", "0.5", "4", "cifar", "3 [0, 1, 2]", "95.60 ± 0.00", "95.00 ± 0.08",
+        ["-", "resnet18", "none", "-", "-", "-", "cifar", "3 [0, 1, 2]", "95.50 ± 0.00", "94.80 ± 0.10",
+         "94.70 ± 0.10"],
+        ["resnet34", "resnet18", "feature", "0.5", "0.5", "-", "cifar", "3 [0, 1, 2]", "95.55 ± 0.00",
+         "94.85 ± 0.09", "94.85 ± 0.09"],
+        ["resnet34", "resnet18", "logit", "0.5", "-", "4", "cifar", "3 [0, 1, 2]", "95.60 ± 0.00", "95.00 ± 0.08",
          "95.00 ± 0.10"],
-        ["resnet34", "resnet18", "logit", "0.9", "2", "cifar", "3 [0, 1, 2]", "95.40 ± 0.00", "95.30 ± 0.10",
+        ["resnet34", "resnet18", "logit", "0.9", "-", "2", "cifar", "3 [0, 1, 2]", "95.40 ± 0.00", "95.30 ± 0.10",
          "94.10 ± 0.10"],
     ]
     assert "Selection rule `val` (default for these runs)" in tab.notes[0]
     teachers = table(analysis, "teachers", "teachers")
-    assert teachers.rows == [["-", "resnet34", "none", "-", "-", "cifar", "2 [0, 1]", "95.85 ± 0.07",
+    assert teachers.rows == [["-", "resnet34", "none", "cifar", "2 [0, 1]", "95.85 ± 0.07",
                               "95.35 ± 0.07", "95.35 ± 0.07"]]
 
 
@@ -91,10 +94,10 @@ def test_pair_summary_gap_deltas_and_best_configuration(tree):
     assert row["Teacher (%)"] == "95.30"         # the seed-0 teacher, the one distilled from
     assert row["Baseline (%)"] == "94.80 ± 0.10"
     assert row["Gap (pp)"] == "+0.50"
-    assert row["Logit-KD best"] == "α=0.5, T=4 (n=3)"  # best on val, though α=0.9 has higher test acc
-    assert row["Logit-KD Δ (pp)"] == "+0.20"
-    assert row["Feature-KD best"] == "α=0.5 (n=3)"
-    assert row["Feature-KD Δ (pp)"] == "+0.05 (within noise)"
+    assert row["logit best"] == "α=0.5, T=4 (n=3)"  # best on val, though α=0.9 has higher test acc
+    assert row["logit Δ (pp)"] == "+0.20"
+    assert row["feature best"] == "α=0.5, β=0.5 (n=3)"
+    assert row["feature Δ (pp)"] == "+0.05 (within noise)"
     assert row["Best method"] == "logit"
 
 
@@ -135,7 +138,7 @@ def test_selection_rules(tree):
     frame = collect(tree.root)
     final = analyse(frame, select="final")
     row = row_of(table(final, exp, "pairs"), "resnet34", "resnet18")
-    assert (row["Baseline (%)"], row["Logit-KD Δ (pp)"]) == ("94.70 ± 0.10", "+0.30")
+    assert (row["Baseline (%)"], row["logit Δ (pp)"]) == ("94.70 ± 0.10", "+0.30")
     assert "Selection rule `final` (chosen with --select)" in table(final, exp, "pairs").notes[0]
     optimistic = analyse(frame, select="test")
     key = table(optimistic, exp, "key_results")
@@ -154,7 +157,7 @@ def test_default_rule_without_a_val_split_is_final_and_val_is_refused(tree):
     assert analysis.experiments[0].rule.name == "final"
     assert row_of(table(analysis, exp, "pairs"), "resnet34", "resnet18")["Baseline (%)"] == "94.70 ± 0.10"
     key = table(analysis, exp, "key_results")
-    assert key.rows[0][7:] == ["-", "-", "94.70 ± 0.10"]
+    assert key.rows[0][8:] == ["-", "-", "94.70 ± 0.10"]
     forced = analyse(frame, select="val")
     skipped = [r for r in forced.problems.rows if r[0] == "skipped"]
     assert len(skipped) == 14  # 12 students + 2 teachers: none has test@best-val
@@ -185,8 +188,8 @@ def test_a_config_key_without_a_column_splits_cells(tree):
         for seed, acc in enumerate(accs):
             tree.kdexp(acc=acc, seed=seed, extra_config={"trainer.lr": lr})
     tab = table(analyse(collect(tree.root)), "exp", "key_results")
-    assert tab.columns[6] == "trainer.lr"
-    assert [(r[6], r[9]) for r in tab.rows] == [("0.05", "93.05 ± 0.07"), ("0.1", "95.05 ± 0.07")]
+    assert tab.columns[4] == "trainer.lr"
+    assert [(r[4], r[7]) for r in tab.rows] == [("0.05", "93.05 ± 0.07"), ("0.1", "95.05 ± 0.07")]
 
 
 def test_experiments_get_their_own_tables_and_a_comparison(tree):
@@ -197,7 +200,7 @@ def test_experiments_get_their_own_tables_and_a_comparison(tree):
     assert [e.name for e in analysis.experiments] == ["mine", "theirs"]
     (comp,) = analysis.shared
     assert comp.columns[-2:] == ["mine: test@best-val (%)", "theirs: test@best-val (%)"]
-    assert comp.rows == [["baseline", "-", "resnet18", "none", "-", "-", "cifar", "95.10 ± 0.14 (n=2)",
+    assert comp.rows == [["baseline", "-", "resnet18", "none", "cifar", "95.10 ± 0.14 (n=2)",
                           "94.10 ± 0.14 (n=2)"]]
     only = analyse(collect(tree.root), only=["mine"])
     assert [e.name for e in only.experiments] == ["mine"]
@@ -210,11 +213,11 @@ def test_temperature_sweep_ablation(tree):
         for T, gain in ((1.0, -0.001), (4.0, 0.002), (16.0, 0.0)):
             tree.kdexp(acc=0.948 + seed * 0.001 + gain + seed * 0.0002, seed=seed, teacher="resnet50",
                        method="logit", alpha=0.5, T=T)
-    tab = table(analyse(collect(tree.root)), "exp", "ablation_temperature")
-    assert [r[3] for r in tab.rows] == ["1", "4", "16"]
-    assert [r[6] for r in tab.rows] == ["-0.09", "+0.21", "+0.01"]
-    assert tab.rows[1][:6] == ["resnet50→resnet18", "cifar", "0.5", "4", "2 [0, 1]", "95.06 ± 0.08"]
-    assert tab.rows[1][8] == "paired t, seeds 0, 1"
+    tab = table(analyse(collect(tree.root)), "exp", "ablation_sweep")  # one grid key swept, the others fixed
+    assert [r[4] for r in tab.rows] == ["T=1", "T=4", "T=16"]
+    assert [r[7] for r in tab.rows] == ["-0.09", "+0.21", "+0.01"]
+    assert tab.rows[1][:7] == ["resnet50→resnet18", "cifar", "logit", "α=0.5", "T=4", "2 [0, 1]", "95.06 ± 0.08"]
+    assert tab.rows[1][9] == "paired t, seeds 0, 1"
 
 
 def test_stem_ablation(tree):
@@ -222,7 +225,7 @@ def test_stem_ablation(tree):
         tree.kdexp(acc=(0.9470, 0.9480, 0.9490)[seed], seed=seed)
         tree.kdexp(acc=(0.8760, 0.8771, 0.8782)[seed], seed=seed, stem="imagenet")
     tab = table(analyse(collect(tree.root)), "exp", "ablation_stem")
-    assert [r[5] for r in tab.rows] == ["cifar", "imagenet"]
+    assert [r[3] for r in tab.rows] == ["cifar", "imagenet"]
     imagenet = dict(zip(tab.columns, tab.rows[1]))
     assert (imagenet["test@best-val (%)"], imagenet["Δ vs CIFAR stem (pp)"]) == ("87.71 ± 0.11", "-7.09")
     assert imagenet["Test, seeds compared"] == "paired t, seeds 0, 1, 2"
@@ -238,16 +241,16 @@ def test_clip_ablation_with_gradient_norms(tree):
         tree.kdexp(acc=(0.9500, 0.9512)[seed], seed=seed, teacher="resnet50", method="feature", alpha=0.7,
                    clip=False, grad_norm_max=(5.0, 16.0)[seed], proj_grad_norm_max=0.21,
                    clip_fraction=(0.96, 1.0)[seed], epochs=10)
-    tab = table(analyse(collect(tree.root)), "exp", "ablation_clip")
+    tab = table(analyse(collect(tree.root)), "exp", "ablation_variants")
     fixed, bugged = (dict(zip(tab.columns, r)) for r in tab.rows)
-    assert fixed["clip_projection"] == "true (fixed)" and bugged["clip_projection"] == "false (bugged, v1)"
+    assert (fixed["KD"], fixed["alpha"], bugged["KD"], bugged["alpha"]) == ("feature", "0.7", "feature(bugged)", "0.7")
     assert (fixed["Max pre-clip grad norm"], fixed["Max projection grad norm"], fixed["Clipped steps (%)"]) == \
         ("2.00", "0.15", "60.0")
     assert (bugged["Max pre-clip grad norm"], bugged["Max projection grad norm"], bugged["Clipped steps (%)"]) == \
         ("16.00", "0.21", "98.0")
     # Per-epoch max norm is grad_norm_max / epoch: above 1.0 only in epoch 1 of 10 (2.0 / 2 is not).
     assert fixed["Epochs clipped (%)"] == "10.0"
-    assert bugged["Δ bugged − fixed (pp)"] == "+0.06" and fixed["Δ bugged − fixed (pp)"] == "-"
+    assert bugged["Δ variant − plain (pp)"] == "+0.06" and fixed["Δ variant − plain (pp)"] == "-"
     assert bugged["Test, seeds compared"] == "paired t, seeds 0, 1"
     assert bugged["p"] == f"{paired_by_hand([0.95, 0.9512], [0.9495, 0.9505])[1]:.3f}"
 
@@ -270,7 +273,7 @@ def test_compute_table_sums_training_time_per_configuration_and_in_all(tree):
     assert row_of(tab, "student", "resnet50") == {
         "Kind": "student", "Teacher": "resnet50", "Student": "resnet18", "KD": "logit", "alpha": "0.5", "T": "4",
         "Stem": "cifar", "Runs": "2", "Device": "cpu", "Precision": "fp32", "Train s/epoch": "97.50 ± 10.61",
-        "Images/s": "1000", "Train hours": "0.217"}
+        "Train hours": "0.217"}
     assert row_of(tab, "baseline")["Train s/epoch"] == "1800.00"
     assert row_of(tab, "Total")["Runs"] == "3" and row_of(tab, "Total")["Train hours"] == f"{7980 / 3600:.3f}"
 
@@ -282,8 +285,8 @@ def test_every_table_of_results_states_its_selection_rule(tree):
     tree.kdexp(acc=0.95, experiment="other", epochs=6)  # the baseline again: a comparison table
     analysis = analyse(collect(tree.root))
     tables = [t for exp in analysis.experiments for t in analysis.tables[exp.name]] + analysis.shared
-    assert {t.name for t in tables} >= {"key_results", "teachers", "pairs", "significance", "ablation_clip",
-                                        "fidelity", "compute", "comparison",
+    assert {t.name for t in tables} >= {"key_results", "teachers", "pairs", "significance", "ablation_variants",
+                                        "fidelity", "cost", "teacher_vs_student", "compute", "comparison",
                                         "grid__resnet34_to_resnet18__logit"}
     for tab in tables:
         assert any("Selection rule `" in note for note in tab.notes), tab.name

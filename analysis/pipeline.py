@@ -19,7 +19,7 @@ class Analysis:
     tables: dict[str, list[Table]]           # experiment name → its tables
     problems: Table                          # runs not averaged in, and why
     cells: list[CellState]                   # expected cells without a completed run
-    unfinished: dict[str, int]               # status → failed/corrupt/incomplete runs of configs never completed
+    unfinished: dict[str, int]               # status → failed/corrupt/unknown-method/incomplete runs of configs never completed
     shared: list[Table] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)  # --experiment names no run has
 

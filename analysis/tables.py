@@ -490,10 +490,10 @@ def compute(exp: Experiment) -> Table | None:
 
 
 # ---------------------------------------------------------------- cost: parameters, GFLOPs, throughput
-COST_NOTE = ("Params: trainable parameters of the network (result.json params; a method's own, e.g. projections, "
-             "not included); GFLOPs/image: forward pass at the run's input size (result.json gflops); images/s: "
-             "measured training throughput, mean over runs. S/T: student ÷ teacher (the teacher the student "
-             "distilled from, as the student's run recorded it).")
+COST_NOTE = ("Params: parameters of the network, in millions (result.json params; a method's own, e.g. "
+             "projections, not included); GFLOPs/image: one forward pass at the run's input size (result.json "
+             "gflops, counted from the model); images/s: measured training throughput, mean over runs. S/T: "
+             "student ÷ teacher (the teacher the student distilled from, as the student's run recorded it).")
 
 
 def cost(exp: Experiment) -> Table | None:

@@ -5,7 +5,9 @@ images/s, the student/teacher ratios and the fraction of the teacher's accuracy 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import itertools
 import json
 import textwrap
 
@@ -210,3 +212,41 @@ def test_cost_columns_reach_runs_csv(tree, tmp_path):
     assert (logit["gflops_student"], logit["gflops_teacher"]) == ("0.557", "1.16")
     assert json.loads(logit["hparams"]) == {"alpha": 0.5, "T": 4.0} and logit["cell"] == "α=0.5, T=4"
     assert (out / "teacher_vs_student.csv").is_file() and (out / "cost.csv").is_file()
+
+
+def packaged_methods_with_a_grid():
+    from kdexp.config import method_classes
+
+    return sorted((cls for cls in method_classes() if cls.needs_teacher and cls.grid), key=lambda cls: cls.name)
+
+
+def test_every_packaged_method_appears_in_every_table_and_figure(tree, tmp_path):
+    """Each distillation method of kdexp/methods/ (DKD, DIST, ... as they are added), run at two cells
+    of its grid from its defaults: its label reaches every per-method table and figure."""
+    from analysis.tables import slug
+
+    methods = packaged_methods_with_a_grid()
+    defaults = {}
+    for i, cls in enumerate(methods):
+        defaults[cls] = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+        first = next(iter(cls.grid))
+        for step, seed in itertools.product((0, 1), (0, 1)):
+            config = dict(defaults[cls], **{first: defaults[cls][first] + step / 4})
+            tree.kdexp(acc=0.950 + i / 1000 + step / 2000 + seed / 10000, seed=seed, teacher="resnet34",
+                       method_config=config)
+    for seed in (0, 1):
+        tree.kdexp(acc=0.940 + seed / 10000, seed=seed)
+    frame = collect(tree.root)
+    assert set(frame["status"]) == {"completed"}
+    analysis = analyse(frame)
+    t = tables_of(analysis)
+    figures = {f.name for f in make_figures(analysis.experiments[0], tmp_path / "figures")}
+    for cls in methods:
+        kd = cls.label(defaults[cls])
+        assert kd in {r[2] for r in t["key_results"].rows}, kd
+        assert kd in {r[2] for r in t["significance"].rows}, kd
+        assert t["pairs"].rows[0][t["pairs"].columns.index(f"{kd} best")] != "-", kd
+        grid = t[f"grid__resnet34_to_resnet18__{slug(kd)}"]
+        assert grid.columns[0] == next(iter(cls.grid)) and len(grid.rows) == 2, kd
+        assert (f"exp__resnet34_to_resnet18__{slug(kd)}__heatmap" in figures) == (len(cls.grid) == 2), kd
+    assert {"exp__delta_bars", "exp__resnet34_to_resnet18__curves"} <= figures

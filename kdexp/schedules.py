@@ -10,7 +10,7 @@ RepDistiller's `adjust_learning_rate` (decay once `epoch > milestone`, epochs co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List
+from typing import List
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -39,7 +39,7 @@ def register(cs: ConfigStore) -> None:
         cs.store(group="scheduler", name=f"base_{name}", node=schema)
 
 
-def check(scheduler_cfg: DictConfig | Any, epochs: int, lr: float) -> None:
+def check(scheduler_cfg: DictConfig, epochs: int, lr: float) -> None:
     """Raise ValueError (one line: the key, what is wrong, what to do) for a schedule that cannot run."""
     name = scheduler_cfg.name
     if name not in SCHEMAS:
@@ -51,16 +51,18 @@ def check(scheduler_cfg: DictConfig | Any, epochs: int, lr: float) -> None:
                              "the cosine schedule decays the learning rate from trainer.lr down to it")
         return
     milestones, gamma = list(scheduler_cfg.milestones), scheduler_cfg.gamma
-    increasing = all(a < b for a, b in zip(milestones, milestones[1:]))
-    if not milestones or not increasing or milestones[0] < 1 or milestones[-1] >= epochs:
-        raise ValueError(f"scheduler.milestones={milestones} must be strictly increasing epochs in "
-                         f"[1, trainer.epochs={epochs}) (lr x gamma after each): e.g. "
-                         f"scheduler.milestones=[{max(epochs // 2, 1)}] for a run this short, or scheduler=cosine")
+    if not milestones or any(a >= b for a, b in zip(milestones, milestones[1:])):
+        raise ValueError(f"scheduler.milestones={milestones} must be a non-empty, strictly increasing list of "
+                         "epochs (lr x gamma after each), e.g. scheduler.milestones=[150,180,210]")
+    if milestones[0] < 1 or milestones[-1] >= epochs:
+        raise ValueError(f"scheduler.milestones={milestones} must lie in [1, trainer.epochs={epochs}) (a milestone "
+                         f"at or after the last epoch never takes effect): e.g. scheduler.milestones=[{max(epochs // 2, 1)}] "
+                         f"for {epochs} epochs, or scheduler=cosine")
     if not 0 < gamma <= 1:
         raise ValueError(f"scheduler.gamma={gamma} must be in (0, 1]: the factor lr is multiplied by at each milestone")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: DictConfig | Any,
+def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: DictConfig,
                     epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The configured schedule over `epochs`, to be stepped once after every epoch."""
     check(scheduler_cfg, epochs, optimizer.defaults["lr"])

@@ -111,13 +111,14 @@ def test_wrong_types_fail_at_compose_naming_the_key(scheduler_group, override):
 
 @pytest.mark.parametrize("cfg, epochs, message", [
     ({"name": "multistep", "milestones": [180, 150], "gamma": 0.1}, 240,
-     "scheduler.milestones=[180, 150] must be strictly increasing epochs in [1, trainer.epochs=240)"),
-    ({"name": "multistep", "milestones": [150, 150], "gamma": 0.1}, 240, "must be strictly increasing"),
+     "scheduler.milestones=[180, 150] must be a non-empty, strictly increasing list of epochs"),
+    ({"name": "multistep", "milestones": [150, 150], "gamma": 0.1}, 240, "strictly increasing"),
+    ({"name": "multistep", "milestones": [], "gamma": 0.1}, 10, "scheduler.milestones=[] must be a non-empty"),
     ({"name": "multistep", "milestones": [150, 180, 210], "gamma": 0.1}, 3,
-     "scheduler.milestones=[150, 180, 210] must be strictly increasing epochs in [1, trainer.epochs=3) "
-     "(lr x gamma after each): e.g. scheduler.milestones=[1] for a run this short, or scheduler=cosine"),
-    ({"name": "multistep", "milestones": [0, 5], "gamma": 0.1}, 10, "in [1, trainer.epochs=10)"),
-    ({"name": "multistep", "milestones": [], "gamma": 0.1}, 10, "scheduler.milestones=[] must be"),
+     "scheduler.milestones=[150, 180, 210] must lie in [1, trainer.epochs=3) (a milestone at or after the last "
+     "epoch never takes effect): e.g. scheduler.milestones=[1] for 3 epochs, or scheduler=cosine"),
+    ({"name": "multistep", "milestones": [0, 5], "gamma": 0.1}, 10, "must lie in [1, trainer.epochs=10)"),
+    ({"name": "multistep", "milestones": [150, 180, 240], "gamma": 0.1}, 240, "must lie in [1, trainer.epochs=240)"),
     ({"name": "multistep", "milestones": [5], "gamma": 0.0}, 10, "scheduler.gamma=0.0 must be in (0, 1]"),
     ({"name": "multistep", "milestones": [5], "gamma": 1.5}, 10, "scheduler.gamma=1.5 must be in (0, 1]"),
     ({"name": "cosine", "eta_min": 0.2}, 10, "scheduler.eta_min=0.2 must be in [0, trainer.lr=0.1]"),

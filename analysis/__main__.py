@@ -1,7 +1,7 @@
 """python -m analysis ROOT... [--out DIR] [--format md,latex,csv,html] [--strict] [--select val|final|test]
 
-Prints the key-results table (and the per-pair summary) and, with --out, writes every table,
-figure and the HTML report there. --strict exits 1 when an expected cell is missing or failed.
+Prints the key-results table (and the per-pair and teacher-vs-student summaries) and, with --out,
+writes every table, figure and the HTML report there. --strict exits 1 when an expected cell is missing or failed.
 """
 from __future__ import annotations
 
@@ -117,10 +117,11 @@ def unwritable(out: Path) -> str | None:
 
 
 def summary(analysis: Analysis) -> str:
-    """The terminal view: key results and per-pair tables, then what was left out."""
+    """The terminal view: key results, per-pair and teacher-vs-student tables, then what was left out."""
     parts = []
     for exp in analysis.experiments:
-        shown = [t for t in analysis.tables[exp.name] if t.name in ("key_results", "teachers", "pairs")]
+        shown = [t for t in analysis.tables[exp.name]
+                 if t.name in ("key_results", "teachers", "pairs", "teacher_vs_student")]
         parts += [render.terminal(t) for t in shown]
     parts += [render.terminal(t) for t in analysis.shared]
     n_problems = len(analysis.problems.rows)

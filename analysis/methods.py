@@ -79,5 +79,8 @@ def _defaults(cls: type[DistillationMethod]) -> dict[str, Any]:
 
 
 def _number(value: Any) -> Any:
-    """4 and 4.0 are one cell (a sweep typed `T=4` against a schema's 4.0)."""
+    """4 and 4.0 are one cell (a sweep typed `T=4` against a schema's 4.0); a list is a tuple, so a
+    cell's values can be grouped and sorted."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_number(v) for v in value)
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value

@@ -299,3 +299,21 @@ def test_label_smoothing_reaches_the_ce_term_of_every_logit_method(name):
     assert ce.item() == pytest.approx(by_hand, rel=1e-6)
     assert torch.equal(ce, F.cross_entropy(s, y, label_smoothing=0.1))
     assert ce.item() != pytest.approx(F.cross_entropy(s, y).item(), rel=1e-3)
+
+
+def test_dkd_compiles_to_one_graph_whose_warmup_follows_the_epoch():
+    """trainer.compile: the warm-up reads the epoch buffer inside the graph, so one capture serves
+    every epoch and each epoch's weight reaches the loss (a Python number would recompile)."""
+    from torch._dynamo.utils import counters
+    from kdexp.methods.dkd import DKD
+    method = DKD(warmup=2, standardize=True)
+    compiled = torch.compile(lambda s, t, y: method(ModelOutputs(s), ModelOutputs(t), y), backend="aot_eager",
+                             dynamic=False)
+    s, t, y = torch.tensor(DKD_S), torch.tensor(DKD_T), torch.tensor(DKD_Y)
+    counters.clear()
+    for epoch in range(1, 4):
+        method.start_epoch(epoch, 3)
+        parts = compiled(s, t, y)
+        torch.testing.assert_close(parts["loss"], method(ModelOutputs(s), ModelOutputs(t), y)["loss"])
+        assert parts["loss"].item() == pytest.approx(parts["ce"].item() + min(epoch / 2, 1) * parts["kd"].item(), rel=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ from torch import nn
 from kdexp import methods, runlock
 from kdexp.data import CLASSES
 from kdexp.models import ARCHS, STEMS, model_layout
+from kdexp.pretrained import init_problem
 from kdexp.records import kept_result
 
 
@@ -42,14 +44,19 @@ class ModelConfig:
     stem: str = "cifar"
     width: int = 64
     num_classes: int = 10
+    init: Optional[str] = None  # initial weights: null (from scratch) | imagenet | a torchvision-format state_dict file
 
 
 @dataclass
 class TeacherConfig:
+    """Which teacher a student distils from: its identity (arch ... label_smoothing) names the
+    checkpoint a teacher run with those settings exported."""
     arch: Optional[str] = None
     stem: str = "cifar"
     width: int = 64
     seed: int = 0  # the study distils from its seed-0 teacher
+    init: Optional[str] = None  # the teacher run's model.init
+    label_smoothing: float = 0.0  # the teacher run's trainer.label_smoothing
     ckpt: Optional[str] = None  # explicit checkpoint; by default derived from the teacher's identity
 
 
@@ -66,16 +73,15 @@ class DataConfig:
     eval_batch_size: int = 256
     fake_train_size: int = 2000
     fake_test_size: int = 500
+    num_classes: int = 10
+    image_size: int = 32  # inputs are resized to it after augmentation (every loader, evaluation too)
 
 
 @dataclass
 class TrainerConfig:
     epochs: int = 100
     batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    lr: float = 0.1  # the optimiser's (optimizer group) initial learning rate
     eta_min: float = 1e-4
     clip_norm: Optional[float] = 1.0
     device: str = "auto"
@@ -83,13 +89,40 @@ class TrainerConfig:
     eval_every: int = 1
     max_steps_per_epoch: Optional[int] = None
     progress: bool = True
+    label_smoothing: float = 0.0  # of every cross-entropy term (DistillationMethod.cross_entropy)
+    early_stopping: Optional[int] = None  # patience: evaluations without a better val accuracy; null: off
     # Speed options (kdexp/execution.py); "auto"/null picks the fast setting on CUDA and the
     # reference one on the CPU, so the CPU path and its exact results stay the study's.
     amp: str = "auto"  # auto | none | bf16
     channels_last: Optional[bool] = None
-    fused: Optional[bool] = None  # fused SGD
+    fused: Optional[bool] = None  # fused optimiser kernel
     compile: bool = False  # torch.compile(mode="reduce-overhead") of forward+loss+backward; CUDA only
     teacher_cache: Optional[bool] = None  # precomputed teacher logits for logit-only methods
+
+
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class AdamConfig:
+    name: str = "adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # Adam's L2 penalty in the gradient
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    name: str = "adamw"
+    weight_decay: float = 0.01  # decoupled weight decay
+
+
+OPTIMIZERS = {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig}  # optimizer=<name> -> schema
 
 
 @dataclass
@@ -121,6 +154,7 @@ class TrainConfig:
     teacher: TeacherConfig = MISSING
     method: Any = MISSING  # typed by the chosen method's own schema (methods.base.arguments_schema)
     trainer: TrainerConfig = MISSING
+    optimizer: Any = MISSING  # typed by the chosen optimiser's schema (OPTIMIZERS)
     paths: PathsConfig = MISSING
 
 
@@ -132,7 +166,9 @@ def register_configs() -> None:
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
-    for method in method_classes():
+    for name, schema in OPTIMIZERS.items():
+        cs.store(group="optimizer", name=f"base_{name}", node=schema)
+    for method in [*method_classes(), *site_method_classes()]:
         cs.store(group="method", name=f"base_{method.name}", node=method.Config)
     for name, resolver in (("kdexp.run_label", run_label), ("kdexp.label_excluded_keys", label_excluded_keys),
                            ("kdexp.metadata_dir", hydra_metadata_dir)):
@@ -145,6 +181,25 @@ def method_classes() -> list[type[methods.DistillationMethod]]:
     for module in pkgutil.iter_modules(methods.__path__, prefix=f"{methods.__name__}."):
         importlib.import_module(module.name)
     return [cls for cls in methods.DistillationMethod.__subclasses__() if cls.__module__.startswith(methods.__name__)]
+
+
+def site_method_classes() -> list[type[methods.DistillationMethod]]:
+    """The classes that `$KDEXP_SITE_DIR/method/*.yaml` name as `_target_` (their modules on
+    PYTHONPATH): a method kept outside the package starts from its `base_<name>` schema too, so
+    Hydra types its arguments as it does the package's. One whose module is not found here is left
+    out: runs of other methods go on, and its own composition says base_<name> is missing."""
+    site = os.environ.get("KDEXP_SITE_DIR")
+    found = []
+    for path in sorted(Path(site).glob("method/*.yaml")) if site else []:
+        target = OmegaConf.load(path).get("_target_")
+        module, _, name = target.rpartition(".") if isinstance(target, str) else ("", "", "")
+        try:
+            cls = getattr(importlib.import_module(module), name, None) if module else None
+        except ModuleNotFoundError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, methods.DistillationMethod) and cls not in found:
+            found.append(cls)
+    return found
 
 
 def hydra_metadata_dir(run_dir: str, retry_failed: bool) -> str | None:
@@ -232,10 +287,9 @@ def _check_trainer(tr: DictConfig) -> None:
     _check(tr.lr > 0, f"trainer.lr={tr.lr} must be > 0")
     _check(0 <= tr.eta_min <= tr.lr, f"trainer.eta_min={tr.eta_min} must be in [0, trainer.lr={tr.lr}]: "
            f"the cosine schedule decays the learning rate from trainer.lr down to it")
-    _check(0 <= tr.momentum < 1, f"trainer.momentum={tr.momentum} must be in [0, 1)")
-    _check(tr.momentum > 0 or not tr.nesterov,
-           "trainer.nesterov=true needs trainer.momentum > 0: use trainer.nesterov=false for plain SGD")
-    _check(tr.weight_decay >= 0, f"trainer.weight_decay={tr.weight_decay} must be >= 0")
+    _check_label_smoothing("trainer.label_smoothing", tr.label_smoothing)
+    _check(tr.early_stopping is None or tr.early_stopping >= 1, f"trainer.early_stopping={tr.early_stopping} "
+           f"must be >= 1 (evaluations without a better val accuracy before stopping), or null to train every epoch")
     _check(tr.eval_every >= 1, f"trainer.eval_every={tr.eval_every} must be >= 1")
     _check(tr.clip_norm is None or tr.clip_norm > 0,
            f"trainer.clip_norm={tr.clip_norm} must be > 0, or null to disable clipping")
@@ -246,6 +300,25 @@ def _check_trainer(tr: DictConfig) -> None:
     _check(not (tr.channels_last and tr.device == "cpu"), CHANNELS_LAST_NEEDS_CUDA)
 
 
+def _check_label_smoothing(key: str, value: float) -> None:
+    _check(0 <= value < 1, f"{key}={value} must be in [0, 1) (0: plain cross-entropy)")
+
+
+def _check_optimizer(o: DictConfig) -> None:
+    _check(OmegaConf.get_type(o) is OPTIMIZERS.get(o.name), f"optimizer.name={o.name!r} does not name this "
+           f"optimizer group's settings: choose the optimiser with optimizer=<one of {list(OPTIMIZERS)}>")
+    _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if o.name == "sgd":
+        _check(0 <= o.momentum < 1, f"optimizer.momentum={o.momentum} must be in [0, 1)")
+        _check(o.momentum > 0 or not o.nesterov,
+               "optimizer.nesterov=true needs optimizer.momentum > 0: use optimizer.nesterov=false for plain SGD")
+    else:
+        betas = list(o.betas)
+        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+               f"optimizer.betas={betas} must be two values in [0, 1) (Adam's moment decay rates)")
+        _check(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
+
+
 def _check_data(d: DictConfig) -> None:
     _check(d.name in DATASETS, f"data.name={d.name!r} must be one of {list(DATASETS)} (data=cifar10 or data=fake)")
     _check(d.loader in ("tensor", "torch"), f"data.loader={d.loader!r} must be tensor or torch")
@@ -253,17 +326,24 @@ def _check_data(d: DictConfig) -> None:
     _check_seed("data.split_seed", d.split_seed)
     _check(d.eval_batch_size > 0, f"data.eval_batch_size={d.eval_batch_size} must be > 0")
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0 (0 = load in the main process)")
+    _check(d.num_classes >= 2, f"data.num_classes={d.num_classes} must be >= 2")
+    _check(d.name != "cifar10" or d.num_classes == len(CLASSES),
+           f"data.num_classes={d.num_classes} must be {len(CLASSES)}: CIFAR-10 has {len(CLASSES)} classes")
+    _check(d.image_size >= 1, f"data.image_size={d.image_size} must be a positive number of pixels "
+           f"(32: CIFAR's own size, 224: ImageNet's)")
     if d.name == "fake":
         for key in ("fake_train_size", "fake_test_size"):
             _check(d[key] > 0, f"data.{key}={d[key]} must be > 0")
 
 
 def _check_network(key: str, net: DictConfig, num_classes: int) -> nn.Module:
-    """model or teacher: arch, stem and width, and that the network builds (on the meta device:
-    no memory); returns it for its stage layout."""
+    """model or teacher: arch, stem, width and init, and that the network builds (on the meta
+    device: no memory); returns it for its stage layout."""
     _check(net.arch in ARCHS, f"{key}.arch={net.arch!r} is not one of {sorted(ARCHS)}")
     _check(net.stem in STEMS, f"{key}.stem={net.stem!r} must be one of {list(STEMS)}")
     _check(net.width >= 1, f"{key}.width={net.width} must be a positive number of base channels")
+    problem = init_problem(key, net.init, net.arch, net.stem, net.width)
+    _check(problem is None, problem)
     try:
         return model_layout(net.arch, num_classes, net.stem, net.width)
     except ValueError as err:
@@ -275,17 +355,22 @@ def validate(cfg: DictConfig) -> Any:
     check_known_keys(cfg)
     m, t, tr = cfg.model, cfg.teacher, cfg.trainer
     _check_seed("seed", cfg.seed)
-    student = _check_network("model", m, m.num_classes)
-    _check(m.num_classes == len(CLASSES), f"model.num_classes={m.num_classes} must be {len(CLASSES)}: "
-           f"CIFAR-10 and data=fake have {len(CLASSES)} classes")
-    _check_trainer(tr)
     _check_data(cfg.data)
+    _check(m.num_classes == cfg.data.num_classes, f"model.num_classes={m.num_classes} must be "
+           f"data.num_classes={cfg.data.num_classes}: the classifier has one output per class of the data")
+    student = _check_network("model", m, m.num_classes)
+    _check_trainer(tr)
+    _check(not tr.early_stopping or cfg.data.val_size > 0, f"trainer.early_stopping={tr.early_stopping} watches "
+           f"the validation accuracy, but data.val_size=0 holds out none: set data.val_size (e.g. 5000) or "
+           f"trainer.early_stopping=null")
+    _check_optimizer(cfg.optimizer)
     method = build_method(cfg.method)
     if method.needs_teacher:
         _check(t.arch is not None, f"method={method.name} distils from a teacher but teacher.arch is null: "
                f"choose one, e.g. teacher=resnet34 or pair=r34_to_r18")
         teacher = _check_network("teacher", t, m.num_classes)
         _check_seed("teacher.seed", t.seed)
+        _check_label_smoothing("teacher.label_smoothing", t.label_smoothing)
     else:
         _check(t.arch is None, f"method={method.name} trains without a teacher but teacher.arch={t.arch}: "
                f"use teacher=none (or a KD method such as method=logit)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdexp import checkpoint
@@ -30,17 +31,23 @@ class NonFiniteLossError(RuntimeError):
         self.epoch = epoch
 
 
-def build_optimizer(student: nn.Module, method: nn.Module, trainer, fused: bool = False) -> torch.optim.SGD:
-    """One SGD over the student and the method's own parameters (same lr schedule, momentum,
-    nesterov, weight decay). Each group says whether it is clipped: the clip then covers exactly
-    the optimiser's parameters, so a method's parameters cannot be forgotten by accident.
-    `fused`: one kernel for the whole update instead of PyTorch's default implementation."""
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(student: nn.Module, method: nn.Module, optimizer: DictConfig, lr: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """The `optimizer` group's optimiser (sgd | adam | adamw, its settings from the config) over the
+    student and the method's own parameters (same lr schedule and settings). Each group says
+    whether it is clipped: the clip then covers exactly the optimiser's parameters, so a method's
+    parameters cannot be forgotten by accident. `fused`: one kernel for the whole update instead
+    of PyTorch's default implementation."""
     groups = [{"params": list(student.parameters()), "clip": True, "name": "student"}]
     method_params = list(method.parameters())
     if method_params:
         groups.append({"params": method_params, "clip": method.clip_with_student, "name": "method"})
-    return torch.optim.SGD(groups, lr=trainer.lr, momentum=trainer.momentum, nesterov=trainer.nesterov,
-                           weight_decay=trainer.weight_decay, fused=True if fused else None)
+    settings = {key: tuple(value) if isinstance(value, list) else value  # betas: a tuple, as torch keeps it
+                for key, value in OmegaConf.to_container(optimizer).items() if key != "name"}
+    return OPTIMIZERS[optimizer.name](groups, lr=lr, **settings, fused=True if fused else None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -66,6 +73,7 @@ class TrainState:
     best_val: dict | None = None  # the row (plus per-class acc) of the best-val epoch; ties keep the earliest
     best_test: dict | None = None
     last_eval: dict | None = None
+    stopped_early_epoch: int | None = None  # trainer.early_stopping ended the run after this epoch
 
 
 @dataclass
@@ -90,6 +98,8 @@ class Loop:
             if self.execution.compile else None
 
     def fit(self) -> TrainState:
+        if self.state.stopped_early_epoch is not None:  # resumed after it stopped: it is done
+            return self.state
         for epoch in range(self.state.epoch + 1, self.trainer.epochs + 1):
             self.method.start_epoch(epoch, self.trainer.epochs)  # a resumed run's first epoch too
             row = self.train_epoch(epoch)
@@ -97,11 +107,25 @@ class Loop:
                 row.update(self.evaluate(epoch))
             self.state.history.append(row)
             self.state.epoch = epoch
+            if self.patience_ran_out():
+                self.state.stopped_early_epoch = epoch
             self.scheduler.step()
             self.save()  # first: metrics.jsonl never shows an epoch that a resume would redo
             write_metrics(self.run_dir, self.state.history)
             log.info(_epoch_line(row, self.trainer.epochs))
+            if self.state.stopped_early_epoch is not None:
+                log.info("stopping early after epoch %d: no better val accuracy in %d evaluations since epoch %d",
+                         epoch, self.trainer.early_stopping, self.state.best_val["epoch"])
+                break
         return self.state
+
+    def patience_ran_out(self) -> bool:
+        """trainer.early_stopping: that many evaluations since the best val accuracy (ties are no gain)."""
+        patience, best = self.trainer.early_stopping, self.state.best_val
+        if not patience or best is None:
+            return False
+        since = [row for row in self.state.history if row["epoch"] > best["epoch"] and row.get("val_acc") is not None]
+        return len(since) >= patience
 
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()

@@ -1,5 +1,6 @@
-"""The study's clipping bug, both ways: with clip_projection the clip covers student and projections
-together; without, the projections are left out and the student is clipped alone."""
+"""The optimiser and the study's clipping bug, both ways: with clip_projection the clip covers student
+and projections together; without, the projections are left out and the student is clipped alone."""
+import pytest
 import torch
 
 from kdexp.loop import build_optimizer, clip_gradients
@@ -9,7 +10,7 @@ from kdexp.models import build_model
 from helpers import compose_cfg
 
 
-def _setup(clip_projection: bool):
+def _setup(clip_projection: bool, *overrides: str):
     torch.manual_seed(0)
     student, teacher = build_model("resnet18", width=4), build_model("resnet34", width=8).eval()
     method = FeatureKD(alpha=0.9, clip_projection=clip_projection)
@@ -19,7 +20,8 @@ def _setup(clip_projection: bool):
         t = ModelOutputs(*teacher(x, with_features=True))
     s = ModelOutputs(*student(x, with_features=True))
     method(s, t, y)["loss"].mul(100).backward()  # large gradients, so clipping is active
-    optimizer = build_optimizer(student, method, compose_cfg().trainer)
+    cfg = compose_cfg(*overrides)
+    optimizer = build_optimizer(student, method, cfg.optimizer, cfg.trainer.lr)
     return student, method, optimizer
 
 
@@ -33,6 +35,23 @@ def test_projections_are_trained_by_the_same_optimizer():
     assert [g["name"] for g in groups] == ["student", "method"]
     assert all((g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.1, 0.9, True, 5e-4) for g in groups)
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in method.projections.parameters()}
+
+
+@pytest.mark.parametrize("overrides, kind, settings", [
+    (["optimizer=adam", "trainer.lr=1e-4"], torch.optim.Adam,
+     {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
+    (["optimizer=adamw", "optimizer.betas=[0.8,0.99]"], torch.optim.AdamW,
+     {"lr": 0.1, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": 0.01}),
+    (["optimizer.nesterov=false", "optimizer.momentum=0.5"], torch.optim.SGD,
+     {"lr": 0.1, "momentum": 0.5, "nesterov": False, "weight_decay": 5e-4}),
+])
+def test_the_optimizer_group_picks_the_optimiser_and_its_settings(overrides, kind, settings):
+    student, method, optimizer = _setup(True, *overrides)
+    assert type(optimizer) is kind and [g["name"] for g in optimizer.param_groups] == ["student", "method"]
+    for group in optimizer.param_groups:
+        assert {key: group[key] for key in settings} == settings
+    clip_gradients(optimizer, 1.0)
+    optimizer.step()  # the clipped groups train with it
 
 
 def test_clip_covers_student_and_projections_jointly():

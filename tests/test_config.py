@@ -100,9 +100,11 @@ def test_every_method_argument_names_the_run_dir_through_the_methods_run_tag(tmp
 
 def test_recipe_defaults_are_the_study():
     cfg = compose_cfg("pair=r50_to_r18", "method=feature")
-    t = cfg.trainer
-    assert (t.epochs, t.batch_size, t.lr, t.momentum, t.nesterov, t.weight_decay, t.eta_min, t.clip_norm) == \
-        (100, 128, 0.1, 0.9, True, 5e-4, 1e-4, 1.0)
+    t, o = cfg.trainer, cfg.optimizer
+    assert (t.epochs, t.batch_size, t.lr, o.name, o.momentum, o.nesterov, o.weight_decay, t.eta_min, t.clip_norm) == \
+        (100, 128, 0.1, "sgd", 0.9, True, 5e-4, 1e-4, 1.0)
+    assert (t.label_smoothing, t.early_stopping, cfg.data.num_classes, cfg.data.image_size, cfg.model.init) == \
+        (0.0, None, 10, 32, None)
     assert (cfg.model.arch, cfg.teacher.arch, cfg.model.stem, cfg.teacher.stem) == ("resnet18", "resnet50", "cifar", "cifar")
     assert cfg.method.clip_projection is True and cfg.method.beta == 0.5
     assert (cfg.data.val_size, cfg.data.split_seed) == (5000, 1234)
@@ -148,9 +150,9 @@ def test_settings_this_machine_cannot_run_exit_without_a_result(tmp_path, device
 
 
 def test_unknown_group_option_exits_non_zero(tmp_path):
-    proc = run_train("method=dkd", f"paths.output_dir={tmp_path}")
+    proc = run_train("method=crd", f"paths.output_dir={tmp_path}")
     assert proc.returncode != 0
-    assert "Could not find 'method/dkd'" in proc.stderr
+    assert "Could not find 'method/crd'" in proc.stderr
     assert "Available options" in proc.stderr
 
 

@@ -268,3 +268,25 @@ def test_unwritable_output_dir_is_one_line(tmp_path, data_dir, multirun):
     assert proc.returncode == 2
     assert _only_line(proc.stderr).startswith(f"kdexp: cannot write the output dir {outputs}/mine/quickstart")
     assert not any(outputs.iterdir())
+
+
+def test_early_stopping_ends_the_run_and_its_resume_trains_no_further(tmp_path, data_dir):
+    """trainer.early_stopping=2: the run ends two evaluations after its best val accuracy, and a
+    start after it stopped (killed before writing its result) writes the result without training.
+    A learning rate too small to move the network keeps the val accuracy from improving."""
+    env = _env(data_dir, tmp_path)
+    args = (*BASE, "experiment=baseline", "trainer.epochs=8", "trainer.max_steps_per_epoch=2", "trainer.lr=1e-7",
+            "trainer.eta_min=0", "trainer.early_stopping=2")
+    proc = run_train(*args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.rglob("result.json")]
+    rows = read_metrics(run_dir)
+    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]  # ties keep the earliest
+    stopped = checkpoint.load(run_dir / checkpoint.LAST)["state"]["stopped_early_epoch"]
+    assert stopped == best + 2 < 8 and [r["epoch"] for r in rows] == list(range(1, stopped + 1))
+    assert read_result(run_dir)["epochs_completed"] == stopped
+    assert "stopping early after epoch" in (run_dir / "train.log").read_text()
+    (run_dir / "result.json").unlink()  # as if killed after its last checkpoint
+    again = run_train(*args, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_metrics(run_dir) == rows and read_result(run_dir)["epochs_completed"] == stopped

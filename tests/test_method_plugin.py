@@ -1,17 +1,22 @@
 """A method is a plugin: it owns its identity (run tag, label, grid cell), receives the training
 progress (correct after a resume, and without recompiling a compiled graph each epoch), shares the
-base class's label-smoothed cross-entropy, and a method written outside the package trains through
-the real entry point with no other change."""
+base class's label-smoothed cross-entropy, and a method written outside the package (its module on
+PYTHONPATH, its YAML in $KDEXP_SITE_DIR/method/) is typed, trained and tabulated with no other change."""
 from __future__ import annotations
 
 import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from helpers import compose_cfg, without_timing
+from helpers import REPO, compose_cfg, run_train, without_timing
 from kdexp.data import Splits, load_splits
 from kdexp.execution import Execution
 from kdexp.job import build_loop, seed_everything
@@ -20,6 +25,7 @@ from kdexp.methods.ce import CrossEntropy
 from kdexp.methods.feature import FeatureKD
 from kdexp.methods.logit import LogitKD
 from kdexp.models import build_model
+from kdexp.records import read_metrics, read_result
 from kdexp.teachers import FrozenTeacher
 
 CPU = torch.device("cpu")
@@ -130,3 +136,82 @@ def test_reading_the_epoch_compiles_one_graph_for_every_epoch():
     assert weights == [0.25, 0.5, 0.75, 1.0] and graphs == [1, 1, 1, 1]
     eager = copy.deepcopy(method)
     torch.testing.assert_close(loss(s, t, y)["loss"], eager(ModelOutputs(s), ModelOutputs(t), y)["loss"])
+
+
+# A method written outside the package, as a user writes one: a module on PYTHONPATH and a YAML in
+# the site dir that starts from the schema kdexp makes from the class (base_<name>).
+TOY_MODULE = '''
+import torch.nn.functional as F
+
+from kdexp.methods import DistillationMethod
+
+
+class ToyKD(DistillationMethod):
+    """CE plus w times the squared distance between student and teacher probabilities."""
+
+    name = "toy"
+    grid = {"w": "w"}
+
+    def __init__(self, w: float = 0.5, sharpen: bool = False):
+        super().__init__()
+        self.w, self.sharpen = w, sharpen
+
+    def forward(self, student, teacher, targets):
+        ce = self.cross_entropy(student.logits, targets)
+        power = 2.0 if self.sharpen else 1.0
+        kd = F.mse_loss((power * student.logits).softmax(1), (power * teacher.logits.detach()).softmax(1))
+        return {"loss": ce + self.w * kd, "ce": ce, "kd": kd}
+'''
+TOY_YAML = "defaults: [base_toy, _self_]\n_target_: toykd.ToyKD\nw: 0.5\n"
+SMALL = ("protocol=quickstart", "data.fake_train_size=400", "data.fake_test_size=100", "data.val_size=100",
+         "model.width=4", "trainer.progress=false", "trainer.epochs=2", "trainer.max_steps_per_epoch=3")
+
+
+@pytest.fixture(scope="module")
+def toy_site(tmp_path_factory) -> dict:
+    """The environment of a user with ToyKD: its module's folder on PYTHONPATH, its YAML in the site dir."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "toykd.py").write_text(TOY_MODULE)
+    (site / "method").mkdir()
+    (site / "method" / "toy.yaml").write_text(TOY_YAML)
+    return {"KDEXP_SITE_DIR": str(site), "PYTHONPATH": str(site), "KDEXP_DATA": str(tmp_path_factory.mktemp("data"))}
+
+
+def test_a_method_from_outside_the_package_trains_through_the_entry_point(tmp_path, toy_site):
+    teacher = run_train(*SMALL, "experiment=teacher", f"paths.output_dir={tmp_path}", env=toy_site)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    proc = run_train(*SMALL, "teacher=resnet18", "teacher.width=4", "method=toy", "method.w=0.3",
+                     "method.sharpen=true", f"paths.output_dir={tmp_path}", env=toy_site)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.rglob("result.json") if "-to-" in str(p)]
+    label = run_dir.relative_to(tmp_path).as_posix()
+    assert label.startswith("quickstart/resnet18-to-resnet18/toy_w0.3_sharpen-true/seed0/") and "method" not in \
+        label.split("/seed0/")[1]  # the toy's run tag names its arguments; the other overrides follow
+    result = read_result(run_dir)
+    assert result["status"] == "completed" and result["method"] == "toy" and result["epochs_completed"] == 2
+    assert {"loss_kd", "agreement"} <= set(read_metrics(run_dir)[-1])
+    tables = _analyse(tmp_path, toy_site)
+    assert re.search(r"\| resnet18\(w4\) +\| resnet18\(w4\) +\| toy +\| 0\.3 +\|", tables["key_results"]), \
+        tables["key_results"]  # its KD column and its grid key's own column
+    assert "w=0.3 (n=1)" in tables["pairs"]  # its cell label, from the class's grid
+
+
+def _analyse(out: Path, env: dict) -> dict[str, str]:
+    """`python -m analysis` on the runs, as a user runs it (the toy's module on PYTHONPATH): the
+    markdown tables by name."""
+    tables = out / "tables"
+    proc = subprocess.run([sys.executable, "-m", "analysis", str(out), "--out", str(tables), "--format", "md"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {p.stem: p.read_text() for p in tables.glob("*.md")}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.w=abc", "full_key: method.w"),
+    ("+method.weight=1", "method.weight is not a kdexp setting: the settings under method are w, sharpen"),
+])
+def test_a_method_from_outside_the_package_is_typed_by_its_signature(tmp_path, toy_site, override, message):
+    proc = run_train(*SMALL, "teacher=resnet18", "method=toy", override, f"paths.output_dir={tmp_path}",
+                     env=toy_site)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+    assert not list(tmp_path.rglob("result.json"))

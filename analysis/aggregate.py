@@ -18,12 +18,14 @@ from .rules import Rule
 from .stats import Comparison, compare, mean_std
 
 # What makes two runs the same configuration (their seeds then vary within a cell).
-CELL_FIELDS = ("kind", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem",
-               "width", "kd", "hparams", "epochs", "val_size", "data")
 # What a baseline must share with a distilled student to be its reference.
-STUDENT_CONTEXT = ("student", "stem", "width", "epochs", "val_size", "data")
+STUDENT_CONTEXT = ("student", "stem", "width", "init", "label_smoothing", "image_size", "epochs", "val_size", "data")
+# Which teacher (kdexp.teachers' identity, with the data and image size of the student context).
+TEACHER_FIELDS = ("teacher", "teacher_stem", "teacher_width", "teacher_seed", "teacher_init", "teacher_label_smoothing")
 # What a pair's rows share; the method and its hyperparameters vary within a pair.
-PAIR_CONTEXT = ("teacher", "teacher_stem", "teacher_width", "teacher_seed") + STUDENT_CONTEXT
+PAIR_CONTEXT = TEACHER_FIELDS + STUDENT_CONTEXT
+# What makes two runs the same configuration (their seeds then vary within a cell).
+CELL_FIELDS = ("kind", *PAIR_CONTEXT, "kd", "hparams")
 UNNAMED = "(unnamed)"  # the experiment of a run whose config does not name one (or cannot be read)
 
 
@@ -247,10 +249,13 @@ class Experiment:
 
 def teacher_runs(cell: Cell, runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The completed teacher runs a student cell distilled from (any experiment: teachers are
-    usually trained in their own). Matches architecture, stem, width, seed and data."""
+    usually trained in their own). Matches the teacher's identity as kdexp.teachers names it:
+    architecture, stem, width, seed, init, label smoothing, data and image size."""
     return [r for r in runs if r["kind"] == "teacher" and r["student"] == cell["teacher"]
             and r["stem"] == cell["teacher_stem"] and r["width"] == cell["teacher_width"]
-            and r["seed"] == cell["teacher_seed"] and r["data"] == cell["data"]]
+            and r["seed"] == cell["teacher_seed"] and r["init"] == cell["teacher_init"]
+            and r["label_smoothing"] == cell["teacher_label_smoothing"] and r["data"] == cell["data"]
+            and r["image_size"] == cell["image_size"]]
 
 
 def group_by_experiment(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

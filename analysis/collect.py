@@ -19,7 +19,7 @@ import yaml
 from kdexp import records
 
 from . import study_format
-from .schema import (COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, clipped_fraction, coerce_types, config_hash, empty_row,
+from .schema import (COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, UNRECORDED, clipped_fraction, coerce_types, config_hash, empty_row,
                      is_fraction, load_yaml, mark, one_line, set_method)
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -37,7 +37,8 @@ ENV_KEY = re.compile(
 # makes a variant is in its `kd` label, so neither varies within a cell.
 KNOWN_CONFIG_KEYS = frozenset({
     "experiment_name", "protocol_name", "seed", "model.arch", "model.stem", "model.width",
-    "teacher.arch", "teacher.stem", "teacher.width", "teacher.seed", "method._target_", "trainer.epochs",
+    "teacher.arch", "teacher.stem", "teacher.width", "teacher.seed", "teacher.init", "teacher.label_smoothing",
+    "model.init", "trainer.label_smoothing", "data.image_size", "method._target_", "trainer.epochs",
     "data.name", "data.val_size",
 })
 
@@ -143,6 +144,9 @@ def _fill_config(row: dict[str, Any], cfg: dict) -> str | None:
     row.update(
         experiment=cfg.get("experiment_name"), protocol=cfg.get("protocol_name"),
         student=model.get("arch"), stem=model.get("stem"), width=model.get("width"),
+        init=model.get("init", UNRECORDED["init"]),
+        label_smoothing=trainer.get("label_smoothing", UNRECORDED["label_smoothing"]),
+        image_size=data.get("image_size", UNRECORDED["image_size"]),
         seed=cfg.get("seed"), epochs=trainer.get("epochs"), clip_norm=trainer.get("clip_norm", 1.0),
         val_size=data.get("val_size", 0), data=data.get("name"),
         # Provisional until result.json says: a run without a teacher may be a teacher or a baseline.
@@ -150,7 +154,9 @@ def _fill_config(row: dict[str, Any], cfg: dict) -> str | None:
     )
     if teacher.get("arch"):
         row.update(teacher=teacher["arch"], teacher_stem=teacher.get("stem"),
-                   teacher_width=teacher.get("width"), teacher_seed=teacher.get("seed"))
+                   teacher_width=teacher.get("width"), teacher_seed=teacher.get("seed"),
+                   teacher_init=teacher.get("init", UNRECORDED["init"]),
+                   teacher_label_smoothing=teacher.get("label_smoothing", UNRECORDED["label_smoothing"]))
         row["pair"] = f"{row['teacher']}→{row['student']}"
     unknown_method = set_method(row, method)
     flat = {k: v for k, v in flatten(cfg).items() if not ENV_KEY.match(k)}

@@ -19,7 +19,10 @@ COLUMNS = [
     # identity and state
     "source", "run_dir", "status", "reason", "notes", "experiment", "protocol", "kind",
     # configuration
-    "pair", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "student", "stem", "width",
+    # a teacher is named by arch, stem, width, seed, init and label smoothing (kdexp.teachers); a
+    # network's init is null (from scratch), "imagenet" or a weights file
+    "pair", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "teacher_init", "teacher_label_smoothing",
+    "student", "stem", "width", "init", "label_smoothing", "image_size",
     # method: the class's name; kd: its KD column (label); hparams: its grid cell {key: value};
     # cell: that cell as tables show it ("α=0.5, T=4"); grid: {key: display symbol} (methods.py)
     "method", "kd", "hparams", "cell", "grid", "seed", "epochs", "val_size", "data",
@@ -34,13 +37,18 @@ COLUMNS = [
     # provenance of the configuration itself
     "config_hash", "config",
 ]
-INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "seed", "epochs", "val_size",
+INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "image_size", "seed", "epochs", "val_size",
                 "epochs_completed", "best_val_epoch", "best_test_epoch", "failed_epoch",
                 "params_student", "params_method", "params_teacher"]
-FLOAT_COLUMNS = ["clip_norm", "best_val_acc", "test_at_best_val", "test_final",
+FLOAT_COLUMNS = ["teacher_label_smoothing", "label_smoothing", "clip_norm", "best_val_acc", "test_at_best_val", "test_final",
                  "best_test", "agreement", "kl_t1", "kl_t4", "teacher_test_acc", "grad_norm_max",
                  "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction", "wall_seconds",
                  "train_seconds", "images_per_s", "gflops_student", "gflops_teacher", "finished_at"]
+
+
+# What a run saved before these keys existed trained with (as kdexp.teachers.UNRECORDED says); the
+# study's runs too (CIFAR at 32 pixels, from scratch, no label smoothing).
+UNRECORDED = {"init": None, "label_smoothing": 0.0, "image_size": 32}
 
 
 def coerce_types(row: dict[str, Any]) -> dict[str, Any]:

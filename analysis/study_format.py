@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .schema import clipped_fraction, config_hash, empty_row, is_fraction, mark, one_line, set_method
+from .schema import UNRECORDED, clipped_fraction, config_hash, empty_row, is_fraction, mark, one_line, set_method
 
 RESULTS_FILE = "results.json"
 FIDELITY_FILE = "fidelity.json"
@@ -46,7 +46,7 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     row.update(
         protocol="v2" if has_val else "v1", student=data["model"], stem=stem, width=STUDY_WIDTH, seed=data["seed"],
         epochs=data.get("epochs"), val_size=STUDY_VAL_SIZE if has_val else 0, data="cifar10",
-        clip_norm=STUDY_CLIP_NORM, kind="student" if teacher else "baseline",
+        clip_norm=STUDY_CLIP_NORM, kind="student" if teacher else "baseline", **UNRECORDED,
         epochs_completed=len(history) or data.get("epochs"),
         best_val_acc=data.get("best_val_acc"), best_val_epoch=data.get("best_val_epoch"),
         test_at_best_val=data.get("test_acc_best"), test_final=data["test_acc_final"],
@@ -57,6 +57,7 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     if teacher:
         # One `stem` field describes both networks of a run.
         row.update(teacher=teacher, teacher_stem=stem, teacher_width=STUDY_WIDTH, teacher_seed=STUDY_TEACHER_SEED,
+                   teacher_init=UNRECORDED["init"], teacher_label_smoothing=UNRECORDED["label_smoothing"],
                    pair=f"{teacher}→{data['model']}")
     if kd_type not in STUDY_METHODS:
         return mark(row, "corrupt", f"{path}: unknown kd_type {kd_type!r} (the study has {', '.join(STUDY_METHODS)})")

@@ -17,7 +17,9 @@ from .stats import Comparison, compare, mean_std
 DASH = "-"
 # Cell fields shown as a column only when they take more than one value in a table.
 # Widths are in the model names (aggregate.model_name).
-_OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "teacher_seed": "Teacher seed", "epochs": "Epochs",
+_OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "teacher_seed": "Teacher seed", "teacher_init": "Teacher init",
+                     "teacher_label_smoothing": "Teacher label smoothing", "init": "Init",
+                     "label_smoothing": "Label smoothing", "image_size": "Image size", "epochs": "Epochs",
                      "val_size": "Val split", "data": "Data"}
 STD_NOTE = "Values: mean ± sample std (ddof=1) over seeds, in %; a single seed shows the mean alone."
 

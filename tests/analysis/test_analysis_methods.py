@@ -162,17 +162,24 @@ STUDENT = {"params": {"student": 11_173_962, "method": 0, "teacher": 21_282_122}
            "gflops": {"student": 0.557, "teacher": 1.16}}
 
 
+REPORT = {"data.image_size": 224}  # every network of the report's protocol sees 224-pixel inputs
+
+
 def build_report(tree):
-    """The report's protocol in one experiment: a ResNet-34 teacher, a ResNet-18 from scratch and with KD."""
+    """The report's protocol in one experiment: a ResNet-34 teacher fine-tuned from ImageNet weights, a
+    ResNet-18 from scratch and with KD from it; beside it, a ResNet-34 trained from scratch (another
+    teacher: its accuracy must not be the report teacher's)."""
+    tree.kdexp(acc=0.9000, seed=0, experiment="scratch", student="resnet34", kind="teacher",
+               extra_config=REPORT, **TEACHER)
     for seed, acc in enumerate((0.9530, 0.9550)):
         tree.kdexp(acc=acc, seed=seed, experiment="report", student="resnet34", kind="teacher",
-                   images_per_s=900.0, **TEACHER)
+                   images_per_s=900.0, extra_config={**REPORT, "model.init": "imagenet"}, **TEACHER)
     for seed, acc in enumerate((0.9470, 0.9480)):
-        tree.kdexp(acc=acc, seed=seed, experiment="report", images_per_s=2000.0,
+        tree.kdexp(acc=acc, seed=seed, experiment="report", images_per_s=2000.0, extra_config=REPORT,
                    params=dict(STUDENT["params"], teacher=None), gflops=dict(STUDENT["gflops"], teacher=None))
     for seed, acc in enumerate((0.9500, 0.9520)):
         tree.kdexp(acc=acc, seed=seed, experiment="report", teacher="resnet34", method="logit",
-                   images_per_s=1500.0, **STUDENT)
+                   images_per_s=1500.0, extra_config={**REPORT, "teacher.init": "imagenet"}, **STUDENT)
 
 
 def test_teacher_vs_student_accuracy_retained_and_cost_ratios(tree):
@@ -181,7 +188,8 @@ def test_teacher_vs_student_accuracy_retained_and_cost_ratios(tree):
     tvs = t["teacher_vs_student"]
     base, logit = (as_dict(tvs, r) for r in tvs.rows)
     assert (base["Student"], logit["Student"]) == ("baseline", "logit (best: α=0.5, T=4)")
-    # The seed-0 teacher (teacher.seed=0): 95.30; students 94.75 and 95.10 on average.
+    # The seed-0 ImageNet-initialised teacher (teacher.seed=0, teacher.init=imagenet): 95.30, not the
+    # scratch one's 90.00; students 94.75 and 95.10 on average.
     assert (logit["Teacher (%)"], logit["Student (%)"]) == ("95.30", "95.10 ± 0.14")
     assert (base["Retained (%)"], logit["Retained (%)"]) == (f"{100 * 0.9475 / 0.9530:.2f}", "99.79")
     assert (logit["Teacher params (M)"], logit["Student params (M)"], logit["Params S/T"]) == ("21.3", "11.2", "0.525")
@@ -211,7 +219,7 @@ def test_cost_columns_reach_runs_csv(tree, tmp_path):
     logit = next(r for r in rows if r["kd"] == "logit")
     assert (logit["gflops_student"], logit["gflops_teacher"]) == ("0.557", "1.16")
     assert json.loads(logit["hparams"]) == {"alpha": 0.5, "T": 4.0} and logit["cell"] == "α=0.5, T=4"
-    assert (out / "teacher_vs_student.csv").is_file() and (out / "cost.csv").is_file()
+    assert (out / "report" / "teacher_vs_student.csv").is_file() and (out / "report" / "cost.csv").is_file()
 
 
 def packaged_methods_with_a_grid():
@@ -250,3 +258,21 @@ def test_every_packaged_method_appears_in_every_table_and_figure(tree, tmp_path)
         assert grid.columns[0] == next(iter(cls.grid)) and len(grid.rows) == 2, kd
         assert (f"exp__resnet34_to_resnet18__{slug(kd)}__heatmap" in figures) == (len(cls.grid) == 2), kd
     assert {"exp__delta_bars", "exp__resnet34_to_resnet18__curves"} <= figures
+
+
+def test_label_smoothed_and_plain_teachers_are_separate_pairs_with_their_own_teacher(tree):
+    """trainer.label_smoothing on a teacher makes another teacher (kdexp.teachers' identity): students
+    distilled from each are their own pair, each beside the teacher it distilled from and the same baseline."""
+    for seed in (0, 1):
+        tree.kdexp(acc=0.9470 + seed / 1000, seed=seed)
+    tree.kdexp(acc=0.9530, seed=0, experiment="teachers", student="resnet34", kind="teacher")
+    tree.kdexp(acc=0.9560, seed=0, experiment="teachers", student="resnet34", kind="teacher",
+               extra_config={"trainer.label_smoothing": 0.1})
+    for smoothing, gain in ((0.0, 0.002), (0.1, 0.004)):
+        for seed in (0, 1):
+            tree.kdexp(acc=0.9470 + seed / 1000 + gain + seed * 0.0002, seed=seed, teacher="resnet34", method="logit",
+                       extra_config={"teacher.label_smoothing": smoothing})
+    pairs = tables_of(analyse(collect(tree.root)))["pairs"]
+    rows = [as_dict(pairs, r) for r in pairs.rows]
+    assert [(r["Teacher label smoothing"], r["Teacher (%)"], r["Baseline (%)"], r["logit Δ (pp)"]) for r in rows] == [
+        ("0", "95.30", "94.75 ± 0.07", "+0.21"), ("0.1", "95.60", "94.75 ± 0.07", "+0.41")]

@@ -31,7 +31,7 @@ class NonFiniteLossError(RuntimeError):
         self.epoch = epoch
 
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def build_optimizer(student: nn.Module, method: nn.Module, optimizer: DictConfig, lr: float,
@@ -47,7 +47,7 @@ def build_optimizer(student: nn.Module, method: nn.Module, optimizer: DictConfig
         groups.append({"params": method_params, "clip": method.clip_with_student, "name": "method"})
     settings = {key: tuple(value) if isinstance(value, list) else value  # betas: a tuple, as torch keeps it
                 for key, value in OmegaConf.to_container(optimizer).items() if key != "name"}
-    return OPTIMIZERS[optimizer.name](groups, lr=lr, **settings, fused=True if fused else None)
+    return OPTIMIZER_CLASSES[optimizer.name](groups, lr=lr, **settings, fused=True if fused else None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer) -> torch.optim.lr_scheduler.LRScheduler:

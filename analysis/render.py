@@ -27,7 +27,11 @@ _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
                   "±": r"$\pm$", "→": r"$\to$", "Δ": r"$\Delta$", "α": r"$\alpha$", "β": r"$\beta$",
                   "−": r"$-$", "×": r"$\times$", "≥": r"$\geq$", "‖": r"$\|$", "†": r"$^\dagger$", "–": "--",
-                  "·": r"$\cdot$"}
+                  "·": r"$\cdot$", "÷": r"$\div$"}
+# A method's grid symbols may be any Greek letter (DIST's γ, ...): each in math mode, as α and β above.
+_GREEK = dict(zip("γδεζηθικλμνξπρστυφχψω", "gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi rho "
+                                            "sigma tau upsilon phi chi psi omega".split()))
+_LATEX_SPECIAL.update({letter: f"$\\{name}$" for letter, name in _GREEK.items()})
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
 
 

@@ -17,6 +17,7 @@ from analysis import collect
 from analysis.__main__ import main
 from analysis.figures import make_figures
 from analysis.pipeline import analyse
+from analysis.render import latex
 from runtree import tree  # noqa: F401 (fixtures)
 
 TOY_MODULE = '''
@@ -118,6 +119,8 @@ def test_a_method_outside_kdexp_is_collected_tabulated_and_drawn(tree, toy_modul
     assert as_dict(variants, variants.rows[1])["Δ variant − plain (pp)"] == "+0.61"
     for tab in t.values():
         assert any("Selection rule `" in n for n in tab.notes), tab.name
+        assert latex(tab).isascii(), tab.name  # any grid symbol (γ, ρ) in math mode: pdflatex takes it
+    assert r"$\rho$=2" in latex(grid)
 
     figures = {f.name for f in make_figures(analysis.experiments[0], tmp_path / "figures")}
     assert figures == {"exp__resnet34_to_resnet18__toy__heatmap", "exp__resnet34_to_resnet18__curves",

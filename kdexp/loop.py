@@ -238,12 +238,13 @@ class Loop:
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give each momentum buffer its parameter's memory layout: a checkpoint written with another
-    trainer.channels_last has buffers in the other layout, which fused SGD silently mismatches."""
+    """Give each per-parameter buffer (SGD's momentum, Adam's moments) its parameter's memory
+    layout: a checkpoint written with another trainer.channels_last has them in the other layout,
+    which fused kernels silently mismatch."""
     for p, state in optimizer.state.items():
-        buf = state.get("momentum_buffer")
-        if buf is not None and buf.stride() != p.stride():
-            state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+        for key, buf in state.items():
+            if isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(buf)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

@@ -17,7 +17,7 @@ from kdexp.data import Splits, TrainBatches, load_splits
 from kdexp.data.loaders import Batch, crop_flip, normalize
 from kdexp.execution import Execution
 from kdexp.job import build_loop, seed_everything
-from kdexp.loop import clip_gradients
+from kdexp.loop import _match_layouts, clip_gradients
 from kdexp.methods.logit import LogitKD
 from kdexp.models import build_model
 from kdexp.teachers import FrozenTeacher
@@ -243,6 +243,24 @@ def test_study_hours_count_every_run_of_the_study():
     assert hours["reference"]["total"] == pytest.approx((400 + 600 + 8100 + 2700) / 3600)
     assert hours["fast"]["total"] == pytest.approx((400 + 600 + 8100 + 2700 + 720) / 3600)
     assert hours["missing"] == []
+
+
+@pytest.mark.parametrize("kind, settings", [(torch.optim.SGD, {"momentum": 0.9}), (torch.optim.Adam, {})])
+def test_resumed_optimiser_state_takes_each_parameters_layout(kind, settings):
+    """State written under trainer.channels_last=true (NHWC), resumed without it: every per-parameter
+    buffer (momentum; Adam's two moments) is given the parameter's layout, which fused kernels assume."""
+    weight = torch.randn(8, 4, 3, 3)
+    nhwc = torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
+    written = kind([nhwc], lr=0.1, **settings)
+    nhwc.grad = torch.randn_like(nhwc)
+    written.step()
+    nchw = torch.nn.Parameter(weight.clone())
+    resumed = kind([nchw], lr=0.1, **settings)
+    resumed.load_state_dict(written.state_dict())
+    _match_layouts(resumed)
+    buffers = [buf for buf in resumed.state[nchw].values() if buf.shape == nchw.shape]
+    assert buffers and all(buf.stride() == nchw.stride() for buf in buffers)
+    torch.testing.assert_close(buffers, [buf for buf in written.state[nhwc].values() if buf.shape == nhwc.shape])
 
 
 @pytest.mark.parametrize("before, after", [((), FAST[1:]), (FAST[1:], ())])

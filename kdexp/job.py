@@ -18,6 +18,7 @@ from torch import nn
 import kdexp
 from kdexp import checkpoint, runlock, teacher_cache
 from kdexp.config import ConfigError, run_role, validate
+from kdexp.cost import network_gflops
 from kdexp.data import DataError, EvalBatches, Splits, build_train_batches, check_present, data_identity, load_splits
 from kdexp.data.fake import write_fake_cifar
 from kdexp.evaluation import accuracy, predict
@@ -25,6 +26,7 @@ from kdexp.execution import Execution
 from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
 from kdexp.models import build_model, count_parameters
 from kdexp.outcome import Outcome
+from kdexp.pretrained import init_missing, initialise
 from kdexp.records import kept_result, unwritable, write_result
 from kdexp.teachers import (TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command)
 
@@ -65,17 +67,17 @@ def _start(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     started = time.time()
     loop = None
     try:
-        loop, images = _build(cfg, method, execution, device, run_dir)
+        loop, images, init = _build(cfg, method, execution, device, run_dir)
         loop.resume()
         state = loop.fit()
-        result = _result(cfg, method, loop, state, started)
+        result = {**_result(cfg, method, loop, state, started), "init": init}
         if loop.teacher is not None:
             path = resolve_teacher_path(cfg)
             result["teacher"] = {"path": str(path.resolve()), "sha256": checkpoint.file_sha256(path)}
         if export is not None:
             identity = data_identity(cfg.data.name, images, cfg.data.val_size, cfg.data.split_seed)
             export_teacher(loop.student, export, cfg.seed, cfg.data, identity, state.history[-1]["test_acc"],
-                           str(run_dir))
+                           str(run_dir), init, cfg.trainer.label_smoothing)
             result["teacher_checkpoint"] = str(export)
             result["teacher_checkpoint_sha256"] = checkpoint.file_sha256(export)
             log.info("exported teacher to %s", export)
@@ -128,7 +130,8 @@ def restore_teacher_export(cfg: DictConfig, run_dir: Path, result: dict) -> None
     model.load_state_dict(weights)
     images = _images(_load_data(cfg.data))
     identity = data_identity(cfg.data.name, images, cfg.data.val_size, cfg.data.split_seed)
-    export_teacher(model, path, cfg.seed, cfg.data, identity, result["test_acc_final"], str(run_dir))
+    export_teacher(model, path, cfg.seed, cfg.data, identity, result["test_acc_final"], str(run_dir),
+                   result.get("init"), cfg.trainer.label_smoothing)
     log.info("re-exported teacher %s from %s (the run is complete; not retrained)", path, last)
 
 
@@ -151,8 +154,10 @@ def check_writable(folder: Path, what: str) -> None:
 
 def resolve_teacher_export_path(cfg: DictConfig) -> Path:
     """Where this teacher run's weights go: the path students of the same identity look up."""
-    teacher_view = OmegaConf.merge(cfg, {"teacher": {"arch": cfg.model.arch, "stem": cfg.model.stem,
-                                                     "width": cfg.model.width, "seed": cfg.seed, "ckpt": None}})
+    m = cfg.model
+    teacher_view = OmegaConf.merge(cfg, {"teacher": {"arch": m.arch, "stem": m.stem, "width": m.width, "seed": cfg.seed,
+                                                     "init": m.init, "label_smoothing": cfg.trainer.label_smoothing,
+                                                     "ckpt": None}})
     return resolve_teacher_path(teacher_view)
 
 
@@ -168,6 +173,9 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
         _check_data(cfg.data)
     except (DataError, CannotStart) as err:
         problems.append(str(err))
+    missing = init_missing(cfg.model.init, cfg.model.arch) if cfg.model.init else None
+    if missing:
+        problems.append(missing)
     what = f"{run_role(cfg)} {cfg.model.arch} (w{cfg.model.width}, {cfg.model.stem} stem)"
     if method.needs_teacher:
         path = resolve_teacher_path(cfg)
@@ -227,15 +235,20 @@ def _images(splits: Splits) -> int:
 
 
 def _build(cfg: DictConfig, method, execution: Execution, device: torch.device,
-           run_dir: Path) -> tuple[Loop, int]:
-    """The loop, and the number of training images before the val split (for data identities)."""
+           run_dir: Path) -> tuple[Loop, int, dict | None]:
+    """The loop, the number of training images before the val split (for data identities) and
+    the student's initial weights as `kdexp.pretrained.initialise` records them (None: from scratch)."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     splits = _load_data(cfg.data)
     teacher = execution.prepare(load_teacher(cfg, device, _images(splits))) if method.needs_teacher else None
     teacher_logits = None
     if execution.teacher_cache:
-        teacher_logits = teacher_cache.load_or_build(resolve_teacher_path(cfg), teacher, splits.train_x, execution)
-    return build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits), _images(splits)
+        teacher_logits = teacher_cache.load_or_build(resolve_teacher_path(cfg), teacher, splits.train_x, execution,
+                                                     cfg.data.image_size)
+    loop = build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits)
+    # in place, before any step (a resumed run then loads its last.pt over it)
+    init = initialise(loop.student, cfg.model.init) if cfg.model.init else None
+    return loop, _images(splits), init
 
 
 def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, teacher: nn.Module | None,
@@ -248,14 +261,16 @@ def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, te
     student = execution.prepare(build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem,
                                             cfg.model.width).to(device))
     method.bind(student, teacher)
+    method.label_smoothing = cfg.trainer.label_smoothing
     execution.prepare(method.to(device))
-    optimizer = build_optimizer(student, method, cfg.trainer, execution.fused)
-    test = EvalBatches(splits.test_x, splits.test_y, d.eval_batch_size, device, execution.channels_last)
-    val = EvalBatches(splits.val_x, splits.val_y, d.eval_batch_size, device, execution.channels_last) \
-        if d.val_size else None
+    optimizer = build_optimizer(student, method, cfg.optimizer, cfg.trainer.lr, execution.fused)
+    test = EvalBatches(splits.test_x, splits.test_y, d.eval_batch_size, device, execution.channels_last,
+                       d.image_size)
+    val = EvalBatches(splits.val_x, splits.val_y, d.eval_batch_size, device, execution.channels_last,
+                      d.image_size) if d.val_size else None
     train = build_train_batches(d.loader, splits.train_x, splits.train_y, cfg.trainer.batch_size, cfg.seed,
                                 device, cfg.trainer.max_steps_per_epoch, execution.channels_last,
-                                num_workers=d.num_workers)
+                                d.image_size, num_workers=d.num_workers)
     teacher_test_logits = predict(teacher, test) if teacher is not None else None
     return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.trainer), train, val, test,
                 cfg.trainer, run_dir, teacher_test_logits=teacher_test_logits, execution=execution,
@@ -277,6 +292,7 @@ def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
     return {
         **_identity(cfg, method), "status": "completed", "error": None, "failed_epoch": None,
         "epochs_completed": state.epoch,
+        "stopped_early_epoch": state.stopped_early_epoch,  # trainer.early_stopping ended it there (null: it did not)
         "best_val_acc": state.best_val["val_acc"] if state.best_val else None,
         "best_val_epoch": state.best_val["epoch"] if state.best_val else None,
         "test_acc_at_best_val": state.best_val["test_acc"] if state.best_val else None,
@@ -290,6 +306,7 @@ def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
         "clip_fraction": sum(r["clip_fraction"] for r in history) / len(history),
         "params": {"student": count_parameters(loop.student), "method": count_parameters(loop.method),
                    "teacher": count_parameters(loop.teacher) if loop.teacher is not None else None},
+        "gflops": _gflops(cfg, loop.teacher is not None),
         "wall_seconds": time.time() - started,  # this process only (a resumed run started later)
         "train_seconds": sum(r["epoch_seconds"] for r in history),  # every epoch, across resumes
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
@@ -297,6 +314,13 @@ def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
         "execution": loop.execution.record(),
         **_provenance(),
     }
+
+
+def _gflops(cfg: DictConfig, with_teacher: bool) -> dict:
+    """Forward GFLOPs per image at data.image_size (kdexp.cost: 2 per multiply-accumulate)."""
+    m, t, size = cfg.model, cfg.teacher, cfg.data.image_size
+    return {"student": network_gflops(m.arch, m.num_classes, m.stem, m.width, size),
+            "teacher": network_gflops(t.arch, m.num_classes, t.stem, t.width, size) if with_teacher else None}
 
 
 def device_name(device: torch.device) -> str:

@@ -1,8 +1,9 @@
 """Teachers: where a teacher's checkpoint lives, how it is exported, loaded, checked and frozen.
 
-A teacher is identified by (arch, stem, width, seed, data); its checkpoint path is derived from that
-identity under `paths.teachers_dir`, so every student finds the teacher its config names and no
-run ever distils from a random network.
+A teacher is identified by (arch, stem, width, seed, init, label smoothing, data and its image
+size); its checkpoint path is derived from that identity under `paths.teachers_dir`, so every
+student finds the teacher its config names (an ImageNet-initialised or label-smoothed teacher never
+shares a file with a scratch, plain-CE one) and no run ever distils from a random network.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from torch import nn
 from kdexp import checkpoint
 from kdexp.config import register_configs
 from kdexp.data import data_identity, split_indices
+from kdexp.data.loaders import SIZE
+from kdexp.methods.base import fmt
 from kdexp.models import build_model, state_dict_misfit
+from kdexp.pretrained import init_name
 
 FORMAT = "kdexp-teacher-v1"
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -30,29 +34,37 @@ class TeacherError(RuntimeError):
     """Missing, unreadable, mismatched or wrongly trained teacher weights: always fatal."""
 
 
+# What an export made before kdexp recorded these was trained with.
+UNRECORDED = {"image_size": SIZE, "init": None, "label_smoothing": 0.0}
+
+
 def data_id(data: DictConfig) -> str:
     """`cifar10_val5000_split1234`; generated data carries its sizes (`fake3000x1000_...`), so
-    teachers trained on different generated sets never share a path."""
+    teachers trained on different generated sets never share a path; inputs resized to another
+    image size than CIFAR's 32 pixels say so (`cifar10_224px_val5000_split1234`)."""
     name = f"fake{data.fake_train_size}x{data.fake_test_size}" if data.name == "fake" else data.name
+    size = f"_{data.image_size}px" if data.image_size != SIZE else ""
     split = f"_val{data.val_size}_split{data.split_seed}" if data.val_size else "_full"
-    return f"{name}{split}"
+    return f"{name}{size}{split}"
 
 
-def teacher_path(teachers_dir: str, arch: str, stem: str, width: int, seed: int, data: DictConfig) -> Path:
-    return Path(teachers_dir) / data_id(data) / f"{arch}_{stem}_w{width}_seed{seed}.pt"
+def teacher_name(t: DictConfig) -> str:
+    """`resnet34_cifar_w64_seed0`, plus how it was trained when not from scratch with plain CE:
+    `resnet34_imagenet_w64_seed0_init-imagenet_ls0.1`."""
+    init = f"_init-{init_name(t.init)}" if t.init else ""
+    smoothing = f"_ls{fmt(t.label_smoothing)}" if t.label_smoothing else ""
+    return f"{t.arch}_{t.stem}_w{t.width}_seed{t.seed}{init}{smoothing}"
 
 
 def resolve_teacher_path(cfg: DictConfig) -> Path:
-    t = cfg.teacher
-    if t.ckpt:
-        return Path(t.ckpt)
-    return teacher_path(cfg.paths.teachers_dir, t.arch, t.stem, t.width, t.seed, cfg.data)
+    if cfg.teacher.ckpt:
+        return Path(cfg.teacher.ckpt)
+    return derived_teacher_path(cfg)
 
 
 def derived_teacher_path(cfg: DictConfig) -> Path:
     """Where this config's teacher lives by its identity (ignoring teacher.ckpt)."""
-    t = cfg.teacher
-    return teacher_path(cfg.paths.teachers_dir, t.arch, t.stem, t.width, t.seed, cfg.data)
+    return Path(cfg.paths.teachers_dir) / data_id(cfg.data) / f"{teacher_name(cfg.teacher)}.pt"
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -77,7 +89,8 @@ def train_command(cfg: DictConfig) -> str:
               ("paths.teachers_dir", paths.teachers_dir, None),
               ("data.fake_train_size", d.fake_train_size, None), ("data.fake_test_size", d.fake_test_size, None),
               ("data.root", d.root, None), ("data.val_size", d.val_size, None), ("data.split_seed", d.split_seed, None),
-              ("model.stem", t.stem, None), ("model.width", t.width, None), ("seed", t.seed, None)]
+              ("data.image_size", d.image_size, None), ("model.stem", t.stem, None), ("model.width", t.width, None),
+              ("model.init", t.init, None), ("trainer.label_smoothing", t.label_smoothing, None), ("seed", t.seed, None)]
     composed = _compose(overrides)
     for key, want, override in needed:
         if OmegaConf.select(composed, key) != want:
@@ -87,12 +100,15 @@ def train_command(cfg: DictConfig) -> str:
 
 
 def export_teacher(model: nn.Module, path: Path, seed: int, data: DictConfig, identity: dict, test_acc: float,
-                   run_dir: str) -> None:
-    """Write the teacher checkpoint students load: weights, architecture and the data identity
-    (`kdexp.data.data_identity`) it was trained on."""
+                   run_dir: str, init: dict | None = None, label_smoothing: float = 0.0) -> None:
+    """Write the teacher checkpoint students load: weights, architecture, how it was trained (`init`:
+    its initial weights as `kdexp.pretrained.initialise` records them; the CE's label smoothing)
+    and the data identity (`kdexp.data.data_identity`) and image size it was trained on."""
     checkpoint.save(path, {
         "format": FORMAT, "arch": model.arch, "stem": model.stem, "width": model.width,
-        "num_classes": model.num_classes, "seed": seed, "data": data_id(data), "data_identity": identity,
+        "num_classes": model.num_classes, "image_size": data.image_size, "seed": seed,
+        "init": init_name(init["init"]) if init else None, "init_sha256": init["sha256"] if init else None,
+        "label_smoothing": label_smoothing, "data": data_id(data), "data_identity": identity,
         "test_acc": test_acc, "run_dir": run_dir, "state_dict": model.state_dict(),
     })
 
@@ -129,8 +145,10 @@ def load_teacher(cfg: DictConfig, device: torch.device, images: int) -> FrozenTe
                            f"again (a completed teacher run re-exports without retraining): "
                            f"{train_command(cfg)}") from None
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        expected = {"arch": t.arch, "stem": t.stem, "width": t.width, "num_classes": cfg.model.num_classes}
-        wrong = {k: (state[k], v) for k, v in expected.items() if state[k] != v}
+        expected = {"arch": t.arch, "stem": t.stem, "width": t.width, "num_classes": cfg.model.num_classes,
+                    "image_size": cfg.data.image_size, "init": init_name(t.init), "label_smoothing": t.label_smoothing}
+        recorded = {**UNRECORDED, **state}
+        wrong = {k: (recorded[k], v) for k, v in expected.items() if recorded[k] != v}
         if wrong:
             details = ", ".join(f"{k}: checkpoint has {have!r}, config asks {want!r}" for k, (have, want) in wrong.items())
             raise TeacherError(f"teacher checkpoint {path} does not match teacher config ({details}); "
@@ -156,8 +174,9 @@ def _check_exists(cfg: DictConfig, path: Path) -> None:
         raise TeacherError(f"teacher.ckpt={path} {what}: point it at a teacher checkpoint file, or drop "
                            f"teacher.ckpt to use {derived_teacher_path(cfg)} (trained by: {train_command(cfg)})")
     t = cfg.teacher
+    trained = "".join(f", {key}={t[key]}" for key in ("init", "label_smoothing") if t[key])
     raise TeacherError(f"teacher checkpoint not found: {path} (teacher.arch={t.arch}, stem={t.stem}, "
-                       f"width={t.width}, seed={t.seed}, data={data_id(cfg.data)}); train it first: "
+                       f"width={t.width}, seed={t.seed}{trained}, data={data_id(cfg.data)}); train it first: "
                        f"{train_command(cfg)} (or point teacher.ckpt at an existing checkpoint)")
 
 

@@ -1,12 +1,14 @@
-"""A missing or wrong teacher is always a hard error; a loaded teacher is frozen in eval mode."""
+"""A missing or wrong teacher is always a hard error; a loaded teacher is frozen in eval mode; how a
+teacher was trained (init, label smoothing, image size) is part of its identity."""
 import pytest
 import torch
 
 from helpers import compose_cfg
-from kdexp.checkpoint import save
+from kdexp.checkpoint import load, save
+from kdexp.job import resolve_teacher_export_path
 from kdexp.models import build_model
 from kdexp.data import data_identity
-from kdexp.teachers import FrozenTeacher, TeacherError, export_teacher, load_teacher, resolve_teacher_path
+from kdexp.teachers import FrozenTeacher, TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command
 
 IMAGES = 50_000  # CIFAR-10's training set, before the val split
 
@@ -133,3 +135,49 @@ def test_teacher_without_a_data_record_is_used_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         _load(_cfg(tmp_path, f"teacher.ckpt={path}"))
     assert "records no training data" in caplog.text
+
+
+def test_how_a_teacher_was_trained_is_part_of_its_path():
+    """An ImageNet-initialised or label-smoothed teacher, or one trained at another image size, never
+    shares a file with the scratch, plain-CE, 32-pixel one (whose path is what it always was)."""
+    scratch = resolve_teacher_path(_cfg("/out"))
+    assert str(scratch) == "/out/teachers/cifar10_val5000_split1234/resnet34_cifar_w4_seed0.pt"
+    other = resolve_teacher_path(_cfg("/out", "teacher.init=imagenet", "teacher.label_smoothing=0.1",
+                                      "data.image_size=224"))
+    assert str(other) == "/out/teachers/cifar10_224px_val5000_split1234/resnet34_cifar_w4_seed0_init-imagenet_ls0.1.pt"
+    from_file = resolve_teacher_path(_cfg("/out", "teacher.init=/weights/r34_in1k.pth"))
+    assert from_file.name == "resnet34_cifar_w4_seed0_init-r34_in1k.pt"
+
+
+def test_a_teacher_run_exports_where_its_students_look():
+    teacher_run = compose_cfg("experiment=teacher", "model=resnet34", "model.width=4", "model.init=/here/r34.pth",
+                              "trainer.label_smoothing=0.1", "data.image_size=64", "paths.output_dir=/out")
+    student = _cfg("/out", "teacher.init=/there/r34.pth", "teacher.label_smoothing=0.1", "data.image_size=64")
+    assert resolve_teacher_export_path(teacher_run) == resolve_teacher_path(student)
+    command = train_command(student)
+    assert command.endswith("data.image_size=64 model.width=4 model.init=/there/r34.pth trainer.label_smoothing=0.1")
+    assert compose_cfg(*command.split()[3:], "paths.output_dir=/out").model.init == "/there/r34.pth"
+
+
+@pytest.mark.parametrize("asked, complaint", [
+    ("teacher.init=imagenet", "init: checkpoint has None, config asks 'imagenet'"),
+    ("teacher.label_smoothing=0.1", "label_smoothing: checkpoint has 0.0, config asks 0.1"),
+    ("data.image_size=224", "image_size: checkpoint has 32, config asks 224"),
+])
+def test_a_teacher_trained_otherwise_than_asked_is_refused(tmp_path, asked, complaint):
+    path = tmp_path / "teacher.pt"
+    _export(build_model("resnet34", width=4), _cfg(tmp_path), path)
+    with pytest.raises(TeacherError, match="does not match teacher config") as err:
+        _load(_cfg(tmp_path, f"teacher.ckpt={path}", asked))
+    assert complaint in str(err.value)
+
+
+def test_a_teacher_records_how_it_was_trained(tmp_path):
+    cfg = _cfg(tmp_path, "teacher.init=imagenet", "teacher.label_smoothing=0.1", "data.image_size=64")
+    init = {"init": "imagenet", "file": "/hub/resnet34-b627a593.pth", "sha256": "b627a593" + "0" * 56}
+    export_teacher(build_model("resnet34", width=4), resolve_teacher_path(cfg), 0, cfg.data,
+                   data_identity("cifar10", IMAGES, 5000, 1234), 0.5, "somewhere", init, 0.1)
+    state = load(resolve_teacher_path(cfg))
+    assert (state["init"], state["init_sha256"], state["label_smoothing"], state["image_size"]) == \
+        ("imagenet", init["sha256"], 0.1, 64)
+    _load(cfg)  # and the student that asks for it gets it

@@ -2,12 +2,15 @@
 teacher was trained (init, label smoothing, image size) is part of its identity."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import compose_cfg
 from kdexp.checkpoint import load, save
-from kdexp.job import resolve_teacher_export_path
+from kdexp.config import build_method
+from kdexp.data import Splits, data_identity
+from kdexp.execution import Execution
+from kdexp.job import build_loop, resolve_teacher_export_path
 from kdexp.models import build_model
-from kdexp.data import data_identity
 from kdexp.teachers import FrozenTeacher, TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command
 
 IMAGES = 50_000  # CIFAR-10's training set, before the val split
@@ -181,3 +184,15 @@ def test_a_teacher_records_how_it_was_trained(tmp_path):
     assert (state["init"], state["init_sha256"], state["label_smoothing"], state["image_size"]) == \
         ("imagenet", init["sha256"], 0.1, 64)
     _load(cfg)  # and the student that asks for it gets it
+
+
+def test_a_label_smoothed_teacher_run_trains_on_smoothed_targets(tmp_path):
+    """trainer.label_smoothing reaches the CE the run minimises (the job sets it on the method)."""
+    cfg = compose_cfg("experiment=teacher", "model.width=4", "trainer.label_smoothing=0.1", f"paths.output_dir={tmp_path}")
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10
+    splits = Splits(images, labels, images[:0], labels[:0], images, labels)
+    loop = build_loop(cfg, build_method(cfg.method), Execution(), splits, None, torch.device("cpu"), tmp_path)
+    batch = next(loop.train.epoch(1))
+    parts, logits = loop.losses(batch.x, batch.y, None)
+    assert torch.equal(parts["ce"], F.cross_entropy(logits, batch.y, label_smoothing=0.1))
+    assert not torch.equal(parts["ce"], F.cross_entropy(logits, batch.y))

@@ -2,32 +2,25 @@
 the real entry point on generated data: each learns above chance under the run tag and label its
 class gives, DKD's warm-up follows the epoch also across a kill and resume (to identical metrics),
 and each trains from the teacher-logit cache exactly as from the live teacher (CPU, 1e-5)."""
-import copy
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from helpers import REPO, compose_cfg, run_train, student_args, without_timing
-from kdexp import teacher_cache
-from kdexp.config import validate
-from kdexp.data import Splits, load_splits
-from kdexp.execution import Execution
-from kdexp.job import build_loop, seed_everything
-from kdexp.models import build_model
+# test_fast_path's tiny split, teacher, cache and in-process loop (fixtures imported are fixtures here)
+from test_fast_path import _loop as cpu_loop, cache, splits, teacher  # noqa: F401
+from helpers import QUICK, REPO, run_train, student_args, without_timing
 from kdexp.records import read_metrics, read_result
-from kdexp.teachers import FrozenTeacher
 
-CPU = torch.device("cpu")
-# The quickstart's 3 epochs at width 4 (these logit methods learn there: 55-72 % measured); DKD runs
-# 4 epochs with a 3-epoch warm-up, so its weight ramps (1/3, 2/3) and then holds (1, 1), and a kill after epoch 2
-# resumes inside the ramp.
+# The quickstart's 3 epochs at width 4 (these methods learn there: 55-72 % measured); DKD runs 4
+# epochs with a 3-epoch warm-up, so its weight ramps (1/3, 2/3) and then holds (1, 1), and a kill
+# after epoch 2 resumes inside the ramp.
 METHODS = {
     "dkd": ("method=dkd", "method.warmup=3", "trainer.epochs=4"),
     "dist": ("method=dist",),
@@ -73,62 +66,42 @@ def test_dkd_weight_follows_the_epoch_in_progress(runs):
     assert weights == pytest.approx([1 / 3, 2 / 3, 1, 1], rel=1e-4)
 
 
-def test_killed_dkd_run_resumes_to_identical_metrics(runs, tmp_path, teacher_run, fake_root):
-    """Killed inside the warm-up, the resumed run sets the epoch again (the buffer is not saved)."""
-    args = _args(tmp_path, fake_root, teacher_run, "dkd")
+def run_until_killed(args: tuple[str, ...], folder, epochs: int) -> Path:
+    """Start a training run and SIGTERM it (what SLURM sends on preemption or at the time limit) once
+    `epochs` epochs are in its metrics; returns its run dir, checked unfinished."""
     proc = subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = None, time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        metrics = next(tmp_path.rglob("metrics.jsonl"), None)
-        if metrics and len(metrics.read_text().splitlines()) >= 2:
-            proc.send_signal(signal.SIGTERM)  # what SLURM sends on preemption or at the time limit
+        metrics = next(folder.rglob("metrics.jsonl"), None)
+        if metrics and len(metrics.read_text().splitlines()) >= epochs:
+            proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
     assert metrics is not None and not (metrics.parent / "result.json").exists(), "run was not interrupted"
+    return metrics.parent
+
+
+def test_killed_dkd_run_resumes_to_identical_metrics(runs, tmp_path, teacher_run, fake_root):
+    """Killed inside the warm-up, the resumed run sets the epoch again (the buffer is not saved)."""
+    args = _args(tmp_path, fake_root, teacher_run, "dkd")
+    run_dir = run_until_killed(args, tmp_path, epochs=2)
     resumed = run_train(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epoch = int(re.search(r"resuming .* after epoch (\d+)", resumed.stdout + resumed.stderr).group(1))
     assert 2 <= epoch < 4
-    assert without_timing(read_metrics(metrics.parent)) == without_timing(read_metrics(runs["dkd"]))
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(runs["dkd"]))
 
 
-@pytest.fixture(scope="module")
-def splits(fake_root) -> Splits:
-    s = load_splits(fake_root, 200, 1234, verify_md5=False)
-    return Splits(s.train_x[:192], s.train_y[:192], s.val_x[:64], s.val_y[:64], s.test_x[:64], s.test_y[:64])
-
-
-@pytest.fixture(scope="module")
-def teacher() -> FrozenTeacher:
-    torch.manual_seed(1)
-    return FrozenTeacher(build_model("resnet18", width=4))
-
-
-def _loop(run_dir, splits, teacher, method_args, cache_flag, cache=None):
-    cfg = compose_cfg("protocol=quickstart", "model.width=4", "teacher=resnet18", "teacher.width=4", *method_args,
-                      "method.T=3", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", "trainer.batch_size=32",
-                      "data.eval_batch_size=64", f"trainer.teacher_cache={cache_flag}")
-    method = validate(cfg)
-    execution = Execution.resolve(cfg.trainer, CPU, method, cfg.data.loader)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    return build_loop(cfg, method, execution, splits, execution.prepare(copy.deepcopy(teacher)), CPU, run_dir,
-                      cache if execution.teacher_cache else None)
-
-
-@pytest.fixture(scope="module")
-def cache(teacher, splits) -> torch.Tensor:
-    return teacher_cache.build(teacher, splits.train_x, Execution())
-
-
-@pytest.mark.parametrize("method_args", [("method=dkd", "method.warmup=1"), ("method=dist",),
-                                         ("method=logit", "method.standardize=true")], ids=["dkd", "dist", "logit(std)"])
-def test_teacher_logit_cache_trains_like_the_live_teacher(tmp_path, splits, teacher, cache, method_args):
+@pytest.mark.parametrize("method, options", [("dkd", ("method.warmup=1",)), ("dist", ()),
+                                             ("logit", ("method.standardize=true",))], ids=["dkd", "dist", "logit(std)"])
+def test_teacher_logit_cache_trains_like_the_live_teacher(tmp_path, splits, teacher, cache, method, options):
     """Logit-only methods may replace the teacher by its cached logits: two epochs, every metric equal
     to 1e-5 relative, accuracies and agreement exactly."""
-    live = _loop(tmp_path / "live", splits, teacher, method_args, "false")
-    cached = _loop(tmp_path / "cached", splits, teacher, method_args, "true", cache)
+    live = cpu_loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false", *options, method=method)
+    cached = cpu_loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", *options, method=method,
+                      cache=cache)
     assert cached.teacher_logits is not None and live.teacher_logits is None
     a, b = without_timing(live.fit().history), without_timing(cached.fit().history)
     assert [r.keys() for r in a] == [r.keys() for r in b]
@@ -136,3 +109,26 @@ def test_teacher_logit_cache_trains_like_the_live_teacher(tmp_path, splits, teac
         for key, value in ra.items():
             exact = key.endswith("acc") or key == "agreement" or not isinstance(value, float)
             assert rb[key] == (value if exact else pytest.approx(value, rel=1e-5, abs=1e-7)), key
+
+
+def test_label_smoothing_teachers_preset_distils_from_the_smoothed_teacher(tmp_path, fake_root):
+    """experiment=label_smoothing_teachers: its students look up the teacher trained with
+    trainer.label_smoothing=0.1 (an export of its own, `_ls0.1`), the dry run says how to train it,
+    and once trained (that command, shortened) they distil from it."""
+    common = ("protocol=quickstart", f"data.root={fake_root}", f"paths.output_dir={tmp_path}", "trainer.progress=false")
+    cell = ("experiment=label_smoothing_teachers", "pair=r34_to_r18", "seed=0", "method.alpha=0.5", "method.T=4",
+            "teacher.width=4", "model.width=4")
+    dry = run_train("-m", *common, *cell, "dry_run=true")
+    assert dry.returncode == 2, dry.stderr[-3000:]
+    out = dry.stdout + dry.stderr
+    assert re.search(r"resnet34_cifar_w4_seed0_ls0\.1\.pt: MISSING", out), out[-3000:]
+    command = re.search(r"python -m kdexp\.train (experiment=teacher .*)", out).group(1).split()
+    assert "trainer.label_smoothing=0.1" in command
+    teacher = run_train(*command, *QUICK)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    exports = sorted(p.name for p in (tmp_path / "teachers").rglob("*.pt"))
+    assert exports == ["resnet34_cifar_w4_seed0_ls0.1.pt"]  # the plain teacher's name stays free
+    student = run_train("-m", *common, *cell, *QUICK)
+    assert student.returncode == 0, student.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.rglob("result.json") if "-to-" in str(p)]
+    assert read_result(run_dir)["teacher"]["path"].endswith("resnet34_cifar_w4_seed0_ls0.1.pt")

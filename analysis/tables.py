@@ -233,8 +233,8 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
         "(percentage points) on every seed both ran, paired by seed; 'within noise': its 95% CI contains 0 "
         "(test and seeds: see the significance table). Best method: the largest such Δ ('none (baseline)' "
         "where no method gains).",
-        "Teacher: the teacher run the students distilled from (same architecture, stem, width, data and "
-        "seed = teacher.seed).",
+        "Teacher: the teacher run the students distilled from (same architecture, stem, width, init, label "
+        "smoothing, data, image size and seed = teacher.seed).",
         _best_config_note(exp, label), selection_seeds_note(chosen_on)]
     if unmatched:
         notes.append("Seeds not in Δ (run by one side only): " + "; ".join(unmatched) + ".")

@@ -23,7 +23,7 @@ quickstart: install
 	@echo "runs: outputs/quickstart/   report: outputs/quickstart/report/report.html"
 
 slurm-deps:
-	bash launch/install_slurm.sh
+	bash tests/cluster/install_slurm.sh
 
 test: install
 	$(PY) -m pytest -q

@@ -7,6 +7,13 @@ whether it has completed, and which teacher it needs: a student driver depends o
 driver that exports the checkpoint its config names. The other drivers are small CPU steps (v2
 selection, analysis) marked done by the file they write. Build a plan inside
 `launch.sweep.hydra_session()`.
+
+What the study trains is read from the configs, never restated here: the pairs, seeds and protocol
+from the experiment preset a protocol runs (conf/experiment/paper_v1.yaml: `hydra.sweeper.params.pair`,
+composed as `kdexp.train -m experiment=paper_v1` composes it), each pair's networks from
+conf/pair/, and each grid's cells from its conf/kd_grid/ preset. A protocol only names its default
+grids (`launch.study --grids` chooses others, e.g. logit,feature,dkd: one students' driver per pair
+and grid).
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -28,6 +37,7 @@ from kdexp.teachers import resolve_teacher_path
 from launch.sweep import compose_job, expand, run_dir, task_config
 
 # A100 seconds per training epoch at full width (study-notes: fp32, deterministic cudnn; R101 estimated).
+# A run with another network gets no estimate (said in the plan), not a guess.
 EPOCH_SECONDS = {"resnet18": 6.4, "resnet34": 10.0, "resnet50": 18.6, "resnet101": 35.0}
 # A distilled student's epoch adds the teacher's forward pass: about a third of the teacher's
 # training epoch (forward + backward ~ 3 forwards).
@@ -36,9 +46,6 @@ COST_NOTE = ("A100 estimate from seconds per epoch " +
              ", ".join(f"R{arch.removeprefix('resnet')} {s:g}" for arch, s in EPOCH_SECONDS.items()) +
              "; a distilled student's epoch = its own + 1/3 of its teacher's (the teacher's forward pass)")
 
-GRIDS = ("logit", "feature")  # kd_grid names, which are also the method names
-V1_PAIRS = ("r34_to_r18", "r50_to_r18", "r50_to_r34")
-V2_PAIRS = (*V1_PAIRS, "r101_to_r34")
 STUDY_DIR = ".study"
 # Every override of the study command goes to every training job: one that a stage cannot take is an error.
 EVERY_JOB = "launch.study passes every override to every training job, so it takes only keys that every stage has"
@@ -60,7 +67,15 @@ class Job:
         return run_dir(self.cfg)
 
     @property
-    def gpu_hours(self) -> float:
+    def unestimated(self) -> set[str]:
+        """This run's networks without an epoch time in EPOCH_SECONDS."""
+        return {arch for arch in (self.cfg.model.arch, self.cfg.teacher.arch) if arch and arch not in EPOCH_SECONDS}
+
+    @property
+    def gpu_hours(self) -> float | None:
+        """A100 hours (None: no estimate for one of its networks)."""
+        if self.unestimated:
+            return None
         seconds = EPOCH_SECONDS[self.cfg.model.arch]
         if self.cfg.teacher.arch:
             seconds += TEACHER_SHARE * EPOCH_SECONDS[self.cfg.teacher.arch]
@@ -90,16 +105,13 @@ class Driver:
     after: list[str] = field(default_factory=list)
     dependency: str = "afterok"
     output: Path | None = None        # CPU steps: the file they write marks them done
+    outdated: bool = False            # CPU steps: their file exists but misses part of this plan
     files: dict[Path, str] = field(default_factory=dict)  # written before the driver is submitted
     awaits_selection: bool = False    # v2 finals before selected.json: cells unknown, never done
 
-    @property
-    def gpu_hours(self) -> float:
-        return sum(j.gpu_hours for j in self.jobs)
-
     def done(self) -> bool:
         if self.output is not None:
-            return self.output.is_file()
+            return self.output.is_file() and not self.outdated
         return not self.awaits_selection and all(j.status() == "completed" for j in self.jobs)
 
 
@@ -121,6 +133,75 @@ class Plan:
         return [d for d in self.drivers if d.stage == stage]
 
 
+def estimate(jobs: Sequence[Job]) -> str:
+    """`39.9 GPU-h`, and how many runs have no estimate and why: `+ 3 runs not estimated (no epoch
+    time for resnet20)`."""
+    known = sum(j.gpu_hours or 0.0 for j in jobs)
+    missing = [j for j in jobs if j.gpu_hours is None]
+    if not missing:
+        return f"{known:.1f} GPU-h"
+    archs = ", ".join(sorted({arch for j in missing for arch in j.unestimated}))
+    return f"{known:.1f} GPU-h + {len(missing)} run(s) not estimated (no epoch time for {archs})"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A teacher -> student pair of conf/pair/ as its group options, e.g. r34_to_r18: resnet34 -> resnet18."""
+
+    name: str
+    teacher: str  # the pair's teacher option, also its teacher run's model option
+    student: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What an experiment preset says the study trains, composed as `kdexp.train -m experiment=NAME` does."""
+
+    name: str
+    protocol: str  # its protocol and seeds options
+    seeds: str
+    pairs: list[Pair]
+
+    @property
+    def teachers(self) -> list[str]:
+        return list(dict.fromkeys(p.teacher for p in self.pairs))
+
+    @property
+    def students(self) -> list[str]:
+        return list(dict.fromkeys(p.student for p in self.pairs))
+
+
+def swept(cfg: DictConfig, key: str) -> list[str]:
+    """The values a composed config's `hydra.sweeper.params` gives `key` (none when it has none)."""
+    value = (cfg.hydra.sweeper.params or {}).get(key)
+    if value is None:
+        return []
+    override = OverridesParser.create().parse_override(f"{key}={value}")
+    return list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(override.value())]
+
+
+def read_experiment(name: str) -> Experiment:
+    """The experiment preset `name`: its protocol, seeds and pairs (each pair composed for its networks)."""
+    cfg = compose_job([f"experiment={name}"])
+    pairs = []
+    for pair in swept(cfg, "pair"):
+        choices = compose_job([f"experiment={name}", f"pair={pair}"]).hydra.runtime.choices
+        pairs.append(Pair(pair, choices.teacher, choices.model))
+    choices = cfg.hydra.runtime.choices
+    return Experiment(name, choices.protocol, choices.seeds, pairs)
+
+
+def check_grids(grids: Sequence[str]) -> None:
+    """Each grid must be a kd_grid preset that sweeps its method's hyperparameters. (kd_grid is an
+    optional group: Hydra composes a misspelt name as no preset at all, without an error.)"""
+    for grid in grids:
+        params = compose_job([f"kd_grid={grid}"]).hydra.sweeper.params or {}
+        if not any(key.startswith("method.") for key in params):
+            presets = GlobalHydra.instance().config_loader().get_group_options("kd_grid")
+            raise PlanError(f"--grids: {grid} is no kd_grid preset sweeping method.* (conf/kd_grid/{grid}.yaml or "
+                            f"$KDEXP_SITE_DIR/kd_grid/{grid}.yaml); conf/kd_grid has: {', '.join(presets)}")
+
+
 @dataclass(frozen=True)
 class _Ctx:
     cluster: str
@@ -128,6 +209,7 @@ class _Ctx:
     output_dir: Path
     extra: tuple[str, ...]
     python: str
+    grids: tuple[str, ...]
 
     def command(self, module: str, *args: str) -> str:
         return shlex.join([self.python, "-m", module, *args])
@@ -181,15 +263,19 @@ def missing_launcher(name: str) -> str | None:
     return None
 
 
-def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[str], python: str) -> Plan:
-    """Every driver of the study, in submission order (each after the drivers it depends on)."""
+def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[str], python: str,
+               grids: Sequence[str] | None = None) -> Plan:
+    """Every driver of the study, in submission order (each after the drivers it depends on); the
+    students' stages run `grids` (kd_grid presets; default: the protocol's)."""
     problem = missing_launcher(cluster)
     if problem:
         raise PlanError(f"--cluster {cluster}: {problem}")
     teacher_launcher = f"{cluster}_teacher" if missing_launcher(f"{cluster}_teacher") is None else cluster
-    ctx = _Ctx(cluster, teacher_launcher, output_dir, tuple(extra), python)
-    stages, build = PROTOCOLS[protocol]
-    drivers = build(ctx)
+    spec = PROTOCOLS[protocol]
+    grids = tuple(dict.fromkeys(grids or spec.grids))
+    check_grids(grids)
+    ctx = _Ctx(cluster, teacher_launcher, output_dir, tuple(extra), python, grids)
+    drivers = spec.build(ctx)
     _link_teachers(drivers)
     exp_dir = experiment_dir(drivers)
     drivers.append(Driver("analysis", "analysis",
@@ -198,58 +284,76 @@ def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[st
                           output=exp_dir / "report" / "report.html"))
     # the drivers' partition, account, ...: the cluster's launcher as the study's jobs compose it
     launcher = next(d.jobs[0].cfg.hydra.launcher for d in drivers if d.launcher == cluster)
-    return Plan(protocol, cluster, teacher_launcher, exp_dir, stages, drivers, launcher)
+    return Plan(protocol, cluster, teacher_launcher, exp_dir, list(spec.stages), drivers, launcher)
+
+
+def _teachers(ctx: _Ctx, exp: Experiment, *overrides: str) -> list[Driver]:
+    """One driver per teacher network of the experiment's pairs, exporting it for the students."""
+    return [ctx.train(f"teacher-{arch}", "teachers", ["experiment=teacher", f"protocol={exp.protocol}", *overrides,
+                                                      f"model={arch}"], teacher=True)
+            for arch in exp.teachers]
+
+
+def _baselines(ctx: _Ctx, exp: Experiment, stage: str, seeds: str) -> Driver:
+    """The experiment's student networks trained alone with CE."""
+    return ctx.train("baselines", stage, ["experiment=baseline", f"protocol={exp.protocol}", f"seeds={seeds}",
+                                          f"model={','.join(exp.students)}"])
 
 
 def _v1(ctx: _Ctx) -> list[Driver]:
-    teachers = [ctx.train(f"teacher-{arch}", "teachers", ["experiment=teacher", "protocol=v1", f"model={arch}"],
-                          teacher=True) for arch in ("resnet34", "resnet50")]
-    students = [ctx.train(f"{grid}-{pair}", "students", ["experiment=paper_v1", f"kd_grid={grid}", f"pair={pair}"])
-                for pair in V1_PAIRS for grid in GRIDS]
-    baselines = ctx.train("baselines", "students",
-                          ["experiment=baseline", "protocol=v1", "seeds=paper", "model=resnet18,resnet34"])
-    return [*teachers, *students, baselines]
+    exp = read_experiment("paper_v1")
+    teachers = _teachers(ctx, exp)  # composed and checked first: a bad override is reported for the first stage
+    students = [ctx.train(f"{grid}-{pair.name}", "students", [f"experiment={exp.name}", f"kd_grid={grid}",
+                                                               f"pair={pair.name}"])
+                for pair in exp.pairs for grid in ctx.grids]
+    return [*teachers, *students, _baselines(ctx, exp, "students", exp.seeds)]
 
 
 def _v2(ctx: _Ctx) -> list[Driver]:
-    teachers = [ctx.train(f"teacher-{arch}", "teachers",
-                          ["experiment=teacher", "protocol=v2", "seeds=paper", f"model={arch}"], teacher=True)
-                for arch in ("resnet34", "resnet50", "resnet101")]
-    selection = {(pair, grid): ctx.train(f"selection-{grid}-{pair}", "selection",
-                                         ["experiment=paper_v2", f"kd_grid={grid}", f"pair={pair}"])
-                 for pair in V2_PAIRS for grid in GRIDS}
+    exp = read_experiment("paper_v2")
+    teachers = _teachers(ctx, exp, "seeds=paper")
+    selection = {(pair.name, grid): ctx.train(f"selection-{grid}-{pair.name}", "selection",
+                                              [f"experiment={exp.name}", f"kd_grid={grid}", f"pair={pair.name}"])
+                 for pair in exp.pairs for grid in ctx.grids}
     exp_dir = experiment_dir([*teachers, *selection.values()])
     manifest = exp_dir / STUDY_DIR / "selection-runs.json"
     selected = exp_dir / "selected.json"
-    runs = {pair: {grid: [str(j.run_dir) for j in selection[pair, grid].jobs] for grid in GRIDS} for pair in V2_PAIRS}
+    runs = {p.name: {g: [str(j.run_dir) for j in selection[p.name, g].jobs] for g in ctx.grids} for p in exp.pairs}
+    chosen = json.loads(selected.read_text())["selected"] if selected.is_file() else {}
+    cells = {key: chosen.get(key[0], {}).get(key[1], {}).get("overrides") for key in selection}
     select = Driver("select", "select", [ctx.command("launch.select", "pick", str(manifest), "--out", str(selected))],
                     after=[d.name for d in selection.values()], output=selected,
+                    outdated=None in cells.values(),  # e.g. a grid added since: select again
                     files={manifest: json.dumps(runs, indent=1) + "\n"})
-    chosen = json.loads(selected.read_text())["selected"] if selected.is_file() else None
-    finals = [_final(ctx, pair, grid, selected, chosen) for pair in V2_PAIRS for grid in GRIDS]
-    baselines = ctx.train("baselines", "finals",
-                          ["experiment=baseline", "protocol=v2", "seeds=five", "model=resnet18,resnet34"])
-    return [*teachers, *selection.values(), select, *finals, baselines]
+    finals = [_final(ctx, exp.protocol, pair, grid, selected, cells[pair, grid], selection[pair, grid])
+              for pair, grid in selection]
+    return [*teachers, *selection.values(), select, *finals, _baselines(ctx, exp, "finals", "five")]
 
 
 def _quickstart(ctx: _Ctx) -> list[Driver]:
-    """The Makefile's quickstart as a study: a width-16 R18 teacher, the smoke grid, 2 baselines."""
+    """The Makefile's quickstart as a study: a width-16 R18 teacher, its grids (experiment=quickstart's
+    teacher and seeds; by default its smoke grid), 2 baselines."""
     teacher = ctx.train("teacher-resnet18", "teachers",
                         ["experiment=teacher", "protocol=quickstart", "model.width=16"], teacher=True)
-    students = ctx.train("logit-quickstart", "students", ["protocol=quickstart", "experiment=quickstart"])
+    students = [ctx.train(f"{grid}-quickstart", "students", ["protocol=quickstart", "experiment=quickstart",
+                                                             f"kd_grid={grid}"]) for grid in ctx.grids]
     baselines = ctx.train("baselines", "students", ["experiment=baseline", "protocol=quickstart", "seed=0,1"])
-    return [teacher, students, baselines]
+    return [teacher, *students, baselines]
 
 
-def _final(ctx: _Ctx, pair: str, grid: str, selected: Path, chosen: dict | None) -> Driver:
-    cell = chosen[pair][grid]["overrides"] if chosen else []
+def _final(ctx: _Ctx, protocol: str, pair: str, grid: str, selected: Path, cell: list[str] | None,
+           selection: Driver) -> Driver:
+    """The selected cell of `grid` (the kd_grid preset: the cell's overrides replace its sweep) x five
+    seeds. Before the selection its first cell stands in, so the plan counts the runs it will have."""
+    stand_in = [o for o in selection.jobs[0].overrides if o.startswith("method.")]
     driver = ctx.train(f"final-{grid}-{pair}", "finals",
-                       ["protocol=v2", "seeds=five", f"pair={pair}", f"method={grid}"], cell=cell)
+                       [f"protocol={protocol}", "seeds=five", f"pair={pair}", f"kd_grid={grid}"],
+                       cell=stand_in if cell is None else cell)
     # the cell's overrides (e.g. method.alpha=0.5 method.T=4) as separate words: $cell unquoted
     driver.lines = [f"cell=$({ctx.command('launch.select', 'cell', str(selected), pair, grid)})",
                     f"{driver.lines[-1]} $cell"]
     driver.after.append("select")
-    driver.awaits_selection = chosen is None
+    driver.awaits_selection = cell is None
     return driver
 
 
@@ -269,8 +373,17 @@ def experiment_dir(drivers: list[Driver]) -> Path:
     return Path(dirs[0])
 
 
-PROTOCOLS: dict[str, tuple[list[str], Callable[[_Ctx], list[Driver]]]] = {
-    "v1": (["teachers", "students", "analysis"], _v1),
-    "v2": (["teachers", "selection", "select", "finals", "analysis"], _v2),
-    "quickstart": (["teachers", "students", "analysis"], _quickstart),
+@dataclass(frozen=True)
+class Protocol:
+    """A study protocol: its stages, the grids it runs by default, and how its drivers are built."""
+
+    stages: tuple[str, ...]
+    grids: tuple[str, ...]  # the kd_grid presets its students' stages run unless --grids says otherwise
+    build: Callable[[_Ctx], list[Driver]]
+
+
+PROTOCOLS = {
+    "v1": Protocol(("teachers", "students", "analysis"), ("logit", "feature"), _v1),
+    "v2": Protocol(("teachers", "selection", "select", "finals", "analysis"), ("logit", "feature"), _v2),
+    "quickstart": Protocol(("teachers", "students", "analysis"), ("smoke",), _quickstart),
 }

@@ -1,7 +1,7 @@
 """Submit the whole study to SLURM as a chain of stage drivers, and return at once.
 
-    python -m launch.study --cluster slurm_a100|slurm_local [--protocol v1|v2|quickstart] [--dry-run]
-                           [--output-dir DIR] [--driver-sbatch=OPTION ...] [HYDRA_OVERRIDE ...]
+    python -m launch.study --cluster slurm_a100|mysite [--protocol v1|v2|quickstart] [--grids logit,feature,dkd]
+                           [--dry-run] [--output-dir DIR] [--driver-sbatch=OPTION ...] [HYDRA_OVERRIDE ...]
 
 Design. Each stage's *driver* is a small CPU-only sbatch job (1 CPU, 2 GB, no GPU, 3-day limit:
 it only waits, but for its whole GPU array) running one Hydra multirun,
@@ -10,17 +10,21 @@ GPU job array and the driver blocks until it ends, exiting non-zero when a run f
 are chained by SLURM dependencies between drivers, so this command only submits drivers and
 returns (the login session may close).
   v1, quickstart: 1 teachers (one driver each; launcher <cluster>_teacher where it exists)
-                  2 students: per pair a logit-grid and a feature-grid driver, afterok its
-                    teacher's driver (quickstart: its smoke grid); a baselines driver, no dependency
+                  2 students: per pair and grid a driver (default grids: logit and feature;
+                    quickstart: its smoke grid), afterok its teacher's driver; a baselines
+                    driver, no dependency
                   3 analysis: `python -m analysis`, afterany every driver
   v2:             1 teachers (seeds 0-2 per arch; students distil from seed 0)
-                  2 selection: seed 0, every cell, 4 pairs, on val (experiment=paper_v2)
+                  2 selection: seed 0, every cell of each grid, 4 pairs, on val (experiment=paper_v2)
                   3 select: `python -m launch.select` writes <experiment>/selected.json
-                  4 finals: per pair and method the selected cell x seeds 0-4 (read from
+                  4 finals: per pair and grid the selected cell x seeds 0-4 (read from
                     selected.json when the driver starts; seed 0 is the selection run, reused),
                     baselines R18/R34 x 5 seeds
                   5 analysis
-Drivers waiting on a failed driver are cancelled by SLURM (--kill-on-invalid-dep); the analysis
+The pairs, seeds and protocol come from the experiment preset (conf/experiment/paper_v1.yaml,
+paper_v2.yaml, quickstart.yaml), the cells from the kd_grid presets: --grids names any of them
+(conf/kd_grid/ or $KDEXP_SITE_DIR/kd_grid/), e.g. --grids logit,feature,dkd adds a DKD stage driver
+per pair. Drivers waiting on a failed driver are cancelled by SLURM (--kill-on-invalid-dep); the analysis
 (afterany) still runs and reports what is missing. Every driver runs in this command's cwd with
 this python (sys.executable), with the partition, account, qos and setup lines of the cluster's
 launcher config (--driver-sbatch adds or overrides sbatch options); extra HYDRA_OVERRIDEs go to
@@ -54,7 +58,7 @@ from hydra.errors import HydraException
 from kdexp.job import resolve_teacher_export_path
 from kdexp.records import atomic_write_json, read_result
 from launch import sbatch
-from launch.plan import COST_NOTE, PROTOCOLS, Driver, Job, Plan, PlanError, build_plan
+from launch.plan import COST_NOTE, PROTOCOLS, Driver, Job, Plan, PlanError, build_plan, estimate
 from launch.sweep import compose_job, group_overrides, hydra_session
 
 JOBS_FILE = "jobs.json"
@@ -105,12 +109,12 @@ def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
     out = [f"kdexp study: protocol {plan.protocol} on {plan.cluster} -> {plan.experiment_dir}", *_launchers(plan)]
     for i, stage in enumerate(plan.stages, 1):
         drivers = plan.stage_drivers(stage)
-        runs = sum(len(d.jobs) for d in drivers)
-        size = f"{_n(runs, 'training run')}, {sum(d.gpu_hours for d in drivers):.1f} GPU-h" if runs else "CPU only"
+        jobs = [j for d in drivers for j in d.jobs]
+        size = f"{_n(len(jobs), 'training run')}, {estimate(jobs)}" if jobs else "CPU only"
         out.append(f"\nstage {i}/{len(plan.stages)} {stage}: {_n(len(drivers), 'driver')}, {size}")
         for d in drivers:
             dec = decisions[d.name]
-            what = f"{_n(len(d.jobs), 'run')}, {d.gpu_hours:.1f} GPU-h" if d.jobs else "CPU step"
+            what = f"{_n(len(d.jobs), 'run')}, {estimate(d.jobs)}" if d.jobs else "CPU step"
             waits = ", ".join(d.after) if len(d.after) <= 3 else f"all {len(d.after)} drivers above"
             after = f", {d.dependency} on {waits}" if d.after else ""
             why = f" ({dec.why})" if dec.why else ""
@@ -118,8 +122,8 @@ def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
             out += [f"    {line}" for line in d.lines]
     # v2: a final's seed 0 is the selection run of its cell (same config, same run dir): counted once
     distinct = {j.run_dir: j for d in plan.drivers for j in d.jobs}
-    out.append(f"\ntotal: {_n(len(distinct), 'distinct training run')}, "
-               f"{sum(j.gpu_hours for j in distinct.values()):.1f} GPU-hours ({COST_NOTE})")
+    out.append(f"\ntotal: {_n(len(distinct), 'distinct training run')}, {estimate(list(distinct.values()))} "
+               f"({COST_NOTE})")
     out.append(f"drivers: CPU-only sbatch jobs ({' '.join(sbatch.DRIVER_RESOURCES)}); "
                f"scripts and logs in {plan.study_dir}")
     return "\n".join(out)
@@ -134,9 +138,10 @@ def _launchers(plan: Plan) -> list[str]:
         if not drivers:
             continue
         limit = drivers[0].jobs[0].cfg.hydra.launcher.get("timeout_min")
-        longest = max(j.gpu_hours for d in drivers for j in d.jobs)
+        hours = [h for d in drivers for j in d.jobs if (h := j.gpu_hours) is not None]
+        longest = f"longest ~{max(hours):.1f} GPU-h" if hours else "no estimate"
         lines.append(f"{role}: hydra/launcher={drivers[0].launcher}, time limit "
-                     f"{f'{limit / 60:g} h' if limit else 'none'} per run (longest ~{longest:.1f} GPU-h)")
+                     f"{f'{limit / 60:g} h' if limit else 'none'} per run ({longest})")
     if plan.teacher_launcher == plan.cluster:
         lines[0] += (f"; there is no {plan.cluster}_teacher config, so teachers get {plan.cluster} too (for a "
                      f"longer limit: $KDEXP_SITE_DIR/hydra/launcher/{plan.cluster}_teacher.yaml with "
@@ -223,11 +228,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+def _grid_list(text: str) -> list[str]:
+    grids = text.split(",")
+    if not all(grids):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of kd_grid presets")
+    return grids
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m launch.study", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cluster", required=True, help="hydra/launcher config of the GPU jobs, e.g. slurm_a100")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="v2", help="default: v2 (as kdexp.train)")
+    p.add_argument("--grids", type=_grid_list, metavar="GRID,GRID",
+                   help="kd_grid presets the students' stages run, one driver per pair and grid, e.g. "
+                        "logit,feature,dkd (default: " +
+                        "; ".join(f"{name} {','.join(p.grids)}" for name, p in sorted(PROTOCOLS.items())) + ")")
     p.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
     p.add_argument("--output-dir", type=Path, help="paths.output_dir of every run (default: the config's)")
     p.add_argument("--driver-sbatch", action="append", default=[], metavar="OPTION",
@@ -243,7 +259,8 @@ def plan_study(args: argparse.Namespace) -> Plan:
         paths = group_overrides(args.overrides, "paths")
         # the jobs' default output dir: the paths group, as every job composes it ($KDEXP_OUTPUTS)
         output_dir = args.output_dir or Path(compose_job(paths).paths.output_dir)
-        plan = build_plan(args.protocol, args.cluster, output_dir.absolute(), args.overrides, sys.executable)
+        plan = build_plan(args.protocol, args.cluster, output_dir.absolute(), args.overrides, sys.executable,
+                          args.grids)
     if any(j.cfg.dry_run for d in plan.drivers for j in d.jobs):
         raise PlanError("dry_run=true would submit drivers that train nothing: use --dry-run, which composes "
                         "and checks every job here and submits nothing")

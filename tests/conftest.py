@@ -1,10 +1,12 @@
-"""Session fixtures: the tiny generated dataset and a real tiny teacher for end-to-end tests."""
+"""Session fixtures: the tiny generated dataset and a real tiny teacher for end-to-end tests; the test
+cluster's launcher configs (hydra/launcher=slurm_local) for tests that compose them."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from cluster.testcluster import SITE_DIR as TEST_CLUSTER_SITE
 from helpers import TINY, run_train
 from kdexp.data.fake import write_fake_cifar
 
@@ -24,3 +26,10 @@ def teacher_run(tmp_path_factory, fake_root) -> Path:
                      f"data.root={fake_root}", f"paths.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def cluster_site(monkeypatch) -> Path:
+    """KDEXP_SITE_DIR=tests/cluster: its hydra/launcher/slurm_local*.yaml, reached as a user's site configs are."""
+    monkeypatch.setenv("KDEXP_SITE_DIR", str(TEST_CLUSTER_SITE))
+    return TEST_CLUSTER_SITE

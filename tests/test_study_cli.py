@@ -17,6 +17,7 @@ from launch.plan import build_plan
 from launch.sweep import hydra_session
 
 QUICKSTART = ["--cluster", "slurm_local", "--protocol", "quickstart"]
+pytestmark = pytest.mark.usefixtures("cluster_site")  # slurm_local: the test cluster's launcher
 
 
 def run_study(capsys, *argv: str) -> tuple[int, str, str]:
@@ -92,6 +93,18 @@ def test_the_plan_says_which_launcher_and_time_limit_teachers_get(tmp_path, caps
     assert "there is no" not in out
 
 
+def test_an_unknown_grid_is_one_line_naming_the_presets(tmp_path, capsys):
+    code, out, err = run_study(capsys, *QUICKSTART, "--grids", "smoke,dkdd", "--dry-run", "--output-dir", str(tmp_path))
+    assert code == 2 and not out
+    line = one_line(err)
+    assert line.startswith("launch.study: --grids: dkdd is no kd_grid preset sweeping method.* (conf/kd_grid/dkdd.yaml")
+    assert "dkd" in line.split("conf/kd_grid has: ")[1].split(", ")
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        study.main([*QUICKSTART, "--grids", "smoke,", "--dry-run"])
+    assert exit_.value.code == 2 and "--grids: 'smoke,' is not a comma-separated list" in one_line(capsys.readouterr().err)
+
+
 def test_an_unknown_protocol_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         study.main(["--cluster", "slurm_local", "--protocol", "v3"])
@@ -123,7 +136,7 @@ def test_dry_run_true_is_refused_for_the_study(tmp_path, capsys):
 def fail_one_student(out: Path, failed_epoch: int | None) -> Path:
     with hydra_session():
         plan = build_plan("quickstart", "slurm_local", out, [], sys.executable)
-    run_dir = next(d for d in plan.drivers if d.name == "logit-quickstart").jobs[0].run_dir
+    run_dir = next(d for d in plan.drivers if d.name == "smoke-quickstart").jobs[0].run_dir
     write_result(run_dir, {"status": "failed", "error": "NonFiniteLossError: loss is nan at epoch 1",
                            "failed_epoch": failed_epoch})
     return run_dir

@@ -1,8 +1,10 @@
 """The study's plan without SLURM (launch.study / launch.plan / launch.select): stages, run counts,
 dependencies and GPU-hours of protocols v1 and v2; what a re-run skips, keeps or resubmits; the
-v2 selection step; and that a driver's multirun writes exactly the run dirs the plan composed."""
+v2 selection step; and that a driver's multirun writes exactly the run dirs the plan composed.
+The pairs are read from the experiment presets, as the plan reads them: the YAML is the one list."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,19 +19,33 @@ from kdexp import bench
 from kdexp.config import validate
 from kdexp.records import write_result
 from launch import select, study
-from launch.plan import GRIDS, V1_PAIRS, V2_PAIRS, Plan, build_plan
+from launch.plan import PROTOCOLS, Pair, Plan, build_plan, read_experiment
 from launch.sweep import hydra_session, task_config
 
-PAIR_ARCHS = {"r34_to_r18": ("resnet34", "resnet18"), "r50_to_r18": ("resnet50", "resnet18"),
-              "r50_to_r34": ("resnet50", "resnet34"), "r101_to_r34": ("resnet101", "resnet34")}
+PAPER_GRIDS = PROTOCOLS["v2"].grids
 # v2 cells chosen before the plan is built, so the finals compose with them
-SELECTED = {pair: {"logit": {"overrides": ["method.alpha=0.7", "method.T=2"]},
-                   "feature": {"overrides": ["method.alpha=0.3"]}} for pair in V2_PAIRS}
+CELLS = {"logit": {"overrides": ["method.alpha=0.7", "method.T=2"]}, "feature": {"overrides": ["method.alpha=0.3"]},
+         "tsweep": {"overrides": ["method.T=8"]}}
 
 
-def make_plan(protocol: str, cluster: str, out: Path, *extra: str) -> Plan:
+@functools.cache
+def pairs(experiment: str) -> list[Pair]:
     with hydra_session():
-        return build_plan(protocol, cluster, out, extra, sys.executable)
+        return read_experiment(experiment).pairs
+
+
+def pair_archs(experiment: str) -> dict[str, tuple[str, str]]:
+    """pair name -> (teacher arch, student arch), as composed: conf/pair/ names networks by their arch."""
+    return {p.name: (p.teacher, p.student) for p in pairs(experiment)}
+
+
+def selected(grids) -> str:
+    return json.dumps({"selected": {p.name: {g: CELLS[g] for g in grids} for p in pairs("paper_v2")}})
+
+
+def make_plan(protocol: str, cluster: str, out: Path, *extra: str, grids=None) -> Plan:
+    with hydra_session():
+        return build_plan(protocol, cluster, out, extra, sys.executable, grids)
 
 
 def driver(plan: Plan, name: str):
@@ -54,7 +70,7 @@ def v2(tmp_path_factory) -> Plan:
     """v2 on the local launcher with dry_run=true, so a driver's command can run here."""
     out = tmp_path_factory.mktemp("v2")
     (out / "paper_v2").mkdir()
-    (out / "paper_v2" / "selected.json").write_text(json.dumps({"selected": SELECTED}))
+    (out / "paper_v2" / "selected.json").write_text(selected(PAPER_GRIDS))
     return make_plan("v2", "local", out, "dry_run=true")
 
 
@@ -64,7 +80,7 @@ def test_v1_plan_has_three_stages_with_the_papers_run_counts(v1):
     assert sorted(j.cfg.model.arch for d in teachers for j in d.jobs) == ["resnet34", "resnet50"]
     assert all(j.cfg.export_teacher and j.cfg.trainer.epochs == 200 for d in teachers for j in d.jobs)
     assert len(runs(v1, "logit-")) == 81 and len(runs(v1, "feature-")) == 27
-    assert Counter(pair_of(j) for j in runs(v1, "logit-")) == {PAIR_ARCHS[p]: 27 for p in V1_PAIRS}
+    assert Counter(pair_of(j) for j in runs(v1, "logit-")) == {archs: 27 for archs in pair_archs("paper_v1").values()}
     assert sorted((j.cfg.model.arch, j.cfg.seed) for j in runs(v1, "baselines")) == \
         [(arch, seed) for arch in ("resnet18", "resnet34") for seed in (0, 1, 2)]
     assert {j.cfg.data.val_size for d in v1.drivers for j in d.jobs} == {0}
@@ -87,8 +103,8 @@ def test_temperature_never_multiplies_feature_runs(v1):
 
 
 def test_v1_students_wait_for_their_teacher_and_teachers_get_the_teacher_launcher(v1):
-    for pair in V1_PAIRS:
-        teacher = f"teacher-{PAIR_ARCHS[pair][0]}"
+    for pair, (teacher_arch, _) in pair_archs("paper_v1").items():
+        teacher = f"teacher-{teacher_arch}"
         assert driver(v1, f"logit-{pair}").after == driver(v1, f"feature-{pair}").after == [teacher]
         assert driver(v1, f"logit-{pair}").dependency == "afterok"
     assert driver(v1, "baselines").after == [] and driver(v1, "teacher-resnet34").after == []
@@ -107,7 +123,7 @@ def test_v1_dry_run_prints_stages_commands_and_gpu_hours(v1):
     assert "stage 1/3 teachers: 2 drivers, 2 training runs, 1.6 GPU-h" in text
     assert "stage 2/3 students: 7 drivers, 114 training runs, 39.9 GPU-h" in text
     assert "stage 3/3 analysis: 1 driver, CPU only" in text
-    assert "total: 116 distinct training runs, 41.5 GPU-hours" in text and "1/3 of its teacher's" in text
+    assert "total: 116 distinct training runs, 41.5 GPU-h" in text and "1/3 of its teacher's" in text
     assert all(f"    {d.lines[-1]}" in text for d in v1.drivers)
     assert "--time=3-00:00:00" in text and ".study" in text
 
@@ -121,15 +137,15 @@ def test_v2_plan_selects_on_48_seed0_runs(v2):
     chosen = [j for d in selection for j in d.jobs]
     assert len(selection) == 8 and len(chosen) == 4 * (9 + 3) == 48
     assert {j.cfg.seed for j in chosen} == {0} and {j.cfg.data.val_size for j in chosen} == {5000}
-    for pair in V2_PAIRS:
+    for pair, (teacher_arch, _) in pair_archs("paper_v2").items():
         assert len(driver(v2, f"selection-logit-{pair}").jobs) == 9
         assert len(driver(v2, f"selection-feature-{pair}").jobs) == 3
-        assert driver(v2, f"selection-logit-{pair}").after == [f"teacher-{PAIR_ARCHS[pair][0]}"]
+        assert driver(v2, f"selection-logit-{pair}").after == [f"teacher-{teacher_arch}"]
     select_step = driver(v2, "select")
     assert select_step.after == [d.name for d in selection] and select_step.dependency == "afterok"
     [manifest] = select_step.files.values()
     assert json.loads(manifest) == {p: {g: [str(j.run_dir) for j in driver(v2, f"selection-{g}-{p}").jobs]
-                                        for g in GRIDS} for p in V2_PAIRS}
+                                        for g in PAPER_GRIDS} for p in pair_archs("paper_v2")}
 
 
 def test_v2_finals_run_the_selected_cells_over_five_seeds(v2):
@@ -137,7 +153,7 @@ def test_v2_finals_run_the_selected_cells_over_five_seeds(v2):
     assert len(finals) == 9 and sum(len(d.jobs) for d in finals) == 8 * 5 + 2 * 5
     assert sorted((j.cfg.model.arch, j.cfg.seed) for j in driver(v2, "baselines").jobs) == \
         [(arch, seed) for arch in ("resnet18", "resnet34") for seed in range(5)]
-    for pair in V2_PAIRS:
+    for pair in pair_archs("paper_v2"):
         final = driver(v2, f"final-logit-{pair}")
         assert "select" in final.after and final.lines[0].startswith("cell=$(") and final.lines[-1].endswith(" $cell")
         assert {(j.cfg.method.alpha, j.cfg.method.T) for j in final.jobs} == {(0.7, 2)}
@@ -170,8 +186,53 @@ def test_v2_finals_are_redone_after_a_new_selection(v2):
     assert final.done() and decisions[final.name].action == "submit"
 
 
+def test_v2_runs_any_kd_grid_and_selects_again_when_a_grid_is_new(tmp_path):
+    """kd_grid=tsweep (method=logit, T swept at α 0.5): stages named by the grid, finals that compose
+    the grid's preset (not a method of its name), and a selected.json from before the grid was added
+    is not taken as its selection: the select step runs again and the finals await it."""
+    (tmp_path / "paper_v2").mkdir()
+    (tmp_path / "paper_v2" / "selected.json").write_text(selected(["logit"]))
+    plan = make_plan("v2", "slurm_a100", tmp_path, grids=["tsweep"])
+    assert {d.name for d in plan.stage_drivers("selection")} == {f"selection-tsweep-{p}" for p in pair_archs("paper_v2")}
+    for pair in pair_archs("paper_v2"):
+        chosen = driver(plan, f"selection-tsweep-{pair}").jobs
+        assert sorted(j.cfg.method.T for j in chosen) == [1, 2, 4, 8, 16] and {j.cfg.method.alpha for j in chosen} == {0.5}
+        final = driver(plan, f"final-tsweep-{pair}")
+        assert f"pair={pair} kd_grid=tsweep " in final.lines[-1] and final.awaits_selection and not final.done()
+        # its size before the selection: one cell (the grid's first stands in) x five seeds, seed 0 reused
+        assert sorted(j.cfg.seed for j in final.jobs) == [0, 1, 2, 3, 4]
+        assert next(j.run_dir for j in final.jobs if j.cfg.seed == 0) in {j.run_dir for j in chosen}
+    select_step = driver(plan, "select")
+    assert select_step.output.is_file() and not select_step.done()
+    assert study.decide(plan, {}, set())["select"].action == "submit"
+    [manifest] = select_step.files.values()
+    assert set(json.loads(manifest)["r34_to_r18"]) == {"tsweep"}
+
+
+def test_a_dkd_grid_is_a_stage_of_the_study(tmp_path, cluster_site):
+    """--grids names kd_grid presets: a DKD grid is one more students' driver, after its teacher."""
+    plan = make_plan("quickstart", "slurm_local", tmp_path, grids=["smoke", "dkd"])
+    dkd = driver(plan, "dkd-quickstart")
+    assert dkd.stage == "students" and dkd.after == ["teacher-resnet18"]
+    assert dkd.lines[-1].split(" -m kdexp.train -m ")[1].startswith("protocol=quickstart experiment=quickstart kd_grid=dkd ")
+    assert {j.cfg.method._target_ for j in dkd.jobs} == {"kdexp.methods.dkd.DKD"}
+    assert Counter((j.cfg.method.beta, j.cfg.method.T) for j in dkd.jobs) == \
+        {(beta, T): 2 for beta in (1, 2, 4, 8) for T in (2, 4)}  # the grid's cells x the experiment's seeds 0, 1
+    assert len(driver(plan, "smoke-quickstart").jobs) == 4
+    text = study.describe(plan, study.decide(plan, {}, set()))
+    assert "stage 2/3 students: 3 drivers, 22 training runs" in text and "dkd-quickstart: 16 runs" in text
+
+
+def test_a_network_without_an_epoch_time_is_not_estimated(tmp_path, cluster_site):
+    plan = make_plan("quickstart", "slurm_local", tmp_path, "model=resnet20")
+    text = study.describe(plan, study.decide(plan, {}, set()))
+    assert "teacher-resnet18: 1 run, 0.0 GPU-h + 1 run(s) not estimated (no epoch time for resnet20)" in text
+    assert "total: 7 distinct training runs, 0.0 GPU-h + 7 run(s) not estimated" in text
+    assert "time limit 1 h per run (no estimate)" in text
+
+
 @pytest.fixture
-def quickstart(tmp_path) -> Plan:
+def quickstart(tmp_path, cluster_site) -> Plan:
     return make_plan("quickstart", "slurm_local", tmp_path)
 
 
@@ -188,14 +249,14 @@ def test_rerun_skips_complete_drivers_and_notes_failed_runs(quickstart):
     for name in ("teacher-resnet18", "baselines"):
         for job in driver(quickstart, name).jobs:
             complete(job)
-    first, second, *rest = driver(quickstart, "logit-quickstart").jobs
+    first, second, *rest = driver(quickstart, "smoke-quickstart").jobs
     complete(first, "failed")
     complete(second, "failed", failed_epoch=None)  # failed before training: simply run again
     decisions = study.decide(quickstart, {}, set())
     assert {n: d.action for n, d in decisions.items()} == {
-        "teacher-resnet18": "skip", "baselines": "skip", "logit-quickstart": "submit", "analysis": "submit"}
+        "teacher-resnet18": "skip", "baselines": "skip", "smoke-quickstart": "submit", "analysis": "submit"}
     assert decisions["teacher-resnet18"].why == "all 1 run completed"
-    assert decisions["logit-quickstart"].why == \
+    assert decisions["smoke-quickstart"].why == \
         "1 failed while training: skipped and counted failed unless retry_failed=true"
     for job in [first, second, *rest]:
         complete(job)
@@ -206,28 +267,30 @@ def test_rerun_skips_complete_drivers_and_notes_failed_runs(quickstart):
 
 
 def test_rerun_keeps_queued_drivers_unless_what_they_wait_for_is_resubmitted(quickstart):
-    previous = {"teacher-resnet18": "11", "logit-quickstart": "12", "baselines": "13", "analysis": "14"}
+    previous = {"teacher-resnet18": "11", "smoke-quickstart": "12", "baselines": "13", "analysis": "14"}
     assert set(actions(quickstart, previous, {"11", "12", "13", "14"}).values()) == {"keep"}
     decisions = study.decide(quickstart, previous, {"12", "14"})  # the teacher's driver ended (and failed)
     assert decisions["teacher-resnet18"].action == "submit" and decisions["baselines"].action == "submit"
-    assert (decisions["logit-quickstart"].action, decisions["logit-quickstart"].stale) == ("submit", "12")
+    assert (decisions["smoke-quickstart"].action, decisions["smoke-quickstart"].stale) == ("submit", "12")
     assert (decisions["analysis"].action, decisions["analysis"].stale) == ("submit", "14")
 
 
-def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path, capsys, cluster_site):
     assert study.main(["--cluster", "slurm_local", "--protocol", "quickstart", "--dry-run",
                        "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "stage 1/3 teachers" in out and "GPU-hours" in out and "-> SUBMIT" in out
+    assert "stage 1/3 teachers" in out and "GPU-h" in out and "-> SUBMIT" in out
     assert not any(tmp_path.iterdir())
 
 
-def selection_run(root: Path, name: str, method: dict, val: float, status: str = "completed") -> str:
+def selection_run(root: Path, name: str, method: dict, val: float, status: str = "completed",
+                  target: str = "kdexp.methods.logit.LogitKD") -> str:
     run_dir = root / name
     (run_dir / ".hydra").mkdir(parents=True)
     overrides = ["seed=0", *(f"method.{k}={v}" for k, v in method.items()), "pair=r34_to_r18"]
     OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"seed": 0, "method": method}), run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"seed": 0, "method": {"_target_": target, **method}}),
+                   run_dir / ".hydra" / "config.yaml")
     write_result(run_dir, {"status": status, "best_val_acc": val if status == "completed" else None})
     return str(run_dir)
 
@@ -236,7 +299,8 @@ def test_select_keeps_the_best_cell_and_the_first_of_ties(tmp_path, capsys):
     logit = [selection_run(tmp_path, "a", {"alpha": 0.7, "T": 2}, 0.90),
              selection_run(tmp_path, "b", {"alpha": 0.5, "T": 2}, 0.92),
              selection_run(tmp_path, "c", {"alpha": 0.3, "T": 4}, 0.92)]  # ties b; first in (alpha, T) order
-    feature = [selection_run(tmp_path, "d", {"alpha": 0.3}, 0.5), selection_run(tmp_path, "e", {"alpha": 0.7}, 0.6)]
+    feature = [selection_run(tmp_path, name, {"alpha": alpha}, val, target="kdexp.methods.feature.FeatureKD")
+               for name, alpha, val in (("d", 0.3, 0.5), ("e", 0.7, 0.6))]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"r34_to_r18": {"logit": logit, "feature": feature}}))
     out = tmp_path / "selected.json"
@@ -247,6 +311,13 @@ def test_select_keeps_the_best_cell_and_the_first_of_ties(tmp_path, capsys):
     capsys.readouterr()
     assert select.main(["cell", str(out), "r34_to_r18", "logit"]) == 0
     assert capsys.readouterr().out == "method.alpha=0.3 method.T=4\n"
+
+
+def test_select_breaks_ties_in_the_order_of_the_methods_grid(tmp_path):
+    """DKD's grid is (β, T), so of two equal cells the one with the smaller β is kept, not the smaller T."""
+    dkd = [selection_run(tmp_path, name, {"beta": beta, "T": T}, 0.9, target="kdexp.methods.dkd.DKD")
+           for name, beta, T in (("a", 2, 2), ("b", 1, 4))]
+    assert select.pick_cell(dkd)["overrides"] == ["method.beta=1", "method.T=4"]
 
 
 def test_select_refuses_an_incomplete_grid(tmp_path, capsys):

@@ -1,7 +1,9 @@
-"""Fixtures for tests against a real one-node SLURM cluster (launch/testcluster.py).
+"""Fixtures for tests against a real one-node SLURM cluster (tests/cluster/testcluster.py).
 
-``slurm_cluster`` (session): starts the cluster in its own /tmp dir, points ``SLURM_CONF`` at it
-(jobs and submitit inherit os.environ), yields its ClusterInfo, and stops exactly what it started.
+``slurm_cluster`` (session): starts the cluster in its own /tmp dir, points ``SLURM_CONF`` at it and
+``KDEXP_SITE_DIR`` at tests/cluster (its launcher configs slurm_local*, reached as a user reaches a
+site's), both in os.environ (jobs and submitit inherit it), yields its ClusterInfo, and stops exactly
+what it started.
 It skips when not root or the binaries are missing; with ``KDEXP_REQUIRE_SLURM=1`` (set by CI,
 which installs the packages) that skip is a failure instead, so CI cannot silently test nothing.
 
@@ -16,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from launch import testcluster  # the repo root is on sys.path (pyproject: pythonpath)
+from cluster import testcluster  # tests/ is on sys.path (pyproject: pythonpath)
 
 
 def _require() -> bool:
@@ -31,21 +33,18 @@ def slurm_cluster() -> Iterator[testcluster.ClusterInfo]:
             pytest.fail(f"KDEXP_REQUIRE_SLURM is set but {reason}", pytrace=False)
         pytest.skip(reason)
     cluster_dir = testcluster.make_cluster_dir()
-    old_conf = os.environ.get("SLURM_CONF")
     try:
         info = testcluster.start(cluster_dir)
     except BaseException:
         testcluster.stop(cluster_dir)  # the ClusterError already carries the daemon log tails
         raise
-    os.environ["SLURM_CONF"] = str(info.slurm_conf)
-    try:
-        yield info
-    finally:
-        if old_conf is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old_conf
-        testcluster.stop(cluster_dir)
+    with pytest.MonkeyPatch.context() as env:  # restored when the session ends
+        env.setenv("SLURM_CONF", str(info.slurm_conf))
+        env.setenv("KDEXP_SITE_DIR", str(testcluster.SITE_DIR))
+        try:
+            yield info
+        finally:
+            testcluster.stop(cluster_dir)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from launch.testcluster import ClusterInfo
+from cluster.testcluster import ClusterInfo
 from slurm_helpers import sacct, squeue_states, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]

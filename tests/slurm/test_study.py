@@ -3,6 +3,7 @@ submits its drivers and returns; SLURM then runs the teacher, the students stric
 dependency), the baselines alongside, and the analysis last, which writes the key-results table.
 Running the command again submits nothing; after a run failed while training it resubmits that
 driver, which skips the run, counts it failed and fails, and the command says so and exits 1.
+`--grids dkd` runs a DKD grid as the students' stage.
 A driver that sbatch refuses is one line and exit 1."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import REPO
 from kdexp.records import read_result, write_result
@@ -21,7 +23,7 @@ from slurm_helpers import ONE_THREAD, run_dirs, sacct, slurm_job_id, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_clean")]
 
-DRIVERS = {"teacher-resnet18", "logit-quickstart", "baselines", "analysis"}
+DRIVERS = {"teacher-resnet18", "smoke-quickstart", "baselines", "analysis"}
 
 
 def study(out: Path, fake_root: Path, *options: str) -> subprocess.CompletedProcess:
@@ -77,7 +79,7 @@ def test_study_runs_stages_in_dependency_order(slurm_cluster, tmp_path, fake_roo
             assert start >= teacher_end, (run_dir, start, teacher_end)
         elif result["kind"] == "teacher":
             assert teacher_start <= start and end <= teacher_end
-    assert jobs[drivers["logit-quickstart"]][1] >= teacher_end
+    assert jobs[drivers["smoke-quickstart"]][1] >= teacher_end
     analysis_start = jobs[drivers["analysis"]][1]
     assert all(analysis_start >= end for job, (_, _, end) in jobs.items() if job != drivers["analysis"])
     assert "logit" in (exp / "report" / "key_results.md").read_text()
@@ -98,11 +100,30 @@ def test_study_runs_stages_in_dependency_order(slurm_cluster, tmp_path, fake_roo
     assert "1 run that failed while training will be skipped and counted as failed" in resubmitted.stderr
     assert "retry_failed=true" in resubmitted.stderr
     again_ids = json.loads((exp / ".study" / "jobs.json").read_text())
-    driver_job = again_ids["logit-quickstart"]
-    assert driver_job != drivers["logit-quickstart"] and again_ids["teacher-resnet18"] == drivers["teacher-resnet18"]
+    driver_job = again_ids["smoke-quickstart"]
+    assert driver_job != drivers["smoke-quickstart"] and again_ids["teacher-resnet18"] == drivers["teacher-resnet18"]
     ended = wait_until_ended([driver_job, again_ids["analysis"]])
     assert ended[driver_job][0] == "FAILED", ended
     assert read_result(student)["status"] == "failed"  # skipped, not retrained
+
+
+def test_a_dkd_grid_runs_as_a_stage(slurm_cluster, tmp_path, fake_root):
+    """`--grids dkd`: a DKD grid is one more students' driver: its 8 cells train on SLURM after the
+    teacher's driver, and the analysis reports them."""
+    proc = study(tmp_path, fake_root, "--grids", "dkd")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    exp = tmp_path / "quickstart"
+    drivers = json.loads((exp / ".study" / "jobs.json").read_text())
+    assert set(drivers) == {"teacher-resnet18", "dkd-quickstart", "baselines", "analysis"}
+    wait_until_ended([drivers["analysis"]], timeout=480)
+    runs = run_jobs(exp)
+    jobs = wait_until_ended([*drivers.values(), *runs.values()])
+    assert {state for state, _, _ in jobs.values()} == {"COMPLETED"}, jobs
+    students = [d for d in runs if read_result(d)["kind"] == "student"]
+    assert len(students) == 8 and {read_result(d)["status"] for d in students} == {"completed"}
+    assert {OmegaConf.load(d / ".hydra" / "config.yaml").method._target_ for d in students} == {"kdexp.methods.dkd.DKD"}
+    assert min(jobs[runs[d]][1] for d in students) >= jobs[drivers["teacher-resnet18"]][2]
+    assert "dkd" in (exp / "report" / "key_results.md").read_text()
 
 
 def test_a_driver_that_sbatch_refuses_is_one_line(slurm_cluster, tmp_path, fake_root):

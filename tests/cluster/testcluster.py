@@ -1,11 +1,16 @@
-"""A private one-node SLURM cluster (with accounting) for kdexp's tests.
+"""A private one-node SLURM cluster (with accounting) for kdexp's tests, and for trying kdexp's
+SLURM route without a cluster.
 
 Usage:
-    python -m launch.testcluster start --dir /tmp/kdexp-slurm [--cpus 8]
-    python -m launch.testcluster status --dir /tmp/kdexp-slurm
-    python -m launch.testcluster stop --dir /tmp/kdexp-slurm
+    eval "$(python tests/cluster/testcluster.py start --dir /tmp/kdexp-slurm [--cpus 8])"
+    python tests/cluster/testcluster.py status --dir /tmp/kdexp-slurm
+    python tests/cluster/testcluster.py stop --dir /tmp/kdexp-slurm
 
-or as a library: ``info = start(dir); os.environ["SLURM_CONF"] = str(info.slurm_conf); ... stop(dir)``.
+`start` prints the two exports that point SLURM's commands at the cluster (SLURM_CONF) and kdexp at
+its launcher configs: this folder is a site dir (KDEXP_SITE_DIR, as a user's own), whose
+hydra/launcher/slurm_local.yaml (and slurm_local_shared.yaml) fit the cluster. Or as a library:
+``info = start(dir)``, then ``SLURM_CONF=info.slurm_conf`` and ``KDEXP_SITE_DIR=SITE_DIR`` in the
+environment, ..., ``stop(dir)`` (the tests: tests/slurm/conftest.py).
 
 Every daemon (munged, mariadbd, slurmdbd, slurmctld, slurmd) runs in the foreground of its own
 session with all state under ``dir`` and free TCP ports, so it neither touches the system's
@@ -37,7 +42,10 @@ GPUS = 4
 SHARDS_PER_GPU = 4  # gres/shard: jobs of hydra/launcher=slurm_local_shared share a GPU
 PACKAGES = "slurm-wlm munge slurmdbd mariadb-server"
 APT_COMMAND = f"apt-get update && apt-get install -y --no-install-recommends {PACKAGES}"
-INSTALL_HINT = f"run `launch/install_slurm.sh` as root (it runs: {APT_COMMAND})"
+INSTALL_HINT = f"run `tests/cluster/install_slurm.sh` as root, or `make slurm-deps` (it runs: {APT_COMMAND})"
+# This folder holds the cluster's launcher configs (hydra/launcher/slurm_local*.yaml): kdexp reaches
+# them as it reaches any site's, with KDEXP_SITE_DIR pointing here.
+SITE_DIR = Path(__file__).resolve().parent
 # what start() and the tests run; the daemons live in /usr/sbin, not always on a user's PATH
 BINARIES = ("munged", "munge", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld",
             "slurmd", "sbatch", "squeue", "scancel", "sinfo", "sacct", "sacctmgr", "scontrol")
@@ -498,7 +506,7 @@ def _wipe(d: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.testcluster", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python tests/cluster/testcluster.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--dir", required=True, type=Path,
@@ -512,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = start(args.dir, cpus=args.cpus)
             print(f"started in {time.monotonic() - t0:.1f} s; pids {info.pids}", file=sys.stderr)
             print(f"export SLURM_CONF={info.slurm_conf}")
+            print(f"export KDEXP_SITE_DIR={SITE_DIR}")
         elif args.command == "stop":
             stop(args.dir, wipe=not args.keep)
         else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test SLURM cluster (launch/testcluster.py) needs.
+# Install the Debian packages the test SLURM cluster (tests/cluster/testcluster.py) needs.
 # Idempotent: does nothing when every binary is already on PATH.
 # --no-install-recommends: with recommends slurm-wlm alone pulls in ~43 packages.
 set -euo pipefail

@@ -8,6 +8,7 @@ import pandas as pd
 
 from .aggregate import UNNAMED, Experiment, group_by_experiment, run_records
 from .expected import UNFINISHED_STATUSES, CellState, problem_cells, unfinished_runs
+from .literature import literature_tables
 from .rules import RULES, Rule, default_rule, rule_note
 from .tables import Table, comparison, experiment_tables
 
@@ -75,6 +76,7 @@ def analyse(frame: pd.DataFrame, select: str | None = None,
                           ["None of these runs is averaged into any table, except 'note' rows "
                            "(complete runs whose curves are partly unreadable)."])
     shared = [t for t in [comparison(experiments)] if t is not None]
+    shared += literature_tables(frame, RULES[select] if select else None)  # CIFAR-100 runs beside the published numbers
     cells, unfinished = problem_cells(frame), unfinished_runs(frame)
     if only is not None:  # --strict judges the selected experiments only
         cells = [c for c in cells if c.experiment in only]

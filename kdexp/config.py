@@ -17,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from kdexp import methods, runlock
+from kdexp import methods, runlock, schedules
 from kdexp.data import CLASSES
 from kdexp.models import ARCHS, STEMS, model_layout
 from kdexp.pretrained import init_problem
@@ -82,7 +82,6 @@ class TrainerConfig:
     epochs: int = 100
     batch_size: int = 128
     lr: float = 0.1  # the optimiser's (optimizer group) initial learning rate
-    eta_min: float = 1e-4
     clip_norm: Optional[float] = 1.0
     device: str = "auto"
     deterministic: bool = True
@@ -154,6 +153,7 @@ class TrainConfig:
     teacher: TeacherConfig = MISSING
     method: Any = MISSING  # typed by the chosen method's own schema (methods.base.arguments_schema)
     trainer: TrainerConfig = MISSING
+    scheduler: Any = MISSING  # typed by the chosen schedule's schema (kdexp/schedules.py)
     optimizer: Any = MISSING  # typed by the chosen optimiser's schema (OPTIMIZERS)
     paths: PathsConfig = MISSING
 
@@ -162,6 +162,7 @@ def register_configs() -> None:
     """Schemas under `conf/<group>/base.yaml`'s name, so YAML typos and wrong types fail early."""
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
+    schedules.register(cs)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
@@ -285,8 +286,6 @@ def _check_trainer(tr: DictConfig) -> None:
     _check(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch > 0,
            f"trainer.max_steps_per_epoch={tr.max_steps_per_epoch} must be > 0, or null for whole epochs")
     _check(tr.lr > 0, f"trainer.lr={tr.lr} must be > 0")
-    _check(0 <= tr.eta_min <= tr.lr, f"trainer.eta_min={tr.eta_min} must be in [0, trainer.lr={tr.lr}]: "
-           f"the cosine schedule decays the learning rate from trainer.lr down to it")
     _check_label_smoothing("trainer.label_smoothing", tr.label_smoothing)
     _check(tr.early_stopping is None or tr.early_stopping >= 1, f"trainer.early_stopping={tr.early_stopping} "
            f"must be >= 1 (evaluations without a better val accuracy before stopping), or null to train every epoch")
@@ -364,6 +363,10 @@ def validate(cfg: DictConfig) -> Any:
            f"the validation accuracy, but data.val_size=0 holds out none: set data.val_size (e.g. 5000) or "
            f"trainer.early_stopping=null")
     _check_optimizer(cfg.optimizer)
+    try:
+        schedules.check(cfg.scheduler, tr.epochs, tr.lr)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     method = build_method(cfg.method)
     if method.needs_teacher:
         _check(t.arch is not None, f"method={method.name} distils from a teacher but teacher.arch is null: "

@@ -23,7 +23,8 @@ from kdexp.data import DataError, EvalBatches, Splits, build_train_batches, chec
 from kdexp.data.fake import write_fake_cifar
 from kdexp.evaluation import accuracy, predict
 from kdexp.execution import Execution
-from kdexp.loop import Loop, NonFiniteLossError, build_optimizer, build_scheduler
+from kdexp.loop import Loop, NonFiniteLossError, build_optimizer
+from kdexp.schedules import build_scheduler
 from kdexp.models import build_model, count_parameters
 from kdexp.outcome import Outcome
 from kdexp.pretrained import init_missing, initialise
@@ -272,7 +273,7 @@ def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, te
                                 device, cfg.trainer.max_steps_per_epoch, execution.channels_last,
                                 d.image_size, num_workers=d.num_workers)
     teacher_test_logits = predict(teacher, test) if teacher is not None else None
-    return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.trainer), train, val, test,
+    return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.trainer.epochs), train, val, test,
                 cfg.trainer, run_dir, teacher_test_logits=teacher_test_logits, execution=execution,
                 teacher_logits=teacher_logits)
 

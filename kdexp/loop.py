@@ -50,10 +50,6 @@ def build_optimizer(student: nn.Module, method: nn.Module, optimizer: DictConfig
     return OPTIMIZER_CLASSES[optimizer.name](groups, lr=lr, **settings, fused=True if fused else None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, trainer) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer.epochs, eta_min=trainer.eta_min)
-
-
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clip the clipped groups together; return their pre-clip total norm and the method-only norm."""
     clipped = [p for g in optimizer.param_groups if g["clip"] for p in g["params"] if p.grad is not None]

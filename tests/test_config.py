@@ -101,7 +101,7 @@ def test_every_method_argument_names_the_run_dir_through_the_methods_run_tag(tmp
 def test_recipe_defaults_are_the_study():
     cfg = compose_cfg("pair=r50_to_r18", "method=feature")
     t, o = cfg.trainer, cfg.optimizer
-    assert (t.epochs, t.batch_size, t.lr, o.name, o.momentum, o.nesterov, o.weight_decay, t.eta_min, t.clip_norm) == \
+    assert (t.epochs, t.batch_size, t.lr, o.name, o.momentum, o.nesterov, o.weight_decay, cfg.scheduler.eta_min, t.clip_norm) == \
         (100, 128, 0.1, "sgd", 0.9, True, 5e-4, 1e-4, 1.0)
     assert (t.label_smoothing, t.early_stopping, cfg.data.num_classes, cfg.data.image_size, cfg.model.init) == \
         (0.0, None, 10, 32, None)

@@ -276,7 +276,7 @@ def test_early_stopping_ends_the_run_and_its_resume_trains_no_further(tmp_path, 
     A learning rate too small to move the network keeps the val accuracy from improving."""
     env = _env(data_dir, tmp_path)
     args = (*BASE, "experiment=baseline", "trainer.epochs=8", "trainer.max_steps_per_epoch=2", "trainer.lr=1e-7",
-            "trainer.eta_min=0", "trainer.early_stopping=2")
+            "scheduler.eta_min=0", "trainer.early_stopping=2")
     proc = run_train(*args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = [p.parent for p in tmp_path.rglob("result.json")]

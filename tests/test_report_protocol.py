@@ -30,7 +30,7 @@ def test_the_preset_is_the_reports_protocol():
     assert (cfg.teacher.arch, cfg.teacher.init, cfg.teacher.stem) == ("resnet34", "imagenet", "imagenet")
     assert (cfg.model.arch, cfg.model.init, cfg.model.stem) == ("resnet18", None, "imagenet")
     assert (cfg.data.image_size, cfg.optimizer.name, cfg.trainer.early_stopping) == (224, "adam", 10)
-    assert cfg.data.val_size > 0 and cfg.trainer.eta_min == cfg.trainer.lr  # selection on val; constant lr
+    assert cfg.data.val_size > 0 and cfg.scheduler.eta_min == cfg.trainer.lr  # selection on val; constant lr
     assert (cfg.method._target_, cfg.trainer.epochs, cfg.recipe_epochs.teacher) == ("kdexp.methods.logit.LogitKD", 60, 20)
     # a student's missing teacher is trained by the report's own teacher command
     assert train_command(cfg) == "python -m kdexp.train experiment=teacher protocol=report model=resnet34 " \

@@ -9,7 +9,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import REPO, TINY, run_train, student_args, without_timing
+from helpers import REPO, TINY, compose_cfg, run_train, student_args, without_timing
 from kdexp.records import read_metrics, read_result
 
 # Width 8: a width-4 Feature-KD student barely moves in 3 epochs (measured: 22% vs 45% at width 8).
@@ -193,7 +193,6 @@ def test_kd_student_starts_from_its_baselines_weights(tmp_path, fake_root):
     construction, data order: tests/test_data.py), which the seed-paired comparison relies on."""
     import torch
 
-    from helpers import compose_cfg
     from kdexp.config import validate
     from kdexp.data import load_splits
     from kdexp.execution import Execution
@@ -213,3 +212,23 @@ def test_kd_student_starts_from_its_baselines_weights(tmp_path, fake_root):
         loop = build_loop(cfg, method, Execution(), splits, teacher, cpu, tmp_path / name)
         initial[name] = loop.student.state_dict()
     assert all(torch.equal(initial["baseline"][k], initial["logit"][k]) for k in initial["baseline"])
+
+
+def test_make_quickstart_distils_from_the_teacher_it_trains_on_the_baselines_seeds():
+    """`make quickstart` runs its steps as make targets, two at a time (Makefile): the teacher's
+    command must export where the distillation commands look, and the per-seed distillation commands
+    must cover exactly the baselines' seeds (a seed missing on one side would leave its pair unmatched)."""
+    from kdexp.job import resolve_teacher_export_path
+    from kdexp.teachers import derived_teacher_path
+
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "quickstart-runs"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    commands = [line.split("kdexp.train", 1)[1].split() for line in dry.splitlines() if "kdexp.train" in line]
+    overrides = [dict(a.split("=", 1) for a in c if a != "-m") for c in commands]
+    (teacher,) = [o for o in overrides if o.get("experiment") == "teacher"]
+    (baselines,) = [o for o in overrides if o.get("experiment") == "baseline"]
+    students = [o for o in overrides if o.get("experiment") == "quickstart"]
+    exported = resolve_teacher_export_path(compose_cfg(*(f"{k}={v}" for k, v in teacher.items())))
+    for student in students:
+        assert derived_teacher_path(compose_cfg(*(f"{k}={v}" for k, v in student.items()))) == exported
+    assert sorted(s["seed"] for s in students) == baselines["seed"].split(",")

@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The quickstart runs two jobs at a time, each on one thread: its networks are so small that a
-# second core gains far more as a second job than as a second thread of one job. The baselines
-# need no teacher, so they train alongside it; then each seed's distillations run side by side.
+# The quickstart keeps 2 cores busy with two jobs at a time, each on one thread (a second thread per
+# job would only contend with the other job): the baselines need no teacher, so they train alongside
+# it; then each seed's distillations run side by side.
 QUICKSTART := OMP_NUM_THREADS=1 $(TRAIN)
 
 quickstart: install

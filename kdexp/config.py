@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
 from kdexp import methods, runlock, schedules
-from kdexp.data import CLASSES
+from kdexp.data import DATASETS
 from kdexp.models import ARCHS, STEMS, model_layout
 from kdexp.pretrained import init_problem
 from kdexp.records import kept_result
@@ -29,7 +29,6 @@ class ConfigError(ValueError):
 
 
 AMP_MODES = ("auto", "none", "bf16")
-DATASETS = ("cifar10", "fake")
 SEED_MAX = 2**32 - 1  # numpy's seed range
 CHANNELS_LAST_NEEDS_CUDA = ("trainer.channels_last=true needs a CUDA device: torch's CPU convolution backward in "
                             "channels_last gives wrong gradients (0.3% off fp64 at width 8, where NCHW is 1e-6 off) "
@@ -319,18 +318,20 @@ def _check_optimizer(o: DictConfig) -> None:
 
 
 def _check_data(d: DictConfig) -> None:
-    _check(d.name in DATASETS, f"data.name={d.name!r} must be one of {list(DATASETS)} (data=cifar10 or data=fake)")
+    _check(d.name in DATASETS, f"data.name={d.name!r} must be one of {list(DATASETS)} (data=<that name>)")
     _check(d.loader in ("tensor", "torch"), f"data.loader={d.loader!r} must be tensor or torch")
     _check(d.val_size >= 0, f"data.val_size={d.val_size} must be >= 0 (0 = no validation split)")
     _check_seed("data.split_seed", d.split_seed)
     _check(d.eval_batch_size > 0, f"data.eval_batch_size={d.eval_batch_size} must be > 0")
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0 (0 = load in the main process)")
     _check(d.num_classes >= 2, f"data.num_classes={d.num_classes} must be >= 2")
-    _check(d.name != "cifar10" or d.num_classes == len(CLASSES),
-           f"data.num_classes={d.num_classes} must be {len(CLASSES)}: CIFAR-10 has {len(CLASSES)} classes")
+    dataset = DATASETS[d.name]
+    _check(dataset.generated or d.num_classes == dataset.layout.num_classes,
+           f"data.num_classes={d.num_classes} must be {dataset.layout.num_classes}: "
+           f"{dataset.layout.title} has {dataset.layout.num_classes} classes")
     _check(d.image_size >= 1, f"data.image_size={d.image_size} must be a positive number of pixels "
            f"(32: CIFAR's own size, 224: ImageNet's)")
-    if d.name == "fake":
+    if dataset.generated:
         for key in ("fake_train_size", "fake_test_size"):
             _check(d[key] > 0, f"data.{key}={d[key]} must be > 0")
 

@@ -9,8 +9,9 @@ import torch
 import torchvision.transforms.functional as TF
 
 from torchvision import transforms
+from torchvision.datasets import CIFAR10
 
-from kdexp.data import CIFAR_MEAN, CIFAR_STD, DataError, EvalBatches, TrainBatches, cifar, load_splits
+from kdexp.data import CIFAR_MEAN, CIFAR_STD, DataError, EvalBatches, TrainBatches, load_splits
 from kdexp.data.fake import write_fake_cifar
 from kdexp.data.loaders import TorchLoaderBatches, augment, crop_flip
 
@@ -55,7 +56,7 @@ def test_a_failed_download_says_so_and_how_to_get_the_data_by_hand(tmp_path, mon
     def offline(self):
         raise URLError("no route to host")
 
-    monkeypatch.setattr(cifar._CheckedCIFAR10, "download", offline)  # as on a node without internet
+    monkeypatch.setattr(CIFAR10, "download", offline)  # as on a node without internet
     with pytest.raises(DataError, match=r"data.download=true failed \(URLError.*cifar-10-python.tar.gz"):
         load_splits(tmp_path, 0, 1234, download=True)
 

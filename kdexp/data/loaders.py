@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from kdexp.data.cifar import CIFAR_MEAN, CIFAR_STD
+from kdexp.data.cifar import CIFAR10_LAYOUT, Layout
 
 PAD = 4
 SIZE = 32  # the stored images' side, and the crop's
@@ -35,14 +35,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 @functools.cache
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(device: torch.device, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: a per-batch host-to-GPU copy would make the CPU wait for the GPU.
-    return (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+    return (torch.tensor(layout.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(layout.std, device=device).view(1, 3, 1, 1))
 
 
-def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    mean, std = _mean_std(images_u8.device)
+def normalize(images_u8: torch.Tensor, layout: Layout = CIFAR10_LAYOUT) -> torch.Tensor:
+    """Float images normalised with the dataset's per-channel mean and std."""
+    mean, std = _mean_std(images_u8.device, layout)
     return (images_u8.float() / 255.0 - mean) / std
 
 
@@ -66,18 +67,18 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def model_input(images: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor:
+def model_input(images: torch.Tensor, size: int, channels_last: bool, layout: Layout = CIFAR10_LAYOUT) -> torch.Tensor:
     """Normalised, resized images in the layout the model was prepared with. The crop's gather
     leaves NHWC strides: pinning the layout matters (an input whose layout differs from the model's
     costs a copy per conv, and at 4 channels crashes torch 2.14's CPU conv backward)."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return resize(normalize(images), size).contiguous(memory_format=layout)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return resize(normalize(images, layout), size).contiguous(memory_format=memory_format)
 
 
 def augment(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
-            channels_last: bool, size: int = SIZE) -> torch.Tensor:
+            channels_last: bool, size: int = SIZE, layout: Layout = CIFAR10_LAYOUT) -> torch.Tensor:
     """The training view of each image as the model sees it: cropped, flipped, normalised, resized."""
-    return model_input(crop_flip(images_u8, dy, dx, flip), size, channels_last)
+    return model_input(crop_flip(images_u8, dy, dx, flip), size, channels_last, layout)
 
 
 @dataclass
@@ -95,10 +96,11 @@ class TrainBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
                  device: torch.device, max_steps: int | None = None, channels_last: bool = False,
-                 image_size: int = SIZE):
+                 image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.max_steps, self.channels_last, self.image_size = max_steps, channels_last, image_size
+        self.layout = layout  # its normalisation
 
     def __len__(self) -> int:
         steps = -(-len(self.images) // self.batch_size)
@@ -113,12 +115,13 @@ class TrainBatches:
         for step in range(len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             dy, dx, flip = offsets[idx, 0], offsets[idx, 1], flips[idx]
-            x = augment(self.images[idx], dy, dx, flip, self.channels_last, self.image_size)
+            x = augment(self.images[idx], dy, dx, flip, self.channels_last, self.image_size, self.layout)
             yield Batch(x, self.labels[idx], idx, dy, dx, flip)
 
 
 class _PILDataset(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int = SIZE):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int = SIZE,
+                 layout: Layout = CIFAR10_LAYOUT):
         self.images = images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10 holds it
         self.labels = labels.tolist()
         resize = [transforms.Resize(image_size, transforms.InterpolationMode.BILINEAR, antialias=True)] \
@@ -127,7 +130,7 @@ class _PILDataset(Dataset):
             transforms.RandomCrop(SIZE, padding=PAD),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+            transforms.Normalize(layout.mean, layout.std),
             *resize,
         ])
 
@@ -142,10 +145,11 @@ class TorchLoaderBatches(TrainBatches):
     """The reference path: torchvision PIL transforms in DataLoader workers, seeded per epoch."""
 
     def __init__(self, images, labels, batch_size, seed, device, max_steps=None, channels_last=False,
-                 image_size: int = SIZE, num_workers: int = 0):
-        super().__init__(images, labels, batch_size, seed, torch.device("cpu"), max_steps, channels_last, image_size)
+                 image_size: int = SIZE, num_workers: int = 0, layout: Layout = CIFAR10_LAYOUT):
+        super().__init__(images, labels, batch_size, seed, torch.device("cpu"), max_steps, channels_last, image_size,
+                         layout)
         self.target_device, self.num_workers = device, num_workers
-        self.dataset = _PILDataset(images, labels, image_size)
+        self.dataset = _PILDataset(images, labels, image_size, layout)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
@@ -167,12 +171,13 @@ def _seed_numpy_in_worker(worker_id: int) -> None:
 
 def build_train_batches(loader: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                         seed: int, device: torch.device, max_steps: int | None = None,
-                        channels_last: bool = False, image_size: int = SIZE, num_workers: int = 0) -> TrainBatches:
+                        channels_last: bool = False, image_size: int = SIZE, num_workers: int = 0,
+                        layout: Layout = CIFAR10_LAYOUT) -> TrainBatches:
     if loader == "tensor":
-        return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last, image_size)
+        return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last, image_size, layout)
     if loader == "torch":
         return TorchLoaderBatches(images, labels, batch_size, seed, device, max_steps, channels_last,
-                                  image_size, num_workers)
+                                  image_size, num_workers, layout)
     raise ValueError(f"data.loader={loader!r}: choose 'tensor' or 'torch'")
 
 
@@ -180,14 +185,16 @@ class EvalBatches:
     """Fixed-order, un-augmented batches of one split (val or test)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
-                 channels_last: bool = False, image_size: int = SIZE):
+                 channels_last: bool = False, image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.channels_last, self.image_size = batch_size, channels_last, image_size
+        self.layout = layout  # its normalisation
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.images), self.batch_size):
-            x = model_input(self.images[start:start + self.batch_size], self.image_size, self.channels_last)
+            x = model_input(self.images[start:start + self.batch_size], self.image_size, self.channels_last,
+                            self.layout)
             yield x, self.labels[start:start + self.batch_size]

@@ -157,13 +157,24 @@ def load_teacher(cfg: DictConfig, device: torch.device, images: int) -> FrozenTe
         state = state["state_dict"]
     else:
         check_teacher_data(path, None, cfg, images)
+        state = foreign_weights(state)
     model = build_model(t.arch, cfg.model.num_classes, t.stem, t.width)
     misfit = state_dict_misfit(model.state_dict(), state)
-    if misfit:  # a plain state_dict from elsewhere that does not fit this architecture
+    if misfit:  # weights from elsewhere that do not fit this architecture
         raise TeacherError(f"teacher checkpoint {path} does not fit teacher.arch={t.arch} "
-                           f"stem={t.stem} width={t.width}: {misfit}")
+                           f"stem={t.stem} width={t.width} num_classes={cfg.model.num_classes}: {misfit}")
     model.load_state_dict(state)
     return FrozenTeacher(model).to(device)
+
+
+def foreign_weights(state: object) -> object:
+    """The weights in a checkpoint kdexp did not export: a plain state_dict, or the KD benchmark's
+    published layout (RepDistiller, mdistiller: `{'model': state_dict, 'epoch', 'accuracy' or
+    'best_acc', 'optimizer', ...}`), whose module names kdexp's CIFAR networks share. Loaded
+    strictly afterwards: any key or shape that differs is an error, not a partial load."""
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        return state["model"]
+    return state
 
 
 def _check_exists(cfg: DictConfig, path: Path) -> None:
@@ -187,8 +198,8 @@ def check_teacher_data(path: Path, recorded: dict | None, cfg: DictConfig, image
     data = cfg.data
     mine = f"{data.name} ({images} images, val_size={data.val_size}, split_seed={data.split_seed})"
     if recorded is None:
-        log.warning("teacher %s records no training data (exported before kdexp recorded it): cannot check "
-                    "that it never saw this run's validation images (%s)", path, mine)
+        log.warning("teacher %s records no training data (a published checkpoint, or exported before kdexp "
+                    "recorded it): cannot check that it never saw this run's validation images (%s)", path, mine)
         return
     theirs = (f"{recorded['dataset']} ({recorded['images']} images, val_size={recorded['val_size']}, "
               f"split_seed={recorded['split_seed']})")

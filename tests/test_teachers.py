@@ -105,6 +105,41 @@ def test_plain_state_dict_of_the_wrong_shape_is_refused(tmp_path):
     assert "size mismatch (checkpoint vs model) conv1.weight (8, 3, 3, 3) vs (4, 3, 3, 3)" in message
 
 
+def _publish(path, model):
+    """A checkpoint as the CIFAR-100 benchmark publishes its teachers (RepDistiller train_teacher.py,
+    the files mdistiller downloads): torch.save of the reference module names under 'model'."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.save({"epoch": 240, "model": model.state_dict(), "accuracy": torch.tensor(72.34),
+                "optimizer": optimizer.state_dict()}, path)
+
+
+def test_a_published_benchmark_checkpoint_loads_strictly_through_teacher_ckpt(tmp_path):
+    path = tmp_path / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir()
+    published = build_model("resnet56", num_classes=100)
+    _publish(path, published)
+    cfg = compose_cfg("protocol=crd", "pair=r56_to_r20", "method=logit", f"teacher.ckpt={path}",
+                      f"paths.output_dir={tmp_path}")
+    teacher = load_teacher(cfg, torch.device("cpu"), IMAGES)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(teacher(x), published.eval()(x))
+
+
+@pytest.mark.parametrize("pair, num_classes, complaint", [
+    ("r110_to_r32", 100, "does not fit teacher.arch=resnet110 stem=cifar width=16 num_classes=100: missing keys "
+                         "layer1.9.conv1.weight"),
+    ("r56_to_r20", 10, "size mismatch (checkpoint vs model) fc.weight (10, 64) vs (100, 64)"),
+])
+def test_a_published_checkpoint_of_another_network_is_refused_clearly(tmp_path, pair, num_classes, complaint):
+    path = tmp_path / "ckpt_epoch_240.pth"
+    _publish(path, build_model("resnet56", num_classes=num_classes))
+    cfg = compose_cfg("protocol=crd", f"pair={pair}", "method=logit", f"teacher.ckpt={path}",
+                      f"paths.output_dir={tmp_path}")
+    with pytest.raises(TeacherError) as err:
+        load_teacher(cfg, torch.device("cpu"), IMAGES)
+    assert complaint in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("val_size, split_seed, accepted", [(5000, 1234, True), (0, 1234, False), (5000, 7, False)])
 def test_teacher_that_saw_the_students_validation_images_is_refused(tmp_path, val_size, split_seed, accepted):
     """A v2 student (5k val, split seed 1234) accepts only a teacher trained without its val images:

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from kdexp.data.cifar import CIFAR10_LAYOUT, Layout
+from kdexp.data.cifar import CIFAR10_LAYOUT, CLASSES, Layout
 
 PAD = 4
 SIZE = 32  # the stored images' side, and the crop's
@@ -182,13 +182,14 @@ def build_train_batches(loader: str, images: torch.Tensor, labels: torch.Tensor,
 
 
 class EvalBatches:
-    """Fixed-order, un-augmented batches of one split (val or test)."""
+    """Fixed-order, un-augmented batches of one split (val or test); `classes` names its labels."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
-                 channels_last: bool = False, image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT):
+                 channels_last: bool = False, image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT,
+                 classes: tuple[str, ...] = CLASSES):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.channels_last, self.image_size = batch_size, channels_last, image_size
-        self.layout = layout  # its normalisation
+        self.layout, self.classes = layout, classes  # its normalisation; its labels' names
 
     def __len__(self) -> int:
         return len(self.images)

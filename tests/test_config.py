@@ -168,3 +168,12 @@ def test_config_keys_users_rely_on_exist():
                 "trainer.deterministic", "data.root", "data.val_size", "seed"]:
         assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
     assert compose_cfg("pair=r50_to_r34", "method=logit").method.T == 4.0
+
+
+@pytest.mark.parametrize("override", ["experiment=paper_v11", "pair=r34_to_r81", "kd_grid=dkdd"])
+def test_a_misspelt_preset_is_refused_not_skipped(override):
+    """`optional` in the defaults list would compose a misspelt preset as no preset at all: the
+    default config trained under a name the user never meant."""
+    from hydra.errors import MissingConfigException
+    with pytest.raises(MissingConfigException, match=override.split("=")[1]):
+        compose_cfg(override)

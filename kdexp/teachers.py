@@ -19,7 +19,7 @@ from torch import nn
 
 from kdexp import checkpoint
 from kdexp.config import register_configs
-from kdexp.data import data_identity, split_indices
+from kdexp.data import data_identity, dataset, split_indices
 from kdexp.data.loaders import SIZE
 from kdexp.methods.base import fmt
 from kdexp.models import build_model, state_dict_misfit
@@ -39,10 +39,14 @@ UNRECORDED = {"image_size": SIZE, "init": None, "label_smoothing": 0.0}
 
 
 def data_id(data: DictConfig) -> str:
-    """`cifar10_val5000_split1234`; generated data carries its sizes (`fake3000x1000_...`), so
-    teachers trained on different generated sets never share a path; inputs resized to another
-    image size than CIFAR's 32 pixels say so (`cifar10_224px_val5000_split1234`)."""
-    name = f"fake{data.fake_train_size}x{data.fake_test_size}" if data.name == "fake" else data.name
+    """`cifar10_val5000_split1234`; generated data carries its sizes (`fake3000x1000_...`,
+    `fake_cifar100_5000x500_...`), so teachers trained on different generated sets never share a
+    path; inputs resized to another image size than CIFAR's 32 pixels say so
+    (`cifar10_224px_val5000_split1234`)."""
+    name = data.name
+    if dataset(data.name).generated:
+        sizes = f"{data.fake_train_size}x{data.fake_test_size}"
+        name = f"fake{sizes}" if name == "fake" else f"{name}_{sizes}"  # data=fake's paths as they always were
     size = f"_{data.image_size}px" if data.image_size != SIZE else ""
     split = f"_val{data.val_size}_split{data.split_seed}" if data.val_size else "_full"
     return f"{name}{size}{split}"

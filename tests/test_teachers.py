@@ -231,3 +231,15 @@ def test_a_label_smoothed_teacher_run_trains_on_smoothed_targets(tmp_path):
     parts, logits = loop.losses(batch.x, batch.y, None)
     assert torch.equal(parts["ce"], F.cross_entropy(logits, batch.y, label_smoothing=0.1))
     assert not torch.equal(parts["ce"], F.cross_entropy(logits, batch.y))
+
+
+def test_teachers_on_generated_cifar100_of_different_sizes_never_share_a_path(tmp_path):
+    def path(*sizes):
+        return resolve_teacher_path(compose_cfg("protocol=crd", "pair=vgg13_to_vgg8", "method=logit",
+                                                "data=fake_cifar100", *sizes, f"paths.output_dir={tmp_path}"))
+    small = path("data.fake_train_size=5000", "data.fake_test_size=500")
+    assert str(small).endswith("teachers/fake_cifar100_5000x500_full/vgg13_cifar_w64_seed0.pt")
+    assert small != path("data.fake_train_size=50000", "data.fake_test_size=500")
+    fake = resolve_teacher_path(compose_cfg("data=fake", "data.fake_train_size=3000", "data.fake_test_size=1000",
+                                            "pair=r34_to_r18", "method=logit", f"paths.output_dir={tmp_path}"))
+    assert "/fake3000x1000_" in str(fake)  # data=fake's teachers stay where they were

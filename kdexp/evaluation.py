@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdexp.data import CLASSES
 from kdexp.data.loaders import EvalBatches
 
 
@@ -24,10 +23,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).sum().item() / len(labels)
 
 
-def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy per class present in `labels`, keyed by the class names (the data's meta file)."""
     correct = logits.argmax(1) == labels
     return {name: correct[labels == c].sum().item() / (labels == c).sum().item()
-            for c, name in enumerate(CLASSES) if (labels == c).any()}
+            for c, name in enumerate(classes) if (labels == c).any()}
 
 
 def fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:

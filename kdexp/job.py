@@ -19,8 +19,8 @@ import kdexp
 from kdexp import checkpoint, runlock, teacher_cache
 from kdexp.config import ConfigError, run_role, validate
 from kdexp.cost import network_gflops
-from kdexp.data import DataError, EvalBatches, Splits, build_train_batches, check_present, data_identity, load_splits
-from kdexp.data.fake import write_fake_cifar
+from kdexp.data import (DataError, EvalBatches, Splits, build_train_batches, check_data_present, data_identity,
+                        dataset, load_data)
 from kdexp.evaluation import accuracy, predict
 from kdexp.execution import Execution
 from kdexp.loop import Loop, NonFiniteLossError, build_optimizer
@@ -129,7 +129,7 @@ def restore_teacher_export(cfg: DictConfig, run_dir: Path, result: dict) -> None
     check_writable(path.parent, "the teacher export")
     model = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem, cfg.model.width)
     model.load_state_dict(weights)
-    images = _images(_load_data(cfg.data))
+    images = _images(load_data(cfg.data))
     identity = data_identity(cfg.data.name, images, cfg.data.val_size, cfg.data.split_seed)
     export_teacher(model, path, cfg.seed, cfg.data, identity, result["test_acc_final"], str(run_dir),
                    result.get("init"), cfg.trainer.label_smoothing)
@@ -198,10 +198,9 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
 
 def _check_data(d: DictConfig) -> None:
     """The dry run's cheap data check: generated data can be written, real data is on disk."""
-    if d.name == "fake":
+    if dataset(d.name).generated:
         check_writable(Path(d.root), "the generated data")
-    elif not d.download:
-        check_present(d.root)
+    check_data_present(d)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -223,13 +222,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _load_data(d: DictConfig) -> Splits:
-    generated = d.name == "fake"
-    if generated:
-        write_fake_cifar(d.root, d.fake_train_size, d.fake_test_size)
-    return load_splits(d.root, d.val_size, d.split_seed, d.download, d.verify_md5, generated=generated)
-
-
 def _images(splits: Splits) -> int:
     """The training images before the val split: what split indices refer to."""
     return len(splits.train_x) + len(splits.val_x)
@@ -240,12 +232,12 @@ def _build(cfg: DictConfig, method, execution: Execution, device: torch.device,
     """The loop, the number of training images before the val split (for data identities) and
     the student's initial weights as `kdexp.pretrained.initialise` records them (None: from scratch)."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    splits = _load_data(cfg.data)
+    splits = load_data(cfg.data)
     teacher = execution.prepare(load_teacher(cfg, device, _images(splits))) if method.needs_teacher else None
     teacher_logits = None
     if execution.teacher_cache:
         teacher_logits = teacher_cache.load_or_build(resolve_teacher_path(cfg), teacher, splits.train_x, execution,
-                                                     cfg.data.image_size)
+                                                     cfg.data.image_size, splits.layout)
     loop = build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits)
     # in place, before any step (a resumed run then loads its last.pt over it)
     init = initialise(loop.student, cfg.model.init) if cfg.model.init else None
@@ -266,12 +258,12 @@ def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, te
     execution.prepare(method.to(device))
     optimizer = build_optimizer(student, method, cfg.optimizer, cfg.trainer.lr, execution.fused)
     test = EvalBatches(splits.test_x, splits.test_y, d.eval_batch_size, device, execution.channels_last,
-                       d.image_size)
+                       d.image_size, splits.layout, splits.classes)
     val = EvalBatches(splits.val_x, splits.val_y, d.eval_batch_size, device, execution.channels_last,
-                      d.image_size) if d.val_size else None
+                      d.image_size, splits.layout, splits.classes) if d.val_size else None
     train = build_train_batches(d.loader, splits.train_x, splits.train_y, cfg.trainer.batch_size, cfg.seed,
                                 device, cfg.trainer.max_steps_per_epoch, execution.channels_last,
-                                d.image_size, num_workers=d.num_workers)
+                                d.image_size, num_workers=d.num_workers, layout=splits.layout)
     teacher_test_logits = predict(teacher, test) if teacher is not None else None
     return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.trainer.epochs), train, val, test,
                 cfg.trainer, run_dir, teacher_test_logits=teacher_test_logits, execution=execution,

@@ -196,7 +196,7 @@ class Loop:
         row["test_acc"] = accuracy(test_logits, self.test.labels)
         if self.teacher_test_logits is not None:
             row.update(fidelity(test_logits, self.teacher_test_logits))
-        snapshot = {**row, "epoch": epoch, "per_class_test_acc": per_class_accuracy(test_logits, self.test.labels)}
+        snapshot = {**row, "epoch": epoch, "per_class_test_acc": per_class_accuracy(test_logits, self.test.labels, self.test.classes)}
         if row["val_acc"] is not None and (self.state.best_val is None or row["val_acc"] > self.state.best_val["val_acc"]):
             self.state.best_val = snapshot
         if self.state.best_test is None or row["test_acc"] > self.state.best_test["test_acc"]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kdexp import checkpoint
-from kdexp.data.cifar import CIFAR_MEAN, CIFAR_STD
+from kdexp.data.cifar import CIFAR10_LAYOUT, Layout
 from kdexp.data.loaders import PAD, SIZE, Batch, augment
 from kdexp.execution import Execution
 
@@ -46,7 +46,7 @@ def lookup(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def build(teacher: nn.Module, images: torch.Tensor, execution: Execution, image_size: int = SIZE,
-          batch_size: int = BUILD_BATCH) -> torch.Tensor:
+          batch_size: int = BUILD_BATCH, layout: Layout = CIFAR10_LAYOUT) -> torch.Tensor:
     """Teacher logits for every view of every image, (N, 9, 9, 2, classes), computed as the live
     path computes them (same augmentation, resize to `image_size` and layout, same autocast) and
     kept in its dtype."""
@@ -58,7 +58,7 @@ def build(teacher: nn.Module, images: torch.Tensor, execution: Execution, image_
             chunk = images[start:start + batch_size]
             dy_, dx_, flip_ = (torch.full((len(chunk),), v, device=device) for v in (dy, dx, bool(flip)))
             with execution.autocast(device):
-                logits = teacher(augment(chunk, dy_, dx_, flip_, execution.channels_last, image_size))
+                logits = teacher(augment(chunk, dy_, dx_, flip_, execution.channels_last, image_size, layout))
             if out is None:
                 out = torch.empty(len(images), OFFSETS, OFFSETS, 2, logits.shape[1], dtype=logits.dtype, device=device)
             out[start:start + len(chunk), dy, dx, flip] = logits
@@ -66,11 +66,11 @@ def build(teacher: nn.Module, images: torch.Tensor, execution: Execution, image_
 
 
 def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, execution: Execution,
-                  image_size: int = SIZE) -> torch.Tensor:
-    """The cache for this teacher, split, input size and execution: read from next to the
-    checkpoint, or built and stored there (by one job at a time)."""
+                  image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT) -> torch.Tensor:
+    """The cache for this teacher, split, input size, normalisation and execution: read from next to
+    the checkpoint, or built and stored there (by one job at a time)."""
     device = next(teacher.parameters()).device
-    spec = _spec(teacher_ckpt, images, execution, device, image_size)
+    spec = _spec(teacher_ckpt, images, execution, device, image_size, layout)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = teacher_ckpt.with_name(f"{teacher_ckpt.stem}.logits-{key}.pt")
     logits = _read(path, spec, device)
@@ -81,7 +81,7 @@ def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, 
         if logits is not None:
             return logits
         start = time.perf_counter()
-        logits = build(teacher, images, execution, image_size)
+        logits = build(teacher, images, execution, image_size, layout=layout)
         log.info("built teacher logits for %d images x %d views in %.1f s", len(images), VIEWS,
                  time.perf_counter() - start)
         try:
@@ -92,13 +92,13 @@ def load_or_build(teacher_ckpt: Path, teacher: nn.Module, images: torch.Tensor, 
 
 
 def _spec(teacher_ckpt: Path, images: torch.Tensor, execution: Execution, device: torch.device,
-          image_size: int) -> dict:
+          image_size: int, layout: Layout) -> dict:
     # Resized views are another cache; at the stored size the spec (and so every existing file's
     # key) stays what it was before inputs could be resized.
     resized = {"image_size": image_size} if image_size != SIZE else {}
     return {**resized, "format": FORMAT, "teacher_sha256": checkpoint.file_sha256(teacher_ckpt),
             "images_sha256": hashlib.sha256(images.cpu().contiguous().numpy()).hexdigest(), "images": len(images),
-            "pad": PAD, "size": SIZE, "flips": 2, "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD),
+            "pad": PAD, "size": SIZE, "flips": 2, "mean": list(layout.mean), "std": list(layout.std),
             "precision": execution.precision, "device": device.type}
 
 

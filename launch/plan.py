@@ -192,10 +192,12 @@ def read_experiment(name: str) -> Experiment:
 
 
 def check_grids(grids: Sequence[str]) -> None:
-    """Each grid must be a kd_grid preset that sweeps its method's hyperparameters. (kd_grid is an
-    optional group: Hydra composes a misspelt name as no preset at all, without an error.)"""
+    """Each grid must be a kd_grid preset that sweeps its method's hyperparameters."""
     for grid in grids:
-        params = compose_job([f"kd_grid={grid}"]).hydra.sweeper.params or {}
+        try:
+            params = compose_job([f"kd_grid={grid}"]).hydra.sweeper.params or {}
+        except HydraException:  # no such preset
+            params = {}
         if not any(key.startswith("method.") for key in params):
             presets = GlobalHydra.instance().config_loader().get_group_options("kd_grid")
             raise PlanError(f"--grids: {grid} is no kd_grid preset sweeping method.* (conf/kd_grid/{grid}.yaml or "
@@ -272,6 +274,8 @@ def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[st
         raise PlanError(f"--cluster {cluster}: {problem}")
     teacher_launcher = f"{cluster}_teacher" if missing_launcher(f"{cluster}_teacher") is None else cluster
     spec = PROTOCOLS[protocol]
+    if grids and not spec.grids:
+        raise PlanError(f"--grids: --protocol {protocol} runs its experiment's own methods, not kd_grid presets")
     grids = tuple(dict.fromkeys(grids or spec.grids))
     check_grids(grids)
     ctx = _Ctx(cluster, teacher_launcher, output_dir, tuple(extra), python, grids)
@@ -341,6 +345,13 @@ def _quickstart(ctx: _Ctx) -> list[Driver]:
     return [teacher, *students, baselines]
 
 
+def _cifar100(ctx: _Ctx) -> list[Driver]:
+    """The CIFAR-100 benchmark: its teachers, then experiment=cifar100_kd's one multirun (its pairs x
+    {CE baseline, KD, DKD} x seeds: the methods are the experiment's own sweep, not kd_grid presets)."""
+    exp = read_experiment("cifar100_kd")
+    return [*_teachers(ctx, exp), ctx.train("benchmark", "students", [f"experiment={exp.name}"])]
+
+
 def _final(ctx: _Ctx, protocol: str, pair: str, grid: str, selected: Path, cell: list[str] | None,
            selection: Driver) -> Driver:
     """The selected cell of `grid` (the kd_grid preset: the cell's overrides replace its sweep) x five
@@ -386,4 +397,5 @@ PROTOCOLS = {
     "v1": Protocol(("teachers", "students", "analysis"), ("logit", "feature"), _v1),
     "v2": Protocol(("teachers", "selection", "select", "finals", "analysis"), ("logit", "feature"), _v2),
     "quickstart": Protocol(("teachers", "students", "analysis"), ("smoke",), _quickstart),
+    "cifar100": Protocol(("teachers", "students", "analysis"), (), _cifar100),
 }

@@ -1,6 +1,6 @@
 """Submit the whole study to SLURM as a chain of stage drivers, and return at once.
 
-    python -m launch.study --cluster slurm_a100|mysite [--protocol v1|v2|quickstart] [--grids logit,feature,dkd]
+    python -m launch.study --cluster slurm_a100|mysite [--protocol v1|v2|quickstart|cifar100] [--grids logit,feature,dkd]
                            [--dry-run] [--output-dir DIR] [--driver-sbatch=OPTION ...] [HYDRA_OVERRIDE ...]
 
 Design. Each stage's *driver* is a small CPU-only sbatch job (1 CPU, 2 GB, no GPU, 3-day limit:
@@ -21,6 +21,9 @@ returns (the login session may close).
                     selected.json when the driver starts; seed 0 is the selection run, reused),
                     baselines R18/R34 x 5 seeds
                   5 analysis
+  cifar100:       1 teachers (resnet56, resnet110, resnet32x4, wrn_40_2, vgg13; protocol=crd)
+                  2 students: experiment=cifar100_kd, one driver (8 pairs x {ce, logit, dkd} x 3 seeds)
+                  3 analysis (beside the published numbers)
 The pairs, seeds and protocol come from the experiment preset (conf/experiment/paper_v1.yaml,
 paper_v2.yaml, quickstart.yaml), the cells from the kd_grid presets: --grids names any of them
 (conf/kd_grid/ or $KDEXP_SITE_DIR/kd_grid/), e.g. --grids logit,feature,dkd adds a DKD stage driver

@@ -19,7 +19,7 @@ from kdexp import bench
 from kdexp.config import validate
 from kdexp.records import write_result
 from launch import select, study
-from launch.plan import PROTOCOLS, Pair, Plan, build_plan, read_experiment
+from launch.plan import PROTOCOLS, Pair, Plan, PlanError, build_plan, read_experiment
 from launch.sweep import hydra_session, task_config
 
 PAPER_GRIDS = PROTOCOLS["v2"].grids
@@ -221,6 +221,22 @@ def test_a_dkd_grid_is_a_stage_of_the_study(tmp_path, cluster_site):
     assert len(driver(plan, "smoke-quickstart").jobs) == 4
     text = study.describe(plan, study.decide(plan, {}, set()))
     assert "stage 2/3 students: 3 drivers, 22 training runs" in text and "dkd-quickstart: 16 runs" in text
+
+
+def test_the_cifar100_benchmark_is_a_study_of_its_teachers_and_its_one_multirun(tmp_path, cluster_site):
+    """--protocol cifar100: the benchmark's five teachers under its recipe, then experiment=cifar100_kd
+    (8 pairs x {ce, logit, dkd} x 3 seeds), each student after the teachers it loads; --grids is refused."""
+    plan = make_plan("cifar100", "slurm_local", tmp_path)
+    teachers = {d.name for d in plan.drivers if d.stage == "teachers"}
+    assert teachers == {f"teacher-{a}" for a in ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13")}
+    assert all(j.cfg.hydra.runtime.choices.protocol == "crd" for d in plan.drivers for j in d.jobs)
+    benchmark = driver(plan, "benchmark")
+    assert sorted(benchmark.after) == sorted(teachers) and len(benchmark.jobs) == 72
+    assert Counter(j.cfg.method._target_.rsplit(".", 1)[1] for j in benchmark.jobs) == \
+        {"CrossEntropy": 24, "LogitKD": 24, "DKD": 24}
+    assert len({j.run_dir for j in benchmark.jobs}) == 72
+    with pytest.raises(PlanError, match="--protocol cifar100 runs its experiment's own methods"):
+        make_plan("cifar100", "slurm_local", tmp_path, grids=["dkd"])
 
 
 def test_a_network_without_an_epoch_time_is_not_estimated(tmp_path, cluster_site):

@@ -34,7 +34,6 @@ class DistillationMethod(nn.Module):
     grid: ClassVar[dict[str, str]] = {}  # cell-defining hyperparameters -> display symbol, in table order
     needs_teacher: ClassVar[bool] = True
     needs_features: ClassVar[bool] = False
-    needs_indices: ClassVar[bool] = False  # dataset indices of the batch (`forward`'s `indices`)
     clip_with_student: bool = True
     label_smoothing: float = 0.0  # of every CE term (`cross_entropy`): trainer.label_smoothing, set by the job
     Config: ClassVar[type]  # the method's Hydra schema, made from __init__'s signature

@@ -34,17 +34,8 @@ from kdexp.config import ConfigError, method_tag, validate
 from kdexp.job import resolve_teacher_export_path
 from kdexp.records import kept_result
 from kdexp.teachers import resolve_teacher_path
+from launch.epoch_time import run_hours
 from launch.sweep import compose_job, expand, run_dir, task_config
-
-# A100 seconds per training epoch at full width (study-notes: fp32, deterministic cudnn; R101 estimated).
-# A run with another network gets no estimate (said in the plan), not a guess.
-EPOCH_SECONDS = {"resnet18": 6.4, "resnet34": 10.0, "resnet50": 18.6, "resnet101": 35.0}
-# A distilled student's epoch adds the teacher's forward pass: about a third of the teacher's
-# training epoch (forward + backward ~ 3 forwards).
-TEACHER_SHARE = 1 / 3
-COST_NOTE = ("A100 estimate from seconds per epoch " +
-             ", ".join(f"R{arch.removeprefix('resnet')} {s:g}" for arch, s in EPOCH_SECONDS.items()) +
-             "; a distilled student's epoch = its own + 1/3 of its teacher's (the teacher's forward pass)")
 
 STUDY_DIR = ".study"
 # Every override of the study command goes to every training job: one that a stage cannot take is an error.
@@ -67,19 +58,9 @@ class Job:
         return run_dir(self.cfg)
 
     @property
-    def unestimated(self) -> set[str]:
-        """This run's networks without an epoch time in EPOCH_SECONDS."""
-        return {arch for arch in (self.cfg.model.arch, self.cfg.teacher.arch) if arch and arch not in EPOCH_SECONDS}
-
-    @property
-    def gpu_hours(self) -> float | None:
-        """A100 hours (None: no estimate for one of its networks)."""
-        if self.unestimated:
-            return None
-        seconds = EPOCH_SECONDS[self.cfg.model.arch]
-        if self.cfg.teacher.arch:
-            seconds += TEACHER_SHARE * EPOCH_SECONDS[self.cfg.teacher.arch]
-        return self.cfg.trainer.epochs * seconds / 3600
+    def gpu_hours(self) -> float:
+        """Modelled A100 hours (launch.epoch_time)."""
+        return run_hours(self.cfg)
 
     def describe(self) -> str:
         """Which job of its stage: `resnet34 seed 0`, `resnet50->resnet18 logit_a0.5_T4 seed 2`."""
@@ -134,14 +115,8 @@ class Plan:
 
 
 def estimate(jobs: Sequence[Job]) -> str:
-    """`39.9 GPU-h`, and how many runs have no estimate and why: `+ 3 runs not estimated (no epoch
-    time for resnet20)`."""
-    known = sum(j.gpu_hours or 0.0 for j in jobs)
-    missing = [j for j in jobs if j.gpu_hours is None]
-    if not missing:
-        return f"{known:.1f} GPU-h"
-    archs = ", ".join(sorted({arch for j in missing for arch in j.unestimated}))
-    return f"{known:.1f} GPU-h + {len(missing)} run(s) not estimated (no epoch time for {archs})"
+    """`39.9 GPU-h`: the jobs' modelled A100 hours."""
+    return f"{sum(j.gpu_hours for j in jobs):.1f} GPU-h"
 
 
 @dataclass(frozen=True)

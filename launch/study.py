@@ -60,8 +60,8 @@ from hydra.errors import HydraException
 
 from kdexp.job import resolve_teacher_export_path
 from kdexp.records import atomic_write_json, read_result
-from launch import sbatch
-from launch.plan import COST_NOTE, PROTOCOLS, Driver, Job, Plan, PlanError, build_plan, estimate
+from launch import epoch_time, sbatch
+from launch.plan import PROTOCOLS, Driver, Job, Plan, PlanError, build_plan, estimate
 from launch.sweep import compose_job, group_overrides, hydra_session
 
 JOBS_FILE = "jobs.json"
@@ -126,7 +126,7 @@ def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
     # v2: a final's seed 0 is the selection run of its cell (same config, same run dir): counted once
     distinct = {j.run_dir: j for d in plan.drivers for j in d.jobs}
     out.append(f"\ntotal: {_n(len(distinct), 'distinct training run')}, {estimate(list(distinct.values()))} "
-               f"({COST_NOTE})")
+               f"({epoch_time.describe()})")
     out.append(f"drivers: CPU-only sbatch jobs ({' '.join(sbatch.DRIVER_RESOURCES)}); "
                f"scripts and logs in {plan.study_dir}")
     return "\n".join(out)
@@ -141,10 +141,9 @@ def _launchers(plan: Plan) -> list[str]:
         if not drivers:
             continue
         limit = drivers[0].jobs[0].cfg.hydra.launcher.get("timeout_min")
-        hours = [h for d in drivers for j in d.jobs if (h := j.gpu_hours) is not None]
-        longest = f"longest ~{max(hours):.1f} GPU-h" if hours else "no estimate"
+        longest = max(j.gpu_hours for d in drivers for j in d.jobs)
         lines.append(f"{role}: hydra/launcher={drivers[0].launcher}, time limit "
-                     f"{f'{limit / 60:g} h' if limit else 'none'} per run ({longest})")
+                     f"{f'{limit / 60:g} h' if limit else 'none'} per run (longest ~{longest:.1f} GPU-h)")
     if plan.teacher_launcher == plan.cluster:
         lines[0] += (f"; there is no {plan.cluster}_teacher config, so teachers get {plan.cluster} too (for a "
                      f"longer limit: $KDEXP_SITE_DIR/hydra/launcher/{plan.cluster}_teacher.yaml with "

@@ -118,12 +118,13 @@ def test_v1_students_wait_for_their_teacher_and_teachers_get_the_teacher_launche
 
 def test_v1_dry_run_prints_stages_commands_and_gpu_hours(v1):
     text = study.describe(v1, study.decide(v1, {}, set()))
-    # teachers 200 epochs x (R34 10 s + R50 18.6 s) = 1.6 h; baselines 3 seeds x 100 x (6.4 + 10) s = 1.4 h;
-    # KD 36 runs per pair x 100 x (student + teacher / 3): R34->R18 9.7 h, R50->R18 12.6 h, R50->R34 16.2 h
-    assert "stage 1/3 teachers: 2 drivers, 2 training runs, 1.6 GPU-h" in text
-    assert "stage 2/3 students: 7 drivers, 114 training runs, 39.9 GPU-h" in text
+    # launch.epoch_time's model (R18 5.7, R34 11.0, R50 19.0 s per epoch, the measured 6.4, 10, 18.6):
+    # teachers 200 epochs of R34 and R50; 3 baselines each of R18 and R34; 36 distillations per pair
+    assert "stage 1/3 teachers: 2 drivers, 2 training runs, 1.7 GPU-h" in text
+    assert "teacher-resnet34: 1 run, 0.6 GPU-h" in text and "teacher-resnet50: 1 run, 1.1 GPU-h" in text
+    assert "stage 2/3 students: 7 drivers, 114 training runs, 39.6 GPU-h" in text
     assert "stage 3/3 analysis: 1 driver, CPU only" in text
-    assert "total: 116 distinct training runs, 41.5 GPU-h" in text and "1/3 of its teacher's" in text
+    assert "total: 116 distinct training runs, 41.3 GPU-h" in text and "R50 18.6 s (modelled 19.0)" in text
     assert all(f"    {d.lines[-1]}" in text for d in v1.drivers)
     assert "--time=3-00:00:00" in text and ".study" in text
 
@@ -239,12 +240,14 @@ def test_the_cifar100_benchmark_is_a_study_of_its_teachers_and_its_one_multirun(
         make_plan("cifar100", "slurm_local", tmp_path, grids=["dkd"])
 
 
-def test_a_network_without_an_epoch_time_is_not_estimated(tmp_path, cluster_site):
-    plan = make_plan("quickstart", "slurm_local", tmp_path, "model=resnet20")
+def test_the_cifar100_benchmark_is_estimated_per_network_and_the_limits_get_its_longest_run(tmp_path, cluster_site):
+    plan = make_plan("cifar100", "slurm_local", tmp_path)
     text = study.describe(plan, study.decide(plan, {}, set()))
-    assert "teacher-resnet18: 1 run, 0.0 GPU-h + 1 run(s) not estimated (no epoch time for resnet20)" in text
-    assert "total: 7 distinct training runs, 0.0 GPU-h + 7 run(s) not estimated" in text
-    assert "time limit 1 h per run (no estimate)" in text
+    # 240 epochs at batch 64 (782 steps) of the modelled networks; resnet32x4 is the largest teacher
+    assert "teacher-resnet32x4: 1 run, 0.8 GPU-h" in text and "teacher-vgg13: 1 run, 0.2 GPU-h" in text
+    assert "stage 1/3 teachers: 5 drivers, 5 training runs, 2.1 GPU-h" in text
+    assert "benchmark: 72 runs, 18.8 GPU-h" in text and "total: 77 distinct training runs, 20.9 GPU-h" in text
+    assert "time limit 1 h per run (longest ~0.8 GPU-h)" in text
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ class Layout:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_classes: int
+    train_size: int = 50_000  # images in the training files (before any validation split)
+    test_size: int = 10_000
 
     @property
     def folder(self) -> str:

@@ -38,6 +38,13 @@ def load_data(d: DictConfig) -> Splits:
     return load_splits(d.root, d.val_size, d.split_seed, d.download, d.verify_md5, ds.generated, ds.layout)
 
 
+def split_sizes(d: DictConfig) -> tuple[int, int]:
+    """(training images, evaluation images: test + validation) of the splits `data` describes."""
+    ds = dataset(d.name)
+    train, test = (d.fake_train_size, d.fake_test_size) if ds.generated else (ds.layout.train_size, ds.layout.test_size)
+    return train - d.val_size, test + d.val_size
+
+
 def check_data_present(d: DictConfig) -> None:
     """The dry run's check for downloaded data (DataError: missing); generated data is written on start."""
     ds = dataset(d.name)

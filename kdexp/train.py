@@ -23,6 +23,7 @@ from kdexp.config import ConfigError, register_configs
 from kdexp.data import DataError
 from kdexp.loop import NonFiniteLossError
 from kdexp.outcome import Outcome
+from kdexp.preflight import config_problem
 from kdexp.summary import record_outcome
 from kdexp.teachers import TeacherError
 
@@ -106,5 +107,15 @@ def _forget(run_dir: Path, output_dir: str) -> None:
             break
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m kdexp.train` / `kdexp-train`: a config that cannot be composed is rejected (one
+    line, exit 2) before Hydra starts, as every other bad input is."""
+    problem = config_problem(sys.argv[1:], CONFIG_DIR, "train")
+    if problem:
+        print(f"kdexp: invalid config: {problem}", file=sys.stderr, flush=True)
+        sys.exit(Outcome("rejected", problem).exit_code)
     main()
+
+
+if __name__ == "__main__":
+    cli()

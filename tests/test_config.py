@@ -8,8 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import compose_cfg, run_train
+from helpers import REPO, compose_cfg, run_train
 from kdexp.config import ConfigError, validate
+from kdexp.preflight import config_problem
+from kdexp.train import CONFIG_DIR
 
 PAIRS = {"r34_to_r18": ("resnet34", "resnet18"), "r50_to_r18": ("resnet50", "resnet18"),
          "r50_to_r34": ("resnet50", "resnet34")}
@@ -149,16 +151,33 @@ def test_settings_this_machine_cannot_run_exit_without_a_result(tmp_path, device
     assert not list(tmp_path.rglob("result.json"))
 
 
-def test_unknown_group_option_exits_non_zero(tmp_path):
-    proc = run_train("method=crd", f"paths.output_dir={tmp_path}")
-    assert proc.returncode != 0
-    assert "Could not find 'method/crd'" in proc.stderr
-    assert "Available options" in proc.stderr
+def test_an_unknown_group_option_is_one_line_with_the_nearest_option_and_writes_nothing(tmp_path):
+    proc = run_train("-m", "method=logit,dkdd", f"paths.output_dir={tmp_path}")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("kdexp: invalid config: method=dkdd: method has no option 'dkdd' (did you mean dkd?); "
+                                  "its options: ce, dist, dkd, feature, logit")
+    assert not list(tmp_path.iterdir())
 
 
-def test_wrong_type_is_caught_by_the_schema(tmp_path):
-    proc = run_train("trainer.epochs=many", f"paths.output_dir={tmp_path}")
-    assert proc.returncode != 0 and "trainer.epochs" in proc.stderr
+@pytest.mark.parametrize("argv, message", [
+    (["trainer.epochs=many"], "Error merging override trainer.epochs=many Value 'many' of type 'str' could not be "
+                              "converted to Integer"),
+    (["-m", "seed=0,1", "trainer.epochs=3,many"], "Error merging override trainer.epochs=many"),
+    (["trainer.epochz=5"], "Could not override 'trainer.epochz'. Key 'epochz' not in 'TrainerConfig' "
+                           "(did you mean trainer.epochs?)"),
+    (["-m", "seed=range(2)", "kd_grid=logit,dkdd"], "kd_grid=dkdd: kd_grid has no option 'dkdd' (did you mean dkd?)"),
+    (["trainer.lr=("], "Error parsing override 'trainer.lr=('"),
+])
+def test_a_config_that_cannot_compose_is_named_before_hydra_runs(argv, message):
+    assert config_problem(argv, CONFIG_DIR, "train").startswith(message)
+
+
+def test_every_sweep_value_and_site_option_composes_before_the_run(monkeypatch):
+    assert config_problem(["-m", "experiment=paper_v1", "seed=0,1", "method.T=2,4"], CONFIG_DIR, "train") is None
+    monkeypatch.setenv("KDEXP_SITE_DIR", str(REPO / "tests" / "cluster"))
+    assert config_problem(["hydra/launcher=slurm_local"], CONFIG_DIR, "train") is None
+    assert "(did you mean slurm_local?)" in config_problem(["hydra/launcher=slurm_locl"], CONFIG_DIR, "train")
+    assert config_problem(["--help"], CONFIG_DIR, "train") is None
 
 
 def test_config_keys_users_rely_on_exist():

@@ -1,0 +1,93 @@
+"""The command line's config composed once before Hydra runs it, so that a misspelt option, key or
+value is one line naming the override, what is wrong and the nearest valid choice, instead of
+Hydra's multi-line report (and its exit code 1, which kdexp keeps for failed training).
+
+A multirun is composed once per value of each swept override (the other overrides at their first
+value), not once per job: every value is checked, for about a third of a second per composition.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # the parser hydra.main reads its command line with
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, ValueType
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+SCHEMA_PREFIX = "base_"  # kdexp.config's structured schemas, stored in each group: not choices for a user
+# Sweeps whose values only the sweeper knows (glob over the group, intervals for an optimiser).
+_UNLISTED = (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP)
+
+
+def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> str | None:
+    """Why the config `argv` (kdexp.train's command line) asks for cannot be composed; None when
+    it can, or when the command line is for Hydra itself (--help, --info, another config dir)."""
+    args = get_args_parser().parse_args(list(argv))
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir \
+            or args.config_path or args.experimental_rerun:
+        return None
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException as err:
+        return _first_line(err)
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        for trial in _trials(overrides):
+            try:
+                compose(args.config_name or config_name, overrides=trial, return_hydra_config=True)
+            except HydraException as err:
+                return _describe(err, trial, config_name)
+    return None
+
+
+def _trials(overrides: list[Override]) -> list[list[str]]:
+    """Override lists that together use every value of every sweep: the first values, then each
+    other value of one sweep at a time."""
+    values = [v for v in map(_values, overrides) if v]
+    first = [v[0] for v in values]
+    return [first] + [first[:i] + [value] + first[i + 1:] for i, vs in enumerate(values) for value in vs[1:]]
+
+
+def _values(o: Override) -> list[str]:
+    """`o` as sweep-free overrides, one per value ([] for a sweep only the sweeper can list)."""
+    if not o.is_sweep_override():
+        return [o.input_line]
+    if o.value_type in _UNLISTED:
+        return []
+    prefix = o.get_key_element()
+    return [f"{prefix}={v}" for v in o.sweep_string_iterator()]
+
+
+def _describe(err: HydraException, trial: list[str], config_name: str) -> str:
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        culprit = next((o for o in trial if o.lstrip("+~").split("=")[0].split("@")[0] == group), f"{group}={option}")
+        return f"{culprit}: {group} has no option {option!r}{_nearest(option, err.options)}; " \
+               f"its options: {', '.join(sorted(o for o in err.options if not o.startswith(SCHEMA_PREFIX)))}"
+    if isinstance(err, ConfigCompositionException) and err.__cause__ is not None:
+        return f"{_first_line(err)} {_first_line(err.__cause__)}{_nearest_key(err.__cause__, trial, config_name)}"
+    return _first_line(err)
+
+
+def _nearest_key(cause: BaseException, trial: list[str], config_name: str) -> str:
+    """` (did you mean trainer.epochs?)` for a misspelt key of a config node."""
+    full_key = getattr(cause, "full_key", "")
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or "." not in full_key:
+        return ""
+    parent, _, key = full_key.rpartition(".")
+    others = [o for o in trial if o.lstrip("+~").split("=")[0] != full_key]
+    node = OmegaConf.select(compose(config_name, overrides=others), parent)
+    return _nearest(key, list(node.keys()), prefix=f"{parent}.") if OmegaConf.is_dict(node) else ""
+
+
+def _nearest(word: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -33,7 +33,7 @@ def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> st
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except OverrideParseException as err:
-        return _first_line(err)
+        return _summary(err)
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for trial in _trials(overrides):
             try:
@@ -68,19 +68,19 @@ def _describe(err: HydraException, trial: list[str], config_name: str) -> str:
         return f"{culprit}: {group} has no option {option!r}{_nearest(option, err.options)}; " \
                f"its options: {', '.join(sorted(o for o in err.options if not o.startswith(SCHEMA_PREFIX)))}"
     if isinstance(err, ConfigCompositionException) and err.__cause__ is not None:
-        return f"{_first_line(err)} {_first_line(err.__cause__)}{_nearest_key(err.__cause__, trial, config_name)}"
-    return _first_line(err)
+        return f"{_summary(err)} {_summary(err.__cause__)}{_nearest_key(err.__cause__, trial, config_name)}"
+    return _summary(err)
 
 
 def _nearest_key(cause: BaseException, trial: list[str], config_name: str) -> str:
     """` (did you mean trainer.epochs?)` for a misspelt key of a config node."""
     full_key = getattr(cause, "full_key", "")
-    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or "." not in full_key:
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not full_key:
         return ""
     parent, _, key = full_key.rpartition(".")
-    others = [o for o in trial if o.lstrip("+~").split("=")[0] != full_key]
-    node = OmegaConf.select(compose(config_name, overrides=others), parent)
-    return _nearest(key, list(node.keys()), prefix=f"{parent}.") if OmegaConf.is_dict(node) else ""
+    cfg = compose(config_name, overrides=[o for o in trial if o.lstrip("+~").split("=")[0] != full_key])
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return _nearest(key, list(node.keys()), prefix=f"{parent}." if parent else "") if OmegaConf.is_dict(node) else ""
 
 
 def _nearest(word: str, options: list[str], prefix: str = "") -> str:
@@ -88,6 +88,8 @@ def _nearest(word: str, options: list[str], prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+def _summary(err: BaseException) -> str:
+    """Hydra's and OmegaConf's message on one line: without the indented detail lines (full_key,
+    object_type) and without Hydra's hint to append the key, which a misspelt key does not want."""
+    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+    return " ".join(line for line in lines if not line.startswith("To append to your config")) or type(err).__name__

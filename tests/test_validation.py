@@ -135,5 +135,5 @@ def test_a_site_config_with_a_misspelt_top_level_key_does_not_compose(tmp_path):
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nseeed: 3\n")
     proc = run_train("experiment=mine", "dry_run=true", f"paths.output_dir={tmp_path}/out",
                      env={"KDEXP_SITE_DIR": str(tmp_path)})
-    assert proc.returncode != 0 and "Key 'seeed' not in 'TrainConfig'" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "Key 'seeed' not in 'TrainConfig'" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()

@@ -55,8 +55,8 @@ def identify(method_cfg: Mapping[str, Any]) -> MethodIdentity:
 def method_class(target: str) -> type[DistillationMethod]:
     """The class `target` names (imported once per analysis, however many runs name it)."""
     module_name, _, class_name = target.rpartition(".")
-    fix = (f"put the directory holding its module on PYTHONPATH (PYTHONPATH=/path/to/dir python -m analysis "
-           f"...) or install its package, then rerun")
+    fix = ("put the directory holding its module on PYTHONPATH (PYTHONPATH=/path/to/dir python -m analysis "
+           "...) or install its package, then rerun")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except ModuleNotFoundError as err:

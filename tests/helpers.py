@@ -3,6 +3,7 @@ several conftest.py files cannot all be imported as `conftest`)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -10,10 +11,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from kdexp.config import register_configs
+from kdexp.config import register_configs, validate
+from kdexp.execution import Execution
+from kdexp.job import build_loop, seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = str(REPO / "conf")
@@ -21,6 +25,7 @@ register_configs()
 
 # Tiny but real: the quickstart protocol (generated data, CPU) with small widths.
 TINY = ("protocol=quickstart", "model.width=4", "trainer.progress=false")
+CPU = torch.device("cpu")
 TIMING = {"epoch_seconds", "images_per_s"}  # the per-epoch fields that differ between identical runs
 
 
@@ -65,3 +70,17 @@ def read_only(folder: Path) -> Iterator[None]:
             subprocess.run(["chattr", "-i", str(folder)], check=True)
         else:
             folder.chmod(0o755)
+
+
+def tiny_loop(run_dir: Path, splits, teacher, *overrides: str, method: str = "logit", cache=None):
+    """An in-process CPU training loop of a width-4 R18 distilling from `teacher` (the conftest's tiny
+    split, teacher and cache): 2 epochs of 3 steps."""
+    temperature = ("method.T=3",) if method == "logit" else ()  # 3: not a power of two, so bf16 / T rounds
+    cfg = compose_cfg("protocol=quickstart", "model.width=4", "teacher=resnet18", "teacher.width=4",
+                      f"method={method}", *temperature, "trainer.epochs=2", "trainer.max_steps_per_epoch=3",
+                      "trainer.batch_size=32", "data.eval_batch_size=64", *overrides)
+    method = validate(cfg)
+    execution = Execution.resolve(cfg.trainer, CPU, method, cfg.data.loader)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    return build_loop(cfg, method, execution, splits, execution.prepare(copy.deepcopy(teacher)), CPU, run_dir,
+                      cache if execution.teacher_cache else None)

@@ -1,7 +1,6 @@
 """Forward GFLOPs per image against counts made without kdexp: by hand, and torchvision's published
 multiply-accumulates (FLOPs here are 2 per multiply-accumulate)."""
 import pytest
-import torch
 import torchvision
 from torch import nn
 

@@ -1,7 +1,6 @@
 """The fast path computes what the reference loop computes: the same loss and gradients within bf16
 tolerance, teacher logits from the cache equal to a live teacher's, the same metrics with the cache
 as without, identical metrics for the same seed; `auto` settings keep the CPU on the reference path."""
-import copy
 import json
 import threading
 import time
@@ -9,50 +8,17 @@ import time
 import pytest
 import torch
 
-from helpers import compose_cfg, without_timing
+from helpers import CPU, compose_cfg, tiny_loop, without_timing
 from kdexp import bench, teacher_cache
 from kdexp.checkpoint import save
 from kdexp.config import ConfigError, validate
-from kdexp.data import Splits, TrainBatches, load_splits
+from kdexp.data import TrainBatches
 from kdexp.data.loaders import Batch, crop_flip, normalize
 from kdexp.execution import Execution
-from kdexp.job import build_loop, seed_everything
 from kdexp.loop import _match_layouts, clip_gradients
 from kdexp.methods.logit import LogitKD
-from kdexp.models import build_model
-from kdexp.teachers import FrozenTeacher
 
-CPU = torch.device("cpu")
 FAST = ("trainer.amp=bf16", "trainer.fused=true")  # channels_last: CUDA only (see CHANNELS_LAST_NEEDS_CUDA)
-
-
-@pytest.fixture(scope="module")
-def splits(fake_root) -> Splits:
-    s = load_splits(fake_root, 200, 1234, verify_md5=False)
-    return Splits(s.train_x[:192], s.train_y[:192], s.val_x[:64], s.val_y[:64], s.test_x[:64], s.test_y[:64])
-
-
-@pytest.fixture(scope="module")
-def teacher() -> FrozenTeacher:
-    torch.manual_seed(1)
-    return FrozenTeacher(build_model("resnet18", width=4))
-
-
-@pytest.fixture(scope="module")
-def cache(teacher, splits) -> torch.Tensor:
-    return teacher_cache.build(teacher, splits.train_x, Execution())
-
-
-def _loop(run_dir, splits, teacher, *overrides, method="logit", cache=None):
-    temperature = ("method.T=3",) if method == "logit" else ()  # 3: not a power of two, so bf16 / T rounds
-    cfg = compose_cfg("protocol=quickstart", "model.width=4", "teacher=resnet18", "teacher.width=4",
-                      f"method={method}", *temperature, "trainer.epochs=2", "trainer.max_steps_per_epoch=3",
-                      "trainer.batch_size=32", "data.eval_batch_size=64", *overrides)
-    method = validate(cfg)
-    execution = Execution.resolve(cfg.trainer, CPU, method, cfg.data.loader)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    return build_loop(cfg, method, execution, splits, execution.prepare(copy.deepcopy(teacher)), CPU, run_dir,
-                      cache if execution.teacher_cache else None)
 
 
 class LiveTeacherKD(LogitKD):
@@ -105,7 +71,7 @@ def _params(loop) -> list[torch.Tensor]:
 
 def test_fused_sgd_changes_nothing_in_fp32(tmp_path, splits, teacher):
     """Same loss, gradients and clipped SGD update as the reference, to fp32 rounding."""
-    loops = [_loop(tmp_path / str(i), splits, teacher, *extra) for i, extra in enumerate([(), ("trainer.fused=true",)])]
+    loops = [tiny_loop(tmp_path / str(i), splits, teacher, *extra) for i, extra in enumerate([(), ("trainer.fused=true",)])]
     assert loops[1].optimizer.defaults["fused"] and not loops[0].optimizer.defaults["fused"]
     batch = next(loops[0].train.epoch(1))
     (ref_parts, ref_grad), (parts, grad) = [_step(loop, batch) for loop in loops]
@@ -124,7 +90,7 @@ def test_bf16_step_is_within_bf16_rounding_of_fp32(tmp_path, splits, teacher, me
     A fresh ResNet's gradient is so sensitive that merely rounding the fp32 step's input and weights
     to bf16 moves it by 15-30% (relative L2): the bf16 step must stay within twice that (measured:
     1.1-1.5x), and every loss part within 1% (measured: < 0.3%)."""
-    ref, fast, rounded = [_loop(tmp_path / str(i), splits, teacher, "model.width=8", *extra, method=method)
+    ref, fast, rounded = [tiny_loop(tmp_path / str(i), splits, teacher, "model.width=8", *extra, method=method)
                           for i, extra in enumerate([(), FAST, ()])]
     with torch.no_grad():
         for p in _params(rounded):
@@ -162,8 +128,8 @@ def test_resized_views_are_cached_as_the_live_path_resizes_them(teacher, splits)
 def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, splits, teacher, cache):
     """Two epochs of Logit-KD: every metric equal to 1e-5 relative, accuracies and agreement exactly
     (on this CPU the runs are in fact bit-identical)."""
-    live = _loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false")
-    cached = _loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", cache=cache)
+    live = tiny_loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false")
+    cached = tiny_loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", cache=cache)
     assert cached.teacher_logits is not None and live.teacher_logits is None
     a, b = without_timing(live.fit().history), without_timing(cached.fit().history)
     assert [r.keys() for r in a] == [r.keys() for r in b]
@@ -174,7 +140,7 @@ def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, split
 
 
 def test_fast_path_is_deterministic(tmp_path, splits, teacher, cache):
-    runs = [_loop(tmp_path / str(i), splits, teacher, *FAST, "trainer.teacher_cache=true", cache=cache)
+    runs = [tiny_loop(tmp_path / str(i), splits, teacher, *FAST, "trainer.teacher_cache=true", cache=cache)
             for i in range(2)]
     assert without_timing(runs[0].fit().history) == without_timing(runs[1].fit().history)
 
@@ -267,11 +233,11 @@ def test_resumed_optimiser_state_takes_each_parameters_layout(kind, settings):
 def test_resume_with_another_optimiser_kernel_continues_the_same_run(tmp_path, splits, teacher, before, after):
     """A checkpoint written with(out) fused SGD, resumed with the other kernel (as
     when `auto` resolves differently on the next node), continues as the run would have (1e-5)."""
-    straight = without_timing(_loop(tmp_path / "a", splits, teacher, *before).fit().history)
-    first = _loop(tmp_path / "b", splits, teacher, *before)
+    straight = without_timing(tiny_loop(tmp_path / "a", splits, teacher, *before).fit().history)
+    first = tiny_loop(tmp_path / "b", splits, teacher, *before)
     first.trainer.epochs = 1  # stop after epoch 1; the lr schedule was built for 2
     first.fit()
-    resumed = _loop(tmp_path / "b", splits, teacher, *after)
+    resumed = tiny_loop(tmp_path / "b", splits, teacher, *after)
     assert resumed.resume()
     again = without_timing(resumed.fit().history)
     for key, value in straight[1].items():

@@ -13,9 +13,7 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-# test_fast_path's tiny split, teacher, cache and in-process loop (fixtures imported are fixtures here)
-from test_fast_path import _loop as cpu_loop, cache, splits, teacher  # noqa: F401
-from helpers import QUICK, REPO, run_train, student_args, without_timing
+from helpers import QUICK, REPO, run_train, student_args, tiny_loop, without_timing
 from kdexp.records import read_metrics, read_result
 
 # The quickstart's 3 epochs at width 4 (these methods learn there: 55-72 % measured); DKD runs 4
@@ -99,8 +97,8 @@ def test_killed_dkd_run_resumes_to_identical_metrics(runs, tmp_path, teacher_run
 def test_teacher_logit_cache_trains_like_the_live_teacher(tmp_path, splits, teacher, cache, method, options):
     """Logit-only methods may replace the teacher by its cached logits: two epochs, every metric equal
     to 1e-5 relative (accuracies of 64 images thereby exactly)."""
-    live = cpu_loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false", *options, method=method)
-    cached = cpu_loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", *options, method=method,
+    live = tiny_loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false", *options, method=method)
+    cached = tiny_loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", *options, method=method,
                       cache=cache)
     assert cached.teacher_logits is not None and live.teacher_logits is None
     for a, b in zip(without_timing(live.fit().history), without_timing(cached.fit().history), strict=True):

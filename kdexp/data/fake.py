@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdexp.data.cifar import CIFAR10_LAYOUT, CIFAR100_LAYOUT, CLASSES, Layout
+from kdexp.data.cifar import CIFAR10_LAYOUT, CLASSES, Layout
 from kdexp.records import atomic_write_bytes
 
 PERIODS = (3, 4, 5, 6, 8)  # pixels; class = 10 * tint + 5 * orientation + index of the period

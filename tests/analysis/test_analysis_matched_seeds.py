@@ -2,7 +2,6 @@
 grid ran, and every Δ is taken on the seeds both sides ran, the others listed. Exact values."""
 from __future__ import annotations
 
-import pytest
 
 from analysis import collect
 from analysis.aggregate import model_name

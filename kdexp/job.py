@@ -63,8 +63,9 @@ def _start(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     device = resolve_device(cfg.trainer.device)  # config errors (no CUDA, compile on CPU) leave no result
     execution = Execution.resolve(cfg.trainer, device, method, cfg.data.loader)
     export = resolve_teacher_export_path(cfg) if cfg.export_teacher else None
-    if export is not None:
-        check_writable(export.parent, "the teacher export")  # before training, not after 200 epochs
+    if export is not None:  # before training, not after 200 epochs
+        check_writable(export.parent, "the teacher export")
+        check_export_is_ours(export, run_dir)
     started = time.time()
     loop = None
     try:
@@ -127,6 +128,7 @@ def restore_teacher_export(cfg: DictConfig, run_dir: Path, result: dict) -> None
     if _holds_weights(path, weights):
         return
     check_writable(path.parent, "the teacher export")
+    check_export_is_ours(path, run_dir)
     model = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem, cfg.model.width)
     model.load_state_dict(weights)
     images = _images(load_data(cfg.data))
@@ -151,6 +153,20 @@ def check_writable(folder: Path, what: str) -> None:
     if why:
         raise CannotStart(f"cannot write {what} into {folder}: {why}; make it writable or choose another "
                           f"folder (paths.*, data.root)")
+
+
+def check_export_is_ours(path: Path, run_dir: Path) -> None:
+    """A teacher export belongs to the run that wrote it: another run of the same teacher identity
+    (another output dir, another init file of the same name, other epochs) must not replace the
+    teacher that students already distil from. An unreadable file is no teacher: it may be replaced."""
+    try:
+        owner = checkpoint.load(path).get("run_dir") if path.is_file() else None
+    except checkpoint.CheckpointError:
+        return
+    if owner is not None and Path(owner).resolve() != run_dir.resolve():
+        raise CannotStart(f"teacher export {path} already holds the teacher trained in {owner}, which students "
+                          f"of this identity load; keep it and export this one elsewhere (paths.teachers_dir=...), "
+                          f"or delete it to replace it")
 
 
 def resolve_teacher_export_path(cfg: DictConfig) -> Path:
@@ -187,7 +203,9 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
             train_teacher = None if cfg.teacher.ckpt else train_command(cfg)
     if cfg.export_teacher:
         try:
-            check_writable(resolve_teacher_export_path(cfg).parent, "the teacher export")
+            export = resolve_teacher_export_path(cfg)
+            check_writable(export.parent, "the teacher export")
+            check_export_is_ours(export, run_dir)
         except CannotStart as err:
             problems.append(str(err))
     busy = runlock.holder(run_dir)

@@ -92,6 +92,26 @@ def test_train_it_first_command_trains_the_teacher_the_student_finds(tmp_path, d
     assert result["teacher"] == {"path": str(exported.resolve()), "sha256": checkpoint.file_sha256(exported)}
 
 
+def test_another_run_of_the_same_teacher_never_replaces_its_export(tmp_path, data_dir):
+    """Two teacher runs of one identity (here: other epochs, another output dir) export to one path:
+    the second is refused before training, and the first's export, which students load, stays."""
+    env = _env(data_dir, tmp_path)
+    first = (*BASE, "experiment=teacher", *QUICK, f"paths.teachers_dir={tmp_path / 'teachers'}")
+    assert run_train(*first, env=env).returncode == 0
+    [export] = (tmp_path / "teachers").rglob("*.pt")
+    owner, sha = checkpoint.load(export)["run_dir"], checkpoint.file_sha256(export)
+    second = (*first, f"paths.output_dir={tmp_path / 'other'}")
+    for args in (second, (*second, "dry_run=true")):
+        proc = run_train(*args, env=env)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert _only_line(proc.stderr) == (
+            f"kdexp: teacher export {export} already holds the teacher trained in {owner}, which students of this "
+            "identity load; keep it and export this one elsewhere (paths.teachers_dir=...), or delete it to replace it")
+    assert checkpoint.file_sha256(export) == sha and not list((tmp_path / "other").rglob("result.json"))
+    elsewhere = run_train(*second, f"paths.teachers_dir={tmp_path / 'other_teachers'}", env=env)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+
+
 def test_lost_or_replaced_teacher_export_is_restored_without_retraining(tmp_path, data_dir):
     env = _env(data_dir, tmp_path)
     args = (*BASE, "experiment=teacher", *QUICK)

@@ -152,7 +152,8 @@ def run_hours(cfg: DictConfig) -> float:
 def describe() -> str:
     """The model in one line, for the plan: its fit and its assumption."""
     device = a100()
-    fit = ", ".join(f"R{arch.removeprefix('resnet')} {m:g} s (modelled {s:.1f})" for arch, (m, s) in calibration().items())
+    fit = ", ".join(f"R{arch.removeprefix('resnet')} {measured:g} s (modelled {modelled:.1f})"
+                    for arch, (measured, modelled) in calibration().items())
     return (f"A100 estimate of the reference fp32 loop, modelled per kernel (launch/epoch_time.py): "
             f"{device.flops_per_s / 1e12:.0f} TFLOP/s and {device.bytes_per_s / 1e9:.0f} GB/s fitted to the "
             f"measured epochs {fit}, {OP_OVERHEAD_S * 1e6:g} us per kernel assumed")

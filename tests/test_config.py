@@ -2,6 +2,7 @@
 input gives one specific message and a non-zero exit."""
 import itertools
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,14 @@ def test_an_unknown_group_option_is_one_line_with_the_nearest_option_and_writes_
     assert proc.stderr.startswith("kdexp: invalid config: method=dkdd: method has no option 'dkdd' "
                                   "(did you mean dkd?); its options: ce, dist, dkd, feature, logit")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_installed_command_checks_its_config_too(tmp_path):
+    """`kdexp-train` (pyproject's script) is the same entry point as `python -m kdexp.train`."""
+    script = Path(sys.executable).with_name("kdexp-train")
+    proc = subprocess.run([str(script), "model=resnet19", f"paths.output_dir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("kdexp: invalid config: model=resnet19: "), proc.stderr
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -34,12 +34,13 @@ def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> st
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except OverrideParseException as err:
         return _summary(err)
+    name = args.config_name or config_name
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for trial in _trials(overrides):
             try:
-                compose(args.config_name or config_name, overrides=trial, return_hydra_config=True)
+                compose(name, overrides=trial, return_hydra_config=True)
             except HydraException as err:
-                return _describe(err, trial, config_name)
+                return _describe(err, trial, name)
     return None
 
 
@@ -64,9 +65,10 @@ def _values(o: Override) -> list[str]:
 def _describe(err: HydraException, trial: list[str], config_name: str) -> str:
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
-        culprit = next((o for o in trial if o.lstrip("+~").split("=")[0].split("@")[0] == group), f"{group}={option}")
-        return f"{culprit}: {group} has no option {option!r}{_nearest(option, err.options)}; " \
-               f"its options: {', '.join(sorted(o for o in err.options if not o.startswith(SCHEMA_PREFIX)))}"
+        culprit = next((o for o in trial if _key(o) == group), f"{group}={option}")
+        options = sorted(o for o in err.options if not o.startswith(SCHEMA_PREFIX))
+        return (f"{culprit}: {group} has no option {option!r}{_nearest(option, options)}; "
+                f"its options: {', '.join(options)}")
     if isinstance(err, ConfigCompositionException) and err.__cause__ is not None:
         return f"{_summary(err)} {_summary(err.__cause__)}{_nearest_key(err.__cause__, trial, config_name)}"
     return _summary(err)
@@ -78,9 +80,19 @@ def _nearest_key(cause: BaseException, trial: list[str], config_name: str) -> st
     if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not full_key:
         return ""
     parent, _, key = full_key.rpartition(".")
-    cfg = compose(config_name, overrides=[o for o in trial if o.lstrip("+~").split("=")[0] != full_key])
+    # the groups chosen decide which keys exist; the other keys' values do not
+    choices = [o for o in trial if "." not in _key(o) and _key(o) != full_key]
+    try:
+        cfg = compose(config_name, overrides=choices)
+    except HydraException:  # a choice is wrong too: the first error is the one to name
+        return ""
     node = OmegaConf.select(cfg, parent) if parent else cfg
     return _nearest(key, list(node.keys()), prefix=f"{parent}." if parent else "") if OmegaConf.is_dict(node) else ""
+
+
+def _key(override: str) -> str:
+    """The key or group an override sets: `model` of `+model@teacher=resnet18`."""
+    return override.lstrip("+~").split("=")[0].split("@")[0]
 
 
 def _nearest(word: str, options: list[str], prefix: str = "") -> str:

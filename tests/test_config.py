@@ -176,6 +176,10 @@ def test_the_installed_command_checks_its_config_too(tmp_path):
                            "(did you mean trainer.epochs?)"),
     (["-m", "seed=range(2)", "kd_grid=logit,dkdd"], "kd_grid=dkdd: kd_grid has no option 'dkdd' (did you mean dkd?)"),
     (["trainer.lr=("], "Error parsing override 'trainer.lr=('"),
+    (["method=dkd", "method.bta=2"], "Could not override 'method.bta'. Key 'bta' not in 'DKDConfig' "
+                                     "(did you mean method.beta?)"),  # the chosen method's own keys
+    (["seeed=1", "model.widht=2"], "Could not override 'seeed'. Key 'seeed' not in 'TrainConfig' "
+                                   "(did you mean seed?)"),  # the first of two errors, with its nearest key
 ])
 def test_a_config_that_cannot_compose_is_named_before_hydra_runs(argv, message):
     assert config_problem(argv, CONFIG_DIR, "train").startswith(message)

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdexp import teacher_cache
 from kdexp.config import validate
-from kdexp.data import Splits
+from kdexp.data import CIFAR10_LAYOUT, Splits
 from kdexp.execution import Execution
 from kdexp.job import build_loop, device_name, resolve_device, seed_everything
 from kdexp.loop import Loop
@@ -43,7 +43,7 @@ from kdexp.records import atomic_write_json
 from kdexp.teachers import FrozenTeacher
 from kdexp.train import CONFIG_DIR
 
-EPOCH_IMAGES = 50_000
+EPOCH_IMAGES = CIFAR10_LAYOUT.train_size
 TEST_IMAGES = 256
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -110,12 +110,14 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def state_dict_misfit(expected: Mapping[str, torch.Tensor], state: object) -> str | None:
+def state_dict_misfit(expected: Mapping[str, torch.Tensor], state: object,
+                      filled: Collection[str] = ()) -> str | None:
     """Why `state` cannot load where `expected` (a model's state_dict) would: the first few missing,
-    unexpected and mis-shaped keys; None when it fits."""
+    unexpected and mis-shaped keys; None when it fits. `filled`: keys loading fills itself when
+    absent (`filled_on_load`), so not missing."""
     if not isinstance(state, dict):
         return f"it holds a {type(state).__name__}, not a state_dict"
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and k not in filled]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
@@ -123,6 +125,17 @@ def state_dict_misfit(expected: Mapping[str, torch.Tensor], state: object) -> st
              (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch (checkpoint vs model)", shapes))
              if keys]
     return "; ".join(parts) or None
+
+
+def filled_on_load(model: nn.Module, state: object) -> set[str]:
+    """The keys `model.load_state_dict(state)` fills itself, strict or not, when `state` lacks them:
+    each BatchNorm's `num_batches_tracked` where `state` was saved before PyTorch 0.4.1 added it (no
+    module version >= 2 in its metadata), as RepDistiller's CIFAR-100 teachers were. By torch's rule
+    (`_NormBase._load_from_state_dict`) the module keeps its own counter: 0 in a fresh network."""
+    metadata = getattr(state, "_metadata", None) or {}
+    return {f"{name}.num_batches_tracked" for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            and (metadata.get(name, {}).get("version") or 0) < 2}
 
 
 def _first(items: list[str], n: int = 3) -> str:

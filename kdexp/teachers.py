@@ -22,7 +22,7 @@ from kdexp.config import register_configs
 from kdexp.data import data_identity, dataset, split_indices
 from kdexp.data.loaders import SIZE
 from kdexp.methods.base import fmt
-from kdexp.models import build_model, state_dict_misfit
+from kdexp.models import build_model, filled_on_load, state_dict_misfit
 from kdexp.pretrained import init_name
 
 FORMAT = "kdexp-teacher-v1"
@@ -163,11 +163,11 @@ def load_teacher(cfg: DictConfig, device: torch.device, images: int) -> FrozenTe
         check_teacher_data(path, None, cfg, images)
         state = foreign_weights(state)
     model = build_model(t.arch, cfg.model.num_classes, t.stem, t.width)
-    misfit = state_dict_misfit(model.state_dict(), state)
+    misfit = state_dict_misfit(model.state_dict(), state, filled_on_load(model, state))
     if misfit:  # weights from elsewhere that do not fit this architecture
         raise TeacherError(f"teacher checkpoint {path} does not fit teacher.arch={t.arch} "
                            f"stem={t.stem} width={t.width} num_classes={cfg.model.num_classes}: {misfit}")
-    model.load_state_dict(state)
+    model.load_state_dict(state)  # strict; fills the BatchNorm counters a pre-0.4.1 file lacks
     return FrozenTeacher(model).to(device)
 
 
@@ -175,7 +175,8 @@ def foreign_weights(state: object) -> object:
     """The weights in a checkpoint kdexp did not export: a plain state_dict, or the KD benchmark's
     published layout (RepDistiller, mdistiller: `{'model': state_dict, 'epoch', 'accuracy' or
     'best_acc', 'optimizer', ...}`), whose module names kdexp's CIFAR networks share. Loaded
-    strictly afterwards: any key or shape that differs is an error, not a partial load."""
+    strictly afterwards: any key or shape that differs is an error, not a partial load, except the
+    BatchNorm counters a file saved before PyTorch 0.4.1 lacks, which torch fills (`filled_on_load`)."""
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         return state["model"]
     return state

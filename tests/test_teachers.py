@@ -3,6 +3,7 @@ teacher was trained (init, label smoothing, image size) is part of its identity.
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from helpers import compose_cfg
 from kdexp.checkpoint import load, save
@@ -10,7 +11,7 @@ from kdexp.config import build_method
 from kdexp.data import Splits, data_identity
 from kdexp.execution import Execution
 from kdexp.job import build_loop, resolve_teacher_export_path
-from kdexp.models import build_model
+from kdexp.models import build_model, filled_on_load, state_dict_misfit
 from kdexp.teachers import FrozenTeacher, TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command
 
 IMAGES = 50_000  # CIFAR-10's training set, before the val split
@@ -105,22 +106,27 @@ def test_plain_state_dict_of_the_wrong_shape_is_refused(tmp_path):
     assert "size mismatch (checkpoint vs model) conv1.weight (8, 3, 3, 3) vs (4, 3, 3, 3)" in message
 
 
-def _publish(path, model):
+def _publish(path, model, weights=None):
     """A checkpoint as the CIFAR-100 benchmark publishes its teachers (RepDistiller train_teacher.py,
-    the files mdistiller downloads): torch.save of the reference module names under 'model'."""
+    the files mdistiller downloads): torch.save of the reference module names under 'model'
+    (`weights`: what the file holds of `model`'s, by default its state_dict)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    torch.save({"epoch": 240, "model": model.state_dict(), "accuracy": torch.tensor(72.34),
-                "optimizer": optimizer.state_dict()}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 240, "model": model.state_dict() if weights is None else weights,
+                "accuracy": torch.tensor(72.34), "optimizer": optimizer.state_dict()}, path)
+
+
+def _load_published(tmp_path, path, pair="r56_to_r20"):
+    cfg = compose_cfg("protocol=crd", f"pair={pair}", "method=logit", f"teacher.ckpt={path}",
+                      f"paths.output_dir={tmp_path}")
+    return load_teacher(cfg, torch.device("cpu"), IMAGES)
 
 
 def test_a_published_benchmark_checkpoint_loads_strictly_through_teacher_ckpt(tmp_path):
     path = tmp_path / "resnet56_vanilla" / "ckpt_epoch_240.pth"
-    path.parent.mkdir()
     published = build_model("resnet56", num_classes=100)
     _publish(path, published)
-    cfg = compose_cfg("protocol=crd", "pair=r56_to_r20", "method=logit", f"teacher.ckpt={path}",
-                      f"paths.output_dir={tmp_path}")
-    teacher = load_teacher(cfg, torch.device("cpu"), IMAGES)
+    teacher = _load_published(tmp_path, path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(teacher(x), published.eval()(x))
 
@@ -133,11 +139,88 @@ def test_a_published_benchmark_checkpoint_loads_strictly_through_teacher_ckpt(tm
 def test_a_published_checkpoint_of_another_network_is_refused_clearly(tmp_path, pair, num_classes, complaint):
     path = tmp_path / "ckpt_epoch_240.pth"
     _publish(path, build_model("resnet56", num_classes=num_classes))
-    cfg = compose_cfg("protocol=crd", f"pair={pair}", "method=logit", f"teacher.ckpt={path}",
-                      f"paths.output_dir={tmp_path}")
     with pytest.raises(TeacherError) as err:
-        load_teacher(cfg, torch.device("cpu"), IMAGES)
+        _load_published(tmp_path, path, pair)
     assert complaint in str(err.value) and "\n" not in str(err.value)
+
+
+def _saved_by_pytorch_0_4_0(model):
+    """`model`'s weights as PyTorch 0.4.0 saved them: no BatchNorm `num_batches_tracked` (0.4.1 added
+    it) and no module versions (a plain dict has no `_metadata`)."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
+
+
+def _trained(model):
+    """`model` in eval mode, its BatchNorm statistics and counters off their initial values as after training."""
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.num_batches_tracked.fill_(93_750)
+    return model.eval()
+
+
+def test_a_published_checkpoint_saved_by_pytorch_0_4_0_loads_as_the_reference_code_loads_it(tmp_path):
+    """RepDistiller's teachers were trained with PyTorch 0.4.0 (its README), which saved no BatchNorm
+    `num_batches_tracked`. Its train_student.py `load_teacher` (HobbitLong/RepDistiller@7fd6effe)
+    loads them strictly, `model.load_state_dict(torch.load(model_path)['model'])`, and torch fills
+    the counters; kdexp loads them the same way: the same outputs, the counters at torch's 0."""
+    published = _trained(build_model("resnet56", num_classes=100))
+    path = tmp_path / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+    _publish(path, published, _saved_by_pytorch_0_4_0(published))
+    reference = build_model("resnet56", num_classes=100)
+    reference.load_state_dict(torch.load(path)["model"])  # RepDistiller's load_teacher
+    teacher = _load_published(tmp_path, path)
+    x = torch.randn(2, 3, 32, 32)
+    logits = teacher(x)
+    assert torch.equal(logits, published(x)) and torch.equal(logits, reference.eval()(x))
+    counters = [int(m.num_batches_tracked) for m in teacher.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(counters) == 57 and set(counters) == {0}  # stem, 2 per block x 27, 2 shortcuts
+
+
+def _missing_a_conv_weight(model):
+    return {k: v for k, v in _saved_by_pytorch_0_4_0(model).items() if k != "layer1.0.conv1.weight"}
+
+
+def _counters_deleted_after_saving(model):
+    """The counters deleted from a file PyTorch >= 0.4.1 saved, whose module versions (2) say it had them."""
+    state = model.state_dict()
+    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
+        del state[key]
+    return state
+
+
+@pytest.mark.parametrize("weights, complaint", [
+    (_missing_a_conv_weight, "num_classes=100: missing keys layer1.0.conv1.weight"),
+    (_counters_deleted_after_saving, "num_classes=100: missing keys bn1.num_batches_tracked, "
+                                     "layer1.0.bn1.num_batches_tracked, layer1.0.bn2.num_batches_tracked (+54 more)"),
+])
+def test_a_published_checkpoint_the_reference_code_refuses_is_refused(tmp_path, weights, complaint):
+    """Only the counters torch fills may be missing: a missing weight, or counters a file's module
+    versions say it saved, fail RepDistiller's strict load and kdexp's, which says which keys."""
+    model = build_model("resnet56", num_classes=100)
+    path = tmp_path / "ckpt_epoch_240.pth"
+    _publish(path, model, weights(model))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_model("resnet56", num_classes=100).load_state_dict(torch.load(path)["model"])
+    with pytest.raises(TeacherError) as err:
+        _load_published(tmp_path, path)
+    assert str(err.value).endswith(complaint) and "\n" not in str(err.value)
+
+
+def test_only_a_batchnorms_missing_counter_is_filled():
+    """A `num_batches_tracked` buffer of a module that is not a BatchNorm is not torch's to fill."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("num_batches_tracked", torch.tensor(3))
+
+    model = nn.Sequential(Counting(), nn.BatchNorm2d(3))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert filled_on_load(model, state) == {"1.num_batches_tracked"}
+    assert state_dict_misfit(model.state_dict(), state, filled_on_load(model, state)) == \
+        "missing keys 0.num_batches_tracked"
+    with pytest.raises(RuntimeError, match='Missing key.*"0.num_batches_tracked"'):
+        model.load_state_dict(state)  # torch agrees
 
 
 @pytest.mark.parametrize("val_size, split_seed, accepted", [(5000, 1234, True), (0, 1234, False), (5000, 7, False)])

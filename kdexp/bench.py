@@ -3,9 +3,9 @@
 Every case (a student, its teacher and method) is timed through the real training loop on
 synthetic CIFAR-shaped data, with the trainer config the study uses except for:
   reference    data.loader=torch (PIL transforms in DataLoader workers), fp32, eager, default SGD
-  fast         data.loader=tensor on the device, the device's auto settings (bf16, channels_last
-               and fused SGD on CUDA) and, on CUDA, trainer.compile=true
-  fast_cached  (logit cases) fast with trainer.teacher_cache=true
+  fast         data.loader=tensor on the device, execution=fast (bf16; channels_last and fused SGD
+               on CUDA) and, on CUDA, execution.compile=true unless --no-compile
+  fast_cached  (logit cases) fast with execution.teacher_cache=true
 A timing skips --warmup steps (compilation, CUDA-graph capture, worker start-up), times --steps
 steps with their data loading, and extrapolates to an epoch of 50,000 images (evaluation is not
 included). The cache's one-off build and the study's GPU-hours follow from the measurements.
@@ -72,10 +72,10 @@ STUDY = [("teachers", "r34_ce", 1, 200), ("teachers", "r50_ce", 1, 200),
          *[("logit", f"{pair}_logit", 27, 100) for pair in ("r34_r18", "r50_r18", "r50_r34")],
          *[("feature", f"{pair}_feature", 9, 100) for pair in ("r34_r18", "r50_r18", "r50_r34")]]
 VARIANTS = {
-    "reference": ["data.loader=torch", "trainer.amp=none", "trainer.channels_last=false", "trainer.fused=false",
-                  "trainer.compile=false", "trainer.teacher_cache=false"],
-    "fast": ["data.loader=tensor", "trainer.teacher_cache=false"],
-    "fast_cached": ["data.loader=tensor", "trainer.teacher_cache=true"],
+    "reference": ["data.loader=torch", "execution=reference", "execution.channels_last=false", "execution.fused=false",
+                  "execution.teacher_cache=false"],
+    "fast": ["data.loader=tensor", "execution=fast", "execution.teacher_cache=false"],
+    "fast_cached": ["data.loader=tensor", "execution=fast", "execution.teacher_cache=true"],
 }
 
 
@@ -142,14 +142,14 @@ class Bench:
                      f"trainer.max_steps_per_epoch={a.warmup + a.steps}", "trainer.progress=false",
                      f"data.num_workers={a.workers}", *VARIANTS[variant]]
         if variant != "reference":
-            overrides.append(f"trainer.compile={self.compile}")
+            overrides.append(f"execution.compile={self.compile}")
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return compose(config_name="train", overrides=overrides)
 
     def measure(self, case: Case, variant: str) -> dict:
         cfg = self.config(case, variant)
         method = validate(cfg)
-        execution = Execution.resolve(cfg.trainer, self.device, method, cfg.data.loader)
+        execution = Execution.resolve(cfg.execution, self.device, method, cfg.data.loader)
         seed_everything(0, cfg.trainer.deterministic)
         teacher = self.teacher(case.teacher, execution) if case.teacher else None
         logits = self.cache(case.teacher, teacher, execution) if execution.teacher_cache else None
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="start each timing only when --barrier-count processes given this DIR are warm (packing runs)")
     p.add_argument("--barrier-count", type=int, default=1)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="trainer.compile in the fast path (default: on CUDA only)")
+                   help="execution.compile in the fast path (default: on CUDA only)")
     p.add_argument("--out", default="outputs/bench.json")
     args = p.parse_args(argv)
     for option, known in (("cases", CASES), ("variants", VARIANTS)):

@@ -28,13 +28,13 @@ class ConfigError(ValueError):
     """Bad input that no training could fix; raised before anything is written."""
 
 
-AMP_MODES = ("auto", "none", "bf16")
+AMP_MODES = ("none", "bf16")
 SEED_MAX = 2**32 - 1  # numpy's seed range
-CHANNELS_LAST_NEEDS_CUDA = ("trainer.channels_last=true needs a CUDA device: torch's CPU convolution backward in "
+CHANNELS_LAST_NEEDS_CUDA = ("execution.channels_last=true needs a CUDA device: torch's CPU convolution backward in "
                             "channels_last gives wrong gradients (0.3% off fp64 at width 8, where NCHW is 1e-6 off) "
-                            "and crashes at 4 channels (torch 2.14.1, measured); use trainer.channels_last=null")
-COMPILE_NEEDS_CUDA = ("trainer.compile=true needs a CUDA device: it captures CUDA graphs, and on the CPU "
-                      "torch.compile takes minutes per batch shape for no gain; use trainer.compile=false")
+                            "and crashes at 4 channels (torch 2.14.1, measured); use execution.channels_last=null")
+COMPILE_NEEDS_CUDA = ("execution.compile=true needs a CUDA device: it captures CUDA graphs, and on the CPU "
+                      "torch.compile takes minutes per batch shape for no gain; use execution.compile=null")
 
 
 @dataclass
@@ -89,12 +89,18 @@ class TrainerConfig:
     progress: bool = True
     label_smoothing: float = 0.0  # of every cross-entropy term (DistillationMethod.cross_entropy)
     early_stopping: Optional[int] = None  # patience: evaluations without a better val accuracy; null: off
-    # Speed options (kdexp/execution.py); "auto"/null picks the fast setting on CUDA and the
-    # reference one on the CPU, so the CPU path and its exact results stay the study's.
-    amp: str = "auto"  # auto | none | bf16
-    channels_last: Optional[bool] = None
+
+
+@dataclass
+class ExecutionConfig:
+    """How the recipe runs, never what it is (kdexp/execution.py): the `execution` group's profile
+    (`reference`: the study's fp32 numerics; `fast`: bf16 and compile) and its settings. null: on
+    for CUDA, off on the CPU."""
+    name: str = "reference"
+    amp: str = "none"  # none | bf16 (autocast)
+    channels_last: Optional[bool] = None  # NHWC; CUDA only
     fused: Optional[bool] = None  # fused optimiser kernel
-    compile: bool = False  # torch.compile(mode="reduce-overhead") of forward+loss+backward; CUDA only
+    compile: Optional[bool] = False  # torch.compile(mode="reduce-overhead"), CUDA graphs; CUDA only
     teacher_cache: Optional[bool] = None  # precomputed teacher logits for logit-only methods
 
 
@@ -152,6 +158,7 @@ class TrainConfig:
     teacher: TeacherConfig = MISSING
     method: Any = MISSING  # typed by the chosen method's own schema (methods.base.arguments_schema)
     trainer: TrainerConfig = MISSING
+    execution: ExecutionConfig = MISSING
     scheduler: Any = MISSING  # typed by the chosen schedule's schema (kdexp/schedules.py)
     optimizer: Any = MISSING  # typed by the chosen optimiser's schema (OPTIMIZERS)
     paths: PathsConfig = MISSING
@@ -166,6 +173,7 @@ def register_configs() -> None:
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="execution", name="base_execution", node=ExecutionConfig)
     for name, schema in OPTIMIZERS.items():
         cs.store(group="optimizer", name=f"base_{name}", node=schema)
     for method in [*method_classes(), *site_method_classes()]:
@@ -293,9 +301,13 @@ def _check_trainer(tr: DictConfig) -> None:
            f"trainer.clip_norm={tr.clip_norm} must be > 0, or null to disable clipping")
     _check(tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:"),
            f"trainer.device={tr.device!r} must be auto, cpu, cuda or cuda:N")
-    _check(tr.amp in AMP_MODES, f"trainer.amp={tr.amp!r} must be one of {list(AMP_MODES)}")
-    _check(not (tr.compile and tr.device == "cpu"), COMPILE_NEEDS_CUDA)
-    _check(not (tr.channels_last and tr.device == "cpu"), CHANNELS_LAST_NEEDS_CUDA)
+
+
+def _check_execution(ex: DictConfig, device: str) -> None:
+    _check(ex.amp in AMP_MODES, f"execution.amp={ex.amp!r} must be one of {list(AMP_MODES)} "
+           f"(execution=fast chooses bf16)")
+    _check(not (ex.compile and device == "cpu"), COMPILE_NEEDS_CUDA)
+    _check(not (ex.channels_last and device == "cpu"), CHANNELS_LAST_NEEDS_CUDA)
 
 
 def _check_label_smoothing(key: str, value: float) -> None:
@@ -360,6 +372,7 @@ def validate(cfg: DictConfig) -> Any:
            f"data.num_classes={cfg.data.num_classes}: the classifier has one output per class of the data")
     student = _check_network("model", m, m.num_classes)
     _check_trainer(tr)
+    _check_execution(cfg.execution, tr.device)
     _check(not tr.early_stopping or cfg.data.val_size > 0, f"trainer.early_stopping={tr.early_stopping} watches "
            f"the validation accuracy, but data.val_size=0 holds out none: set data.val_size (e.g. 5000) or "
            f"trainer.early_stopping=null")
@@ -378,13 +391,13 @@ def validate(cfg: DictConfig) -> Any:
     else:
         _check(t.arch is None, f"method={method.name} trains without a teacher but teacher.arch={t.arch}: "
                f"use teacher=none (or a KD method such as method=logit)")
-    if tr.teacher_cache:
+    if cfg.execution.teacher_cache:
         why = "has no teacher" if not method.needs_teacher else \
             "needs teacher features" if method.needs_features else "runs its teacher live"
-        _check(method.can_use_teacher_cache(), f"trainer.teacher_cache=true caches teacher logits, but "
-               f"method={method.name} {why}: use trainer.teacher_cache=null")
-        _check(cfg.data.loader == "tensor", "trainer.teacher_cache=true looks logits up by each image's crop and "
-               "flip, which only data.loader=tensor reports: use data.loader=tensor or trainer.teacher_cache=false")
+        _check(method.can_use_teacher_cache(), f"execution.teacher_cache=true caches teacher logits, but "
+               f"method={method.name} {why}: use execution.teacher_cache=null")
+        _check(cfg.data.loader == "tensor", "execution.teacher_cache=true looks logits up by each image's crop and "
+               "flip, which only data.loader=tensor reports: use data.loader=tensor or execution.teacher_cache=false")
     if method.needs_features:
         _check(teacher.stage_strides == student.stage_strides, f"method={method.name} matches feature maps "
                f"stage by stage, so teacher and student need the same stages at the same resolutions: "

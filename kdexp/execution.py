@@ -1,8 +1,11 @@
 """How a run executes, as opposed to what it computes: precision, memory format, optimiser kernel,
 graph capture and the teacher-logit cache. None of these changes the recipe.
 
-`auto`/null settings resolve per device: the fast setting on CUDA, the reference one on the CPU
-(where the defaults reproduce the study's loop exactly).
+The `execution` group picks a profile: `reference` (the study's fp32 numerics on every device) or
+`fast` (bf16 autocast, compiled on CUDA). null settings resolve per device: on for CUDA, off on
+the CPU. channels_last, the fused optimiser and the exact teacher-logit cache equal the fp32
+reference to floating-point tolerance by construction, so they leave a run's numerics `reference`;
+bf16 and compile make them `fast`, and result.json says which.
 """
 from __future__ import annotations
 
@@ -24,23 +27,30 @@ class Execution:
     fused: bool = False
     compile: bool = False
     teacher_cache: bool = False
+    profile: str = "reference"  # the execution group's option the run asked for
 
     @classmethod
-    def resolve(cls, trainer, device: torch.device, method: DistillationMethod, loader: str) -> "Execution":
+    def resolve(cls, settings, device: torch.device, method: DistillationMethod, loader: str) -> "Execution":
+        """The run's `execution` config node, resolved for `device`."""
         cuda = device.type == "cuda"
-        if trainer.compile and not cuda:
+        if settings.compile and not cuda:
             raise ConfigError(COMPILE_NEEDS_CUDA)
-        if trainer.channels_last and not cuda:
+        if settings.channels_last and not cuda:
             raise ConfigError(CHANNELS_LAST_NEEDS_CUDA)
-        amp = {"auto": "bf16" if cuda else "none"}.get(trainer.amp, trainer.amp)
         cacheable = method.can_use_teacher_cache() and loader == "tensor"
         return cls(
-            amp=torch.bfloat16 if amp == "bf16" else None,
-            channels_last=_auto(trainer.channels_last, cuda),
-            fused=_auto(trainer.fused, cuda),
-            compile=trainer.compile,
-            teacher_cache=_auto(trainer.teacher_cache, cuda and cacheable),
+            amp=torch.bfloat16 if settings.amp == "bf16" else None,
+            channels_last=_auto(settings.channels_last, cuda),
+            fused=_auto(settings.fused, cuda),
+            compile=_auto(settings.compile, cuda),
+            teacher_cache=_auto(settings.teacher_cache, cuda and cacheable),
+            profile=settings.name,
         )
+
+    @property
+    def numerics(self) -> str:
+        """`reference` where results equal the study's fp32 loop to floating-point tolerance, else `fast`."""
+        return "reference" if self.amp is None and not self.compile else "fast"
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.amp is None:
@@ -51,10 +61,13 @@ class Execution:
     def precision(self) -> str:
         return "fp32" if self.amp is None else str(self.amp).removeprefix("torch.")
 
-    def record(self) -> dict[str, str | bool]:
-        """How the run executed, for result.json: every setting, the autocast dtype as `precision`."""
+    def record(self) -> dict[str, str | bool | None]:
+        """How the run executed, for result.json: every setting, the autocast dtype as `precision`,
+        the numerics they add up to, and the TF32 switches PyTorch ran fp32 with (its defaults:
+        convolutions in TF32, matrix products not)."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "amp"}
-        return {"precision": self.precision, **settings}
+        return {"numerics": self.numerics, "precision": self.precision, **settings,
+                "tf32_conv": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(memory_format=torch.channels_last) if self.channels_last else module

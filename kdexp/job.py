@@ -61,7 +61,7 @@ def _start(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     if previous is not None:
         return _keep(cfg, run_dir, previous)
     device = resolve_device(cfg.trainer.device)  # config errors (no CUDA, compile on CPU) leave no result
-    execution = Execution.resolve(cfg.trainer, device, method, cfg.data.loader)
+    execution = Execution.resolve(cfg.execution, device, method, cfg.data.loader)
     export = resolve_teacher_export_path(cfg) if cfg.export_teacher else None
     if export is not None:  # before training, not after 200 epochs
         check_writable(export.parent, "the teacher export")

@@ -235,7 +235,7 @@ class Loop:
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Give each per-parameter buffer (SGD's momentum, Adam's moments) its parameter's memory
-    layout: a checkpoint written with another trainer.channels_last has them in the other layout,
+    layout: a checkpoint written with another execution.channels_last has them in the other layout,
     which fused kernels silently mismatch."""
     for p, state in optimizer.state.items():
         for key, buf in state.items():

@@ -74,11 +74,18 @@ def _describe(err: HydraException, trial: list[str], config_name: str) -> str:
     return _summary(err)
 
 
+# Keys that moved: an old command line gets the new name, not a near miss.
+MOVED = {f"trainer.{key}": f"execution.{key} (the execution group: execution=reference|fast)"
+         for key in ("amp", "channels_last", "fused", "compile", "teacher_cache")}
+
+
 def _nearest_key(cause: BaseException, trial: list[str], config_name: str) -> str:
     """` (did you mean trainer.epochs?)` for a misspelt key of a config node."""
     full_key = getattr(cause, "full_key", "")
     if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not full_key:
         return ""
+    if full_key in MOVED:
+        return f" ({full_key} is now {MOVED[full_key]})"
     parent, _, key = full_key.rpartition(".")
     # the groups chosen decide which keys exist; the other keys' values do not
     choices = [o for o in trial if "." not in _key(o) and _key(o) != full_key]

@@ -76,7 +76,7 @@ class Sizes:
 GPU = Sizes(
     device="cuda",
     bench=("--device", "cuda", "--steps", "60", "--warmup", "5"),
-    compile=("trainer.device=cuda", "trainer.compile=true", "model.width=16"),
+    compile=("trainer.device=cuda", "execution.compile=true", "model.width=16"),
     tests=("tests/gpu", "tests/test_fast_path.py", "tests/test_e2e.py"),
     eager_cases=EAGER_CASES, compiled=COMPILED, packing=PACKING, packing_steps=150)
 DRY = Sizes(
@@ -236,7 +236,7 @@ class Check:
                                        "method=logit", "trainer.epochs=3", *self.sizes.compile), deadline, env)
         counts = torch_log_counts(student.output)
         return {"ok": student.rc == 0 and counts["recompiles"] == 0 and counts["graph_breaks"] == 0,
-                "compiled": "trainer.compile=true" in self.sizes.compile, **counts,
+                "compiled": "execution.compile=true" in self.sizes.compile, **counts,
                 "commands": [teacher.record(), student.record()]}
 
     def bench(self, deadline: float) -> dict:
@@ -250,7 +250,7 @@ class Check:
         env = {**self.env, "TORCH_LOGS": "recompiles,graph_breaks"}
         for case, variant in self.sizes.compiled:
             outs.append(self.out / f"bench_compiled_{case}.json")
-            # the CPU cannot compile (trainer.compile needs CUDA): the dry run takes the same path eagerly
+            # the CPU cannot compile (execution.compile needs CUDA): the dry run takes the same path eagerly
             compiled = "--compile" if self.sizes.device == "cuda" else "--no-compile"
             commands.append(self.run([*bench, "--cases", case, "--variants", variant, compiled, "--out", outs[-1]],
                                      deadline, env))

@@ -80,7 +80,7 @@ def tiny_loop(run_dir: Path, splits, teacher, *overrides: str, method: str = "lo
                       f"method={method}", *temperature, "trainer.epochs=2", "trainer.max_steps_per_epoch=3",
                       "trainer.batch_size=32", "data.eval_batch_size=64", *overrides)
     method = validate(cfg)
-    execution = Execution.resolve(cfg.trainer, CPU, method, cfg.data.loader)
+    execution = Execution.resolve(cfg.execution, CPU, method, cfg.data.loader)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     return build_loop(cfg, method, execution, splits, execution.prepare(copy.deepcopy(teacher)), CPU, run_dir,
                       cache if execution.teacher_cache else None)

@@ -174,7 +174,7 @@ def test_tiny_forward_and_backward(arch):
 
 @pytest.mark.parametrize("arch", CIFAR_ARCHS)
 def test_channels_last_gives_the_same_outputs(arch):
-    """The GPU path (trainer.channels_last) runs every network in NHWC memory. Width 16 and a loose
+    """The GPU path (execution.channels_last) runs every network in NHWC memory. Width 16 and a loose
     tolerance: torch 2.14's CPU channels_last convolutions are themselves off (and corrupt the heap
     at 4 channels; see kdexp.config.CHANNELS_LAST_NEEDS_CUDA); a layout bug in a network (a view
     that assumes NCHW) changes outputs by far more."""

@@ -78,11 +78,14 @@ def test_baselines_and_teachers_get_their_own_dirs(tmp_path, fake_root):
 
 
 def test_other_overrides_become_part_of_the_run_dir(tmp_path, fake_root):
-    proc = dry_run(tmp_path, fake_root, "pair=r34_to_r18", "method=logit", "trainer.epochs=3,5", "paths.data_dir=/x")
-    assert proc.returncode == 2 and "dry run: 2 jobs would fail" in proc.stdout, proc.stderr[-3000:]
+    """execution=fast changes the numerics: its runs never share a dir with the reference's; an exact
+    setting (execution.fused) does not name a dir."""
+    proc = dry_run(tmp_path, fake_root, "pair=r34_to_r18", "method=logit", "trainer.epochs=3,5", "paths.data_dir=/x",
+                   "execution=reference,fast", "execution.fused=true")
+    assert proc.returncode == 2 and "dry run: 4 jobs would fail" in proc.stdout, proc.stderr[-3000:]
     dirs = sorted(str(d.relative_to(tmp_path)) for d in _job_configs(tmp_path))
-    assert dirs == ["paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/trainer.epochs=3",
-                    "paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/trainer.epochs=5"]
+    assert dirs == [f"paper_v2/resnet34-to-resnet18/logit_a0.5_T4/seed0/execution={e},trainer.epochs={n}"
+                    for e in ("fast", "reference") for n in (3, 5)]
 
 
 def test_every_method_argument_names_the_run_dir_through_the_methods_run_tag(tmp_path, fake_root):
@@ -144,9 +147,9 @@ def test_bad_input_exits_non_zero_without_a_result(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 @pytest.mark.parametrize("device, message", [("cuda", "no CUDA device is visible"),
-                                             ("auto", "trainer.compile=true needs a CUDA device")])
+                                             ("auto", "execution.compile=true needs a CUDA device")])
 def test_settings_this_machine_cannot_run_exit_without_a_result(tmp_path, device, message):
-    proc = run_train("experiment=baseline", f"trainer.device={device}", "trainer.compile=true",
+    proc = run_train("experiment=baseline", f"trainer.device={device}", "execution.compile=true",
                      f"paths.output_dir={tmp_path}")
     assert proc.returncode == 2 and "kdexp: invalid config:" in proc.stderr and message in proc.stderr
     assert not list(tmp_path.rglob("result.json"))
@@ -172,6 +175,8 @@ def test_the_installed_command_checks_its_config_too(tmp_path):
     (["trainer.epochs=many"], "Error merging override trainer.epochs=many Value 'many' of type 'str' could not be "
                               "converted to Integer"),
     (["-m", "seed=0,1", "trainer.epochs=3,many"], "Error merging override trainer.epochs=many"),
+    (["trainer.amp=bf16"], "Could not override 'trainer.amp'. Key 'amp' not in 'TrainerConfig' (trainer.amp is now "
+                           "execution.amp"),  # the key's old home names its new one
     (["trainer.epochz=5"], "Could not override 'trainer.epochz'. Key 'epochz' not in 'TrainerConfig' "
                            "(did you mean trainer.epochs?)"),
     (["-m", "seed=range(2)", "kd_grid=logit,dkdd"], "kd_grid=dkdd: kd_grid has no option 'dkdd' (did you mean dkd?)"),

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from helpers import REPO, TINY, compose_cfg, run_train, student_args, without_timing
@@ -67,8 +68,10 @@ def test_result_and_metrics_carry_every_field(method_runs, name):
                 "grad_norm_max", "clip_fraction", "images_per_s", "train_seconds"]:
         assert key in result, key
     assert len(result["per_class_test_acc"]) == 10
-    assert result["execution"] == {"precision": "fp32", "channels_last": False, "fused": False, "compile": False,
-                                   "teacher_cache": False}  # the CPU runs the reference loop
+    assert result["execution"] == {"numerics": "reference", "precision": "fp32", "channels_last": False,
+                                   "fused": False, "compile": False, "teacher_cache": False, "profile": "reference",
+                                   "tf32_conv": torch.backends.cudnn.allow_tf32,
+                                   "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}  # the reference loop
     best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
     assert (result["best_val_epoch"], result["test_acc_at_best_val"]) == (best["epoch"], best["test_acc"])
     assert result["test_acc_final"] == rows[-1]["test_acc"]

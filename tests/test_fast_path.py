@@ -4,21 +4,22 @@ as without, identical metrics for the same seed; `auto` settings keep the CPU on
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import CPU, compose_cfg, tiny_loop, without_timing
+from helpers import CONF, CPU, compose_cfg, tiny_loop, without_timing
 from kdexp import bench, teacher_cache
 from kdexp.checkpoint import save
-from kdexp.config import ConfigError, validate
+from kdexp.config import ConfigError, build_method, validate
 from kdexp.data import TrainBatches
 from kdexp.data.loaders import Batch, crop_flip, normalize
 from kdexp.execution import Execution
 from kdexp.loop import _match_layouts, clip_gradients
 from kdexp.methods.logit import LogitKD
 
-FAST = ("trainer.amp=bf16", "trainer.fused=true")  # channels_last: CUDA only (see CHANNELS_LAST_NEEDS_CUDA)
+FAST = ("execution.amp=bf16", "execution.fused=true")  # channels_last: CUDA only (see CHANNELS_LAST_NEEDS_CUDA)
 
 
 class LiveTeacherKD(LogitKD):
@@ -29,29 +30,52 @@ class LiveTeacherKD(LogitKD):
         return False
 
 
-def test_auto_settings_are_the_reference_on_cpu_and_fast_on_cuda():
-    trainer = compose_cfg().trainer
+def test_auto_settings_are_off_on_cpu_and_exact_ones_on_for_cuda():
+    settings = compose_cfg().execution
     logit, feature = validate(compose_cfg("pair=r34_to_r18", "method=logit")), \
         validate(compose_cfg("pair=r34_to_r18", "method=feature"))
-    assert Execution.resolve(trainer, CPU, logit, "tensor") == Execution()
+    assert Execution.resolve(settings, CPU, logit, "tensor") == Execution()
     cuda = torch.device("cuda")
-    assert Execution.resolve(trainer, cuda, logit, "tensor") == \
-        Execution(amp=torch.bfloat16, channels_last=True, fused=True, compile=False, teacher_cache=True)
-    assert not Execution.resolve(trainer, cuda, feature, "tensor").teacher_cache  # feature-KD runs its teacher
-    assert not Execution.resolve(trainer, cuda, logit, "torch").teacher_cache  # no views to look up
-    assert not Execution.resolve(trainer, cuda, LiveTeacherKD(), "tensor").teacher_cache  # the method says no
-    with pytest.raises(ConfigError, match="trainer.compile=true needs a CUDA device"):
-        Execution.resolve(compose_cfg("trainer.compile=true").trainer, CPU, logit, "tensor")
+    assert Execution.resolve(settings, cuda, logit, "tensor") == \
+        Execution(amp=None, channels_last=True, fused=True, compile=False, teacher_cache=True)
+    assert not Execution.resolve(settings, cuda, feature, "tensor").teacher_cache  # feature-KD runs its teacher
+    assert not Execution.resolve(settings, cuda, logit, "torch").teacher_cache  # no views to look up
+    assert not Execution.resolve(settings, cuda, LiveTeacherKD(), "tensor").teacher_cache  # the method says no
+    with pytest.raises(ConfigError, match="execution.compile=true needs a CUDA device"):
+        Execution.resolve(compose_cfg("execution.compile=true").execution, CPU, logit, "tensor")
+
+
+STUDY_PRESETS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", STUDY_PRESETS)
+def test_every_preset_records_the_study_fp32_on_cuda_unless_fast_is_asked(preset):
+    """Issue 17: bf16 and compile are opt-in. Resolved for a CUDA device (none is needed to resolve)."""
+    cuda = torch.device("cuda")
+    cfg = compose_cfg(f"experiment={preset}")
+    record = Execution.resolve(cfg.execution, cuda, build_method(cfg.method), cfg.data.loader).record()
+    assert (record["numerics"], record["precision"], record["compile"], record["profile"]) == \
+        ("reference", "fp32", False, "reference")
+    cfg = compose_cfg(f"experiment={preset}", "execution=fast")
+    record = Execution.resolve(cfg.execution, cuda, build_method(cfg.method), cfg.data.loader).record()
+    assert (record["numerics"], record["precision"], record["compile"], record["profile"]) == \
+        ("fast", "bfloat16", True, "fast")
+
+
+def test_fast_on_the_cpu_is_bf16_without_compile():
+    cfg = compose_cfg("execution=fast")
+    execution = Execution.resolve(cfg.execution, CPU, validate(cfg), cfg.data.loader)
+    assert (execution.amp, execution.compile, execution.numerics) == (torch.bfloat16, False, "fast")
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["trainer.compile=true", "trainer.device=cpu"], "trainer.compile=true needs a CUDA device"),
-    (["trainer.amp=fp16"], "trainer.amp='fp16' must be one of"),
-    (["trainer.channels_last=true", "trainer.device=cpu"], "trainer.channels_last=true needs a CUDA device"),
-    (["pair=r34_to_r18", "method=feature", "trainer.teacher_cache=true"], "method=feature needs teacher features"),
-    (["trainer.teacher_cache=true"], "method=ce has no teacher"),
-    (["pair=r34_to_r18", "method=logit", "trainer.teacher_cache=true", "data.loader=torch"], "data.loader=tensor"),
-    (["pair=r34_to_r18", "method=logit", f"method._target_={__name__}.LiveTeacherKD", "trainer.teacher_cache=true"],
+    (["execution.compile=true", "trainer.device=cpu"], "execution.compile=true needs a CUDA device"),
+    (["execution.amp=fp16"], "execution.amp='fp16' must be one of"),
+    (["execution.channels_last=true", "trainer.device=cpu"], "execution.channels_last=true needs a CUDA device"),
+    (["pair=r34_to_r18", "method=feature", "execution.teacher_cache=true"], "method=feature needs teacher features"),
+    (["execution.teacher_cache=true"], "method=ce has no teacher"),
+    (["pair=r34_to_r18", "method=logit", "execution.teacher_cache=true", "data.loader=torch"], "data.loader=tensor"),
+    (["pair=r34_to_r18", "method=logit", f"method._target_={__name__}.LiveTeacherKD", "execution.teacher_cache=true"],
      "method=logit runs its teacher live"),
 ])
 def test_fast_options_that_cannot_apply_are_config_errors(overrides, message):
@@ -71,7 +95,7 @@ def _params(loop) -> list[torch.Tensor]:
 
 def test_fused_sgd_changes_nothing_in_fp32(tmp_path, splits, teacher):
     """Same loss, gradients and clipped SGD update as the reference, to fp32 rounding."""
-    loops = [tiny_loop(tmp_path / str(i), splits, teacher, *extra) for i, extra in enumerate([(), ("trainer.fused=true",)])]
+    loops = [tiny_loop(tmp_path / str(i), splits, teacher, *extra) for i, extra in enumerate([(), ("execution.fused=true",)])]
     assert loops[1].optimizer.defaults["fused"] and not loops[0].optimizer.defaults["fused"]
     batch = next(loops[0].train.epoch(1))
     (ref_parts, ref_grad), (parts, grad) = [_step(loop, batch) for loop in loops]
@@ -128,8 +152,8 @@ def test_resized_views_are_cached_as_the_live_path_resizes_them(teacher, splits)
 def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, splits, teacher, cache):
     """Two epochs of Logit-KD: every metric equal to 1e-5 relative, accuracies and agreement exactly
     (on this CPU the runs are in fact bit-identical)."""
-    live = tiny_loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false")
-    cached = tiny_loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", cache=cache)
+    live = tiny_loop(tmp_path / "live", splits, teacher, "execution.teacher_cache=false")
+    cached = tiny_loop(tmp_path / "cached", splits, teacher, "execution.teacher_cache=true", cache=cache)
     assert cached.teacher_logits is not None and live.teacher_logits is None
     a, b = without_timing(live.fit().history), without_timing(cached.fit().history)
     assert [r.keys() for r in a] == [r.keys() for r in b]
@@ -140,7 +164,7 @@ def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, split
 
 
 def test_fast_path_is_deterministic(tmp_path, splits, teacher, cache):
-    runs = [tiny_loop(tmp_path / str(i), splits, teacher, *FAST, "trainer.teacher_cache=true", cache=cache)
+    runs = [tiny_loop(tmp_path / str(i), splits, teacher, *FAST, "execution.teacher_cache=true", cache=cache)
             for i in range(2)]
     assert without_timing(runs[0].fit().history) == without_timing(runs[1].fit().history)
 
@@ -213,7 +237,7 @@ def test_study_hours_count_every_run_of_the_study():
 
 @pytest.mark.parametrize("kind, settings", [(torch.optim.SGD, {"momentum": 0.9}), (torch.optim.Adam, {})])
 def test_resumed_optimiser_state_takes_each_parameters_layout(kind, settings):
-    """State written under trainer.channels_last=true (NHWC), resumed without it: every per-parameter
+    """State written under execution.channels_last=true (NHWC), resumed without it: every per-parameter
     buffer (momentum; Adam's two moments) is given the parameter's layout, which fused kernels assume."""
     weight = torch.randn(8, 4, 3, 3)
     nhwc = torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last))

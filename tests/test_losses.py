@@ -302,7 +302,7 @@ def test_label_smoothing_reaches_the_ce_term_of_every_logit_method(name):
 
 
 def test_dkd_compiles_to_one_graph_whose_warmup_follows_the_epoch():
-    """trainer.compile: the warm-up reads the epoch buffer inside the graph, so one capture serves
+    """execution.compile: the warm-up reads the epoch buffer inside the graph, so one capture serves
     every epoch and each epoch's weight reaches the loss (a Python number would recompile)."""
     from torch._dynamo.utils import counters
     from kdexp.methods.dkd import DKD

@@ -99,7 +99,7 @@ def splits(fake_root) -> Splits:
 def _loop(run_dir, splits, method):
     cfg = compose_cfg("protocol=quickstart", "model.width=4", "teacher=resnet18", "teacher.width=4", "method=logit",
                       "trainer.epochs=3", "trainer.batch_size=32", "data.eval_batch_size=32", "trainer.progress=false")
-    execution = Execution.resolve(cfg.trainer, CPU, method, cfg.data.loader)
+    execution = Execution.resolve(cfg.execution, CPU, method, cfg.data.loader)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     torch.manual_seed(1)
     teacher = FrozenTeacher(build_model("resnet18", width=4))

@@ -97,8 +97,8 @@ def test_killed_dkd_run_resumes_to_identical_metrics(runs, tmp_path, teacher_run
 def test_teacher_logit_cache_trains_like_the_live_teacher(tmp_path, splits, teacher, cache, method, options):
     """Logit-only methods may replace the teacher by its cached logits: two epochs, every metric equal
     to 1e-5 relative (accuracies of 64 images thereby exactly)."""
-    live = tiny_loop(tmp_path / "live", splits, teacher, "trainer.teacher_cache=false", *options, method=method)
-    cached = tiny_loop(tmp_path / "cached", splits, teacher, "trainer.teacher_cache=true", *options, method=method,
+    live = tiny_loop(tmp_path / "live", splits, teacher, "execution.teacher_cache=false", *options, method=method)
+    cached = tiny_loop(tmp_path / "cached", splits, teacher, "execution.teacher_cache=true", *options, method=method,
                       cache=cache)
     assert cached.teacher_logits is not None and live.teacher_logits is None
     for a, b in zip(without_timing(live.fit().history), without_timing(cached.fit().history), strict=True):

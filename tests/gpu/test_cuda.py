@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU here: these tests check the fast GPU path on a GPU")]
 
 GPU = (*TINY, "trainer.device=cuda", "model.width=16")
-REFERENCE = ("data.loader=torch", "trainer.amp=none", "trainer.channels_last=false", "trainer.fused=false")
+REFERENCE = ("data.loader=torch", "execution.amp=none", "execution.channels_last=false", "execution.fused=false")
 SEEDS = (0, 1, 2)
 
 
@@ -52,7 +52,7 @@ def assert_within_noise(a: list[float], b: list[float]) -> None:
 @pytest.mark.parametrize("compile", [False, True])
 def test_same_seed_gives_identical_metrics_on_the_gpu(tmp_path, fake_root, gpu_teacher, compile):
     args = ("teacher=resnet18", "teacher.width=16", "method=logit", gpu_teacher, "trainer.deterministic=true",
-            f"trainer.compile={compile}")
+            f"execution.compile={compile}")
     first, second = [_train(tmp_path / str(i), fake_root, *args) for i in range(2)]
     assert first["result"]["execution"]["compile"] == compile
     assert first["result"]["execution"]["teacher_cache"]
@@ -61,8 +61,8 @@ def test_same_seed_gives_identical_metrics_on_the_gpu(tmp_path, fake_root, gpu_t
 
 def test_cached_and_live_teacher_reach_the_same_accuracy(tmp_path, fake_root, gpu_teacher):
     args = ("teacher=resnet18", "teacher.width=16", "method=logit", gpu_teacher)
-    cached = _test_accs(tmp_path, "cached", fake_root, *args, "trainer.teacher_cache=true")
-    live = _test_accs(tmp_path, "live", fake_root, *args, "trainer.teacher_cache=false")
+    cached = _test_accs(tmp_path, "cached", fake_root, *args, "execution.teacher_cache=true")
+    live = _test_accs(tmp_path, "live", fake_root, *args, "execution.teacher_cache=false")
     assert_within_noise(cached, live)
 
 

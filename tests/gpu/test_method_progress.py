@@ -1,4 +1,4 @@
-"""A method's schedule under trainer.compile=true (CUDA graphs; skipped without a GPU): the epoch the
+"""A method's schedule under execution.compile=true (CUDA graphs; skipped without a GPU): the epoch the
 method reads is a buffer the captured graph reads at each replay, so one capture serves every epoch
 and each epoch's value reaches the loss (no stale value baked into the graph)."""
 import pytest
@@ -14,7 +14,7 @@ from kdexp.models import build_model
 from kdexp.teachers import FrozenTeacher
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU here: trainer.compile captures CUDA graphs")]
+    not torch.cuda.is_available(), reason="no CUDA GPU here: execution.compile captures CUDA graphs")]
 
 EPOCHS = 3
 
@@ -31,12 +31,12 @@ class WarmupKD(LogitKD):
 def test_a_compiled_schedule_is_captured_once_and_reads_each_epoch(tmp_path, fake_root):
     cuda = torch.device("cuda")
     cfg = compose_cfg("protocol=quickstart", "model.width=16", "teacher=resnet18", "teacher.width=16",
-                      "method=logit", f"trainer.epochs={EPOCHS}", "trainer.batch_size=32", "trainer.compile=true",
+                      "method=logit", f"trainer.epochs={EPOCHS}", "trainer.batch_size=32", "execution.compile=true",
                       "trainer.device=cuda", "trainer.progress=false")
     s = load_splits(fake_root, 200, 1234, verify_md5=False)
     splits = Splits(s.train_x[:96], s.train_y[:96], s.val_x, s.val_y, s.test_x[:64], s.test_y[:64])  # 3 full batches
     method = WarmupKD()
-    execution = Execution.resolve(cfg.trainer, cuda, method, cfg.data.loader)
+    execution = Execution.resolve(cfg.execution, cuda, method, cfg.data.loader)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     teacher = execution.prepare(FrozenTeacher(build_model("resnet18", width=16)).to(cuda))
     loop = build_loop(cfg, method, execution, splits, teacher, cuda, tmp_path)

@@ -13,6 +13,7 @@ there is internet, read from the cache afterwards, e.g. on compute nodes without
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,7 +22,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from kdexp import checkpoint
-from kdexp.models import state_dict_misfit
+from kdexp.models import filled_on_load, state_dict_misfit
 
 IMAGENET = "imagenet"
 IMAGENET_WEIGHTS: dict[str, tvm.WeightsEnum] = {
@@ -84,14 +85,25 @@ def initialise(model: nn.Module, init: str) -> dict:
     file = cache_file(model.arch) if init == IMAGENET else Path(init)
     state = _imagenet_state(model.arch) if init == IMAGENET else _file_state(file)
     head = _classifier(model)
-    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
-    state = {k: v for k, v in state.items() if not k.startswith(head)}
-    misfit = state_dict_misfit(backbone, state)
+    backbone, state = _without(model.state_dict(), head), _without(state, head)
+    # torchvision's classic files (2017, before PyTorch 0.4.1) lack BatchNorm's num_batches_tracked,
+    # which torch fills on load; no other key may be missing, as the load below is not strict
+    misfit = state_dict_misfit(backbone, state, filled_on_load(model, state))
     if misfit:
         raise InitError(f"model.init={init}: {file} does not fit {model.arch} (stem={model.stem}, "
                         f"width={model.width}): {misfit}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False)  # not strict only for the classifier, left out above
     return {"init": init, "file": str(file.resolve()), "sha256": checkpoint.file_sha256(file)}
+
+
+def _without(state: dict, prefix: str) -> dict:
+    """`state` less the keys under `prefix`, with its module versions (`_metadata`): they say which
+    BatchNorm counters torch fills (`filled_on_load`), for the check and for the load alike."""
+    kept = OrderedDict((k, v) for k, v in state.items() if not k.startswith(prefix))
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        kept._metadata = metadata
+    return kept
 
 
 def _classifier(model: nn.Module) -> str:

@@ -136,6 +136,75 @@ def test_weights_that_do_not_fit_the_network_are_a_clear_error(tmp_path):
         initialise(build_model("resnet18"), str(tmp_path / "absent.pth"))
 
 
+def _saved_in_2017(state):
+    """`state` as torchvision's classic ImageNet files hold it, saved in 2017 before PyTorch 0.4.1 added
+    BatchNorm's `num_batches_tracked`: without those keys and without module versions (a plain dict).
+    Loading `modelzoo://resnet50` (resnet50-19c8e357.pth) logs every BatchNorm's counter as missing
+    (open-mmlab/mmdetection#238); the IMAGENET1K_V1 files kdexp uses (resnet18-f37072fd.pth, ...) are
+    those files re-saved as `torch.save(torch.load(path), path)` (pytorch/vision#2068), keys unchanged."""
+    return {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+
+
+def _trained_resnet18():
+    """torchvision's ImageNet ResNet-18 with BatchNorm statistics off their initial values, as after
+    training (fresh ones would equal the student's own and prove nothing loaded)."""
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=1000)
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.num_batches_tracked.fill_(450_000)
+    return net
+
+
+@pytest.mark.parametrize("init", ["file", "imagenet"])
+def test_torchvisions_2017_files_without_batchnorm_counters_load_as_torchvision_loads_them(tmp_path, monkeypatch, init):
+    """torchvision loads its classic files strictly (`model.load_state_dict(weights.get_state_dict(...))`
+    in models/resnet.py) and torch fills the counters; model.init loads them the same, counters at 0."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    file = cache_file("resnet18") if init == "imagenet" else tmp_path / "resnet18-5c106cde.pth"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    state = _saved_in_2017(_trained_resnet18().state_dict())
+    torch.save(state, file)
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(torch.load(file))  # torchvision's own strict load
+    model = build_model("resnet18", stem="imagenet")
+    fresh_fc = model.fc.weight.detach().clone()
+    initialise(model, "imagenet" if init == "imagenet" else str(file))
+    _loads_all_but_the_classifier(model, state, fresh_fc)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in reference.state_dict().items() if not k.startswith("fc."))
+    counters = [int(m.num_batches_tracked) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(counters) == 20 and set(counters) == {0}  # stem, 2 per block x 8, 3 shortcuts
+
+
+def _2017_file_missing_a_conv_weight(state):
+    return {k: v for k, v in _saved_in_2017(state).items() if k != "layer1.0.conv1.weight"}
+
+
+def _counters_deleted_after_saving(state):
+    """The counters deleted from weights PyTorch >= 0.4.1 saved, whose module versions (2) say it had them."""
+    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
+        del state[key]
+    return state
+
+
+@pytest.mark.parametrize("weights, complaint", [
+    (_2017_file_missing_a_conv_weight, "missing keys layer1.0.conv1.weight"),
+    (_counters_deleted_after_saving, "missing keys bn1.num_batches_tracked, layer1.0.bn1.num_batches_tracked, "
+                                     "layer1.0.bn2.num_batches_tracked (+17 more)"),
+])
+def test_init_weights_torchvisions_strict_load_refuses_are_refused(tmp_path, weights, complaint):
+    """model.init loads all but the classifier with strict=False, so its key check alone stands between
+    a missing weight and a silently fresh one: only the counters torch fills may be missing."""
+    torch.save(weights(_trained_resnet18().state_dict()), tmp_path / "r18.pth")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "r18.pth"))
+    with pytest.raises(InitError) as err:
+        initialise(build_model("resnet18", stem="imagenet"), str(tmp_path / "r18.pth"))
+    assert str(err.value).endswith(complaint) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("arch, stem, width, complaint", [
     ("resnet34", "cifar", 64, "set model.stem=imagenet model.width=64"),
     ("resnet34", "imagenet", 16, "set model.stem=imagenet model.width=64"),

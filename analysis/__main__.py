@@ -15,7 +15,7 @@ from typing import NoReturn, Sequence
 
 from kdexp import __version__
 
-from . import render
+from . import canary, render
 from .aggregate import UNNAMED
 from .collect import collect
 from .figures import Figure, make_figures
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if frame.empty:
         print(f"error: no runs found under {roots}", file=sys.stderr)
         return 1
-    analysis = analyse(frame, args.select, args.experiment)
+    analysis = analyse(frame, args.select, args.experiment, canary.find(args.roots))
     if analysis.not_found:
         say_not_found(analysis, roots)
         if not analysis.experiments:  # nothing left to show
@@ -124,6 +124,10 @@ def summary(analysis: Analysis) -> str:
                  if t.name in ("key_results", "teachers", "pairs", "teacher_vs_student")]
         parts += [render.terminal(t) for t in shown]
     parts += [render.terminal(t) for t in analysis.shared]
+    if analysis.canaries:  # one line each; the full table is in canaries.* / report.html
+        table = next(t for t in analysis.provenance if t.name == "canaries")
+        lines = [f"  {c.line()}" for c in analysis.canaries] + [f"  {n}" for n in table.notes if n != canary.CANARY_NOTE]
+        parts.append("\n".join([f"Canaries: {len(analysis.canaries)}"] + lines))
     n_problems = len(analysis.problems.rows)
     if n_problems:
         listed = analysis.problems.rows[:20]
@@ -146,7 +150,7 @@ def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: st
         exp_dir = out if single else out / slug(exp.name)
         _write_tables(analysis.tables[exp.name], exp_dir, formats)
         figures[exp.name] = make_figures(exp, out / "figures")
-    _write_tables(analysis.shared + [analysis.problems, analysis.cells_table()], out, formats)
+    _write_tables(analysis.shared + analysis.provenance + [analysis.problems, analysis.cells_table()], out, formats)
     as_json = {column: analysis.frame[column].map(lambda v: json.dumps(v, default=str, ensure_ascii=False))
                for column in ("hparams", "grid", "config")}
     runs = analysis.frame.assign(**as_json)

@@ -26,6 +26,10 @@ TEACHER_FIELDS = ("teacher", "teacher_stem", "teacher_width", "teacher_seed", "t
 PAIR_CONTEXT = TEACHER_FIELDS + STUDENT_CONTEXT
 # What makes two runs the same configuration (their seeds then vary within a cell).
 CELL_FIELDS = ("kind", *PAIR_CONTEXT, "kd", "hparams")
+# Run columns that are no configuration but must never be averaged together: where one varies between
+# runs of what would be one cell it joins the cell key, as a varying config key does (extra_keys);
+# elsewhere every run of a cell has the same value, which Cell[...] reads from its runs.
+SPLIT_COLUMNS = ("numerics",)
 UNNAMED = "(unnamed)"  # the experiment of a run whose config does not name one (or cannot be read)
 
 
@@ -59,7 +63,9 @@ class Cell:
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> Any:
-        return self.key.get(name)
+        if name in self.key or name not in SPLIT_COLUMNS:
+            return self.key.get(name)
+        return self.runs[0].get(name)
 
     def values(self, column: str) -> tuple[list[float], list[int]]:
         """The runs' values of `column` that exist, and those runs' seeds."""
@@ -149,11 +155,16 @@ def extra_keys(runs: list[dict[str, Any]]) -> list[str]:
     for same in by_cell.values():
         if len(same) < 2:
             continue
-        keys = set().union(*(r["config"] for r in same)) - KNOWN_CONFIG_KEYS - varying
+        keys = set().union(*(r["config"] for r in same), SPLIT_COLUMNS) - KNOWN_CONFIG_KEYS - varying
         for key in keys:
-            if len({repr(r["config"].get(key)) for r in same}) > 1:
+            if len({repr(setting(r, key)) for r in same}) > 1:
                 varying.add(key)
     return sorted(varying)
+
+
+def setting(run: dict[str, Any], key: str) -> Any:
+    """A run's value of an extra key: a split column, or a key of its configuration."""
+    return run.get(key) if key in SPLIT_COLUMNS else (run["config"] or {}).get(key)
 
 
 @dataclass
@@ -172,7 +183,7 @@ class Experiment:
         cells: dict[tuple, Cell] = {}
         for run in runs:
             key = {f: run.get(f) for f in CELL_FIELDS}
-            key.update({k: (run["config"] or {}).get(k) for k in extras})
+            key.update({k: setting(run, k) for k in extras})
             ident = tuple(repr(v) for v in key.values())
             cells.setdefault(ident, Cell(name, key)).runs.append(run)
         return cls(name, sorted(cells.values(), key=lambda c: c.sort_key), extras, rule, rule_note)

@@ -18,17 +18,24 @@ import yaml
 
 from kdexp import records
 
-from . import study_format
+from . import numerics, study_format
 from .schema import (COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, UNRECORDED, clipped_fraction, coerce_types, config_hash, empty_row,
                      is_fraction, load_yaml, mark, one_line, set_method)
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
+# kdexp.check's record: its dir is a canary (analysis/canary.py), never a run, and holds none.
+CHECK_FILE = "check.json"
 
 # Config keys that say where/how a run executed, not what it computed: they do not make two
 # runs different configurations (a run repeated on another machine is a duplicate).
+# The speed settings (the `execution` group, and the trainer.* keys that held them before it) are
+# how a run executed too; its numerics (reference | fast) is a column of its own, and a reference and
+# a fast run of one configuration are neither duplicates nor averaged together (_mark_duplicates,
+# aggregate.SPLIT_COLUMNS).
 ENV_KEY = re.compile(
     r"^(paths\..*|hydra\..*|dry_run|retry_failed|export_teacher|teacher\.ckpt|data\.root|"
-    r"data\.download|data\.verify_md5|data\.num_workers|trainer\.device|trainer\.progress)$"
+    r"data\.download|data\.verify_md5|data\.num_workers|trainer\.device|trainer\.progress|"
+    r"execution|execution\..*|trainer\.(amp|channels_last|fused|compile|teacher_cache))$"
 )
 
 # Config keys that already have a column; any other key that varies between otherwise equal
@@ -54,6 +61,8 @@ def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFr
     rows = []
     for root in roots:
         for run_dir, source in find_run_dirs(Path(root)):
+            if source == "canary":
+                continue
             read = study_format.read_study_run if source == "study" else read_kdexp_run
             rows.append(read(run_dir))
     study_format.assign_teacher_kind(rows)
@@ -66,9 +75,13 @@ def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFr
 
 
 def find_run_dirs(root: Path) -> Iterator[tuple[Path, str]]:
-    """(run dir, "kdexp" | "study") for every directory holding a run's files, sorted."""
+    """(dir, "kdexp" | "study" | "canary") for every directory holding a run's files or a canary's, sorted."""
     for dirpath, dirnames, filenames in os.walk(root):
         names = set(filenames)
+        if CHECK_FILE in names:
+            yield Path(dirpath), "canary"
+            dirnames[:] = []  # whatever the check left beside its record is no run
+            continue
         if study_format.RESULTS_FILE in names:
             yield Path(dirpath), "study"
         elif (records.RESULT_FILE in names or records.METRICS_FILE in names
@@ -174,6 +187,7 @@ def _fill_result(row: dict[str, Any], result: dict) -> None:
     if result.get("kind"):
         row["kind"] = result["kind"]
     fidelity, params, gflops = _node(result, "fidelity"), _node(result, "params"), _node(result, "gflops")
+    execution = _node(result, "execution")
     row.update(
         epochs_completed=result.get("epochs_completed", row["epochs_completed"]),
         best_val_acc=result.get("best_val_acc"), best_val_epoch=result.get("best_val_epoch"),
@@ -184,12 +198,14 @@ def _fill_result(row: dict[str, Any], result: dict) -> None:
         grad_norm_max=result.get("grad_norm_max"), proj_grad_norm_max=result.get("proj_grad_norm_max"),
         clip_fraction=result.get("clip_fraction"), wall_seconds=result.get("wall_seconds"),
         train_seconds=result.get("train_seconds"), images_per_s=result.get("images_per_s"),
-        device=result.get("device"), precision=_node(result, "execution").get("precision"),
+        device=result.get("device"), precision=execution.get("precision"),
+        numerics=numerics.of_execution(execution),
         params_student=params.get("student"),
         params_method=params.get("method"), params_teacher=params.get("teacher"),
         gflops_student=gflops.get("student"), gflops_teacher=gflops.get("teacher"),
         error=result.get("error"), failed_epoch=result.get("failed_epoch"),
         kdexp_version=result.get("kdexp_version"), git_commit=result.get("git_commit"),
+        torch=result.get("torch"), cuda=result.get("cuda"),
     )
 
 
@@ -281,11 +297,12 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _mark_duplicates(rows: list[dict]) -> None:
-    """Keep the newest completed run of each configuration; name it in the others' reason."""
-    by_config: dict[str, list[dict]] = {}
+    """Keep the newest completed run of each configuration and numerics (a fast rerun of a
+    reference run is a run of its own); name it in the others' reason."""
+    by_config: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["status"] == "completed":
-            by_config.setdefault(row["config_hash"], []).append(row)
+            by_config.setdefault((row["config_hash"], row["numerics"]), []).append(row)
     for same in by_config.values():
         if len(same) < 2:
             continue

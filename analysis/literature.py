@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
+from . import numerics
 from .aggregate import model_name
 from .rules import RULES, Rule, default_rule
 from .stats import mean_std
@@ -26,7 +27,8 @@ PUBLISHED_FILE = Path(__file__).with_name("published_cifar100.yaml")
 # test's tiny run shows in the table, with its data named in every row.
 DATASETS = ("cifar100", "fake_cifar100")
 # The columns of collect()'s frame this module reads (analysis/schema.py), besides the rules' columns.
-FRAME_COLUMNS = ["status", "data", "kind", "teacher", "student", "width", "kd", "cell", "seed", "epochs", "val_size"]
+FRAME_COLUMNS = ["status", "data", "kind", "teacher", "student", "width", "kd", "cell", "seed", "epochs", "val_size",
+                 "numerics"]
 # A published entry's kdexp counterpart: the teacher's and the student's own runs, or the KD column
 # (collect's `kd`, the method's label) of distilled runs of the pair.
 OWN_RUNS = {"teacher": "teacher", "student": "baseline"}
@@ -95,10 +97,11 @@ def _matches(pair: PublishedPair, what: str, run: dict[str, Any]) -> bool:
 
 
 def _groups(runs: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    """Runs of one configuration: same network width, method cell, epochs and data (seeds vary)."""
+    """Runs of one configuration and numerics: same network width, method cell, epochs, data and
+    numerics (seeds vary; a fast and a reference run are never averaged together)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:
-        key = (run["student"], run["width"], run["cell"] or DASH, run["epochs"], run["data"])
+        key = (run["student"], run["width"], run["cell"] or DASH, run["epochs"], run["data"], run["numerics"])
         groups.setdefault(key, []).append(run)
     return dict(sorted(groups.items(), key=lambda item: tuple(str(k) for k in item[0])))
 
@@ -112,10 +115,11 @@ def _pair_table(pair: PublishedPair, runs: list[dict[str, Any]], rule: Rule) -> 
         label = ROW_NAMES.get(what, what)
         if not matched:
             rows.append([label, DASH, DASH, DASH, DASH, "0", DASH, f"{value:.2f}", DASH, DASH, DASH, _cite(source)])
-        for (arch, width, cell, epochs, data), group in _groups(matched).items():
+        for (arch, width, cell, epochs, data, kind), group in _groups(matched).items():
             mean, std = _stat(group, rule.column)
             best, best_std = _stat(group, BEST_TEST.column)
-            rows.append([label, model_name(arch, width), cell, str(epochs), data, str(len(group)),
+            network = model_name(arch, width) + ("" if kind == numerics.REFERENCE else f" ({kind or numerics.UNRECORDED})")
+            rows.append([label, network, cell, str(epochs), data, str(len(group)),
                          pct(mean, std), f"{value:.2f}", _delta(mean, value), pct(best, best_std),
                          _delta(best, value), _cite(source)])
     if not shown:
@@ -146,6 +150,8 @@ def _notes(rule: Rule, sources: Iterable[Source], runs: list[dict[str, Any]]) ->
              "Δ: kdexp's mean minus the published number, in percentage points."]
     notes += [f"Source {s.key}: {s.citation}; figures as read from {s.verified} Selection rule `{s.selection.name}` "
               f"({s.selection.short}): {s.evidence}" for s in sources]
+    if text := numerics.note(runs):
+        notes.append(text)
     if any(r["data"] != "cifar100" for r in runs):
         notes.append("Rows on generated data (fake_cifar100) only show the table works: their accuracies "
                      "say nothing about the published ones.")

@@ -7,6 +7,7 @@ from typing import Iterable
 import pandas as pd
 
 from .aggregate import UNNAMED, Experiment, group_by_experiment, run_records
+from .canary import Canary, canary_table, provenance_table
 from .expected import UNFINISHED_STATUSES, CellState, problem_cells, unfinished_runs
 from .literature import literature_tables
 from .rules import RULES, Rule, default_rule, rule_note
@@ -23,6 +24,8 @@ class Analysis:
     unfinished: dict[str, int]               # status → failed/corrupt/unknown-method/incomplete runs of configs never completed
     shared: list[Table] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)  # --experiment names no run has
+    canaries: list[Canary] = field(default_factory=list)  # the GPU checks found under the roots
+    provenance: list[Table] = field(default_factory=list)  # the canaries' table, the runs' code and environment
 
     @property
     def complete(self) -> bool:
@@ -47,9 +50,10 @@ class Analysis:
 
 
 def analyse(frame: pd.DataFrame, select: str | None = None,
-            only: Iterable[str] | None = None) -> Analysis:
+            only: Iterable[str] | None = None, canaries: Iterable[Canary] = ()) -> Analysis:
     """Tables per experiment (all of them, or those named in `only`) under rule `select`
-    (None: each experiment's default, `val` where its runs have a validation split)."""
+    (None: each experiment's default, `val` where its runs have a validation split), and the
+    provenance tables: `canaries` (canary.find) beside the runs they guarded."""
     runs = run_records(frame)
     usable = [r for r in runs if r["status"] == "completed"]
     problems = [[r["status"], r["reason"] or "", r["experiment"] or "-", r["run_dir"]]
@@ -83,7 +87,11 @@ def analyse(frame: pd.DataFrame, select: str | None = None,
         # A run whose config cannot be read may belong to any experiment: it still counts.
         unfinished = unfinished[unfinished["experiment"].isin(only) | unfinished["experiment"].isna()]
     counts = {status: int((unfinished["status"] == status).sum()) for status in UNFINISHED_STATUSES}
-    return Analysis(frame, experiments, tables, problem_table, cells, counts, shared, not_found)
+    canaries = list(canaries)
+    shown = [r for e in experiments for c in e.cells for r in c.runs]
+    provenance = [t for t in (canary_table(canaries, shown), provenance_table(shown)) if t is not None]
+    return Analysis(frame, experiments, tables, problem_table, cells, counts, shared, not_found, canaries,
+                    provenance)
 
 
 def _lacking(rule: Rule, run: dict) -> str:

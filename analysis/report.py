@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+from collections import Counter
 from pathlib import Path
 
+from . import numerics
 from .figures import Figure
 from .pipeline import Analysis
 from .render import html_table
@@ -45,16 +47,22 @@ def render_report(analysis: Analysis, figures: dict[str, list[Figure]], command:
              f"<tr><td>kdexp version</td><td>{esc(version)}</td></tr>",
              f"<tr><td>Generated</td><td>{esc(when)}</td></tr>",
              f"<tr><td>Runs</td><td>{len(analysis.frame)} found, {n_used} completed; {state}</td></tr>",
+             f"<tr><td>Canaries</td><td>{_canaries_text(analysis)}</td></tr>",
              "</table>", _toc(analysis)]
     for exp in analysis.experiments:
         parts.append(f'<h2 id="exp-{esc(exp.name)}">Experiment: {esc(exp.name)}</h2>')
         parts.append(f'<p class="rule">{esc(exp.rule_note)}</p>')
+        if text := numerics.note(r for c in exp.cells for r in c.runs):
+            parts.append(f'<p class="rule">{esc(text)}</p>')
         parts += [html_table(t) for t in analysis.tables[exp.name]]
         for fig in figures.get(exp.name, []):
             parts.append(_figure(fig))
     if analysis.shared:
         parts.append('<h2 id="across">Across experiments</h2>')
         parts += [html_table(t) for t in analysis.shared]
+    if analysis.provenance:
+        parts.append('<h2 id="provenance">Provenance</h2>')
+        parts += [html_table(t) for t in analysis.provenance]
     parts.append('<h2 id="problems">Missing / failed / skipped</h2>')
     parts.append(_table_or_none(analysis.problems, "No run was skipped."))
     parts.append(_table_or_none(analysis.cells_table(), "No expected cell is missing."))
@@ -86,6 +94,19 @@ def _toc(analysis: Analysis) -> str:
              f"(rule: {html.escape(e.rule.label)})</li>" for e in analysis.experiments]
     if analysis.shared:
         items.append('<li><a href="#across">Across experiments</a></li>')
+    if analysis.provenance:
+        items.append('<li><a href="#provenance">Provenance</a> (canaries, the runs\' code and environment)</li>')
     items.append(f'<li><a href="#problems">Missing / failed / skipped</a> ({len(analysis.problems.rows)} runs, '
                  f"{len(analysis.cells)} cells)</li>")
     return "<ul>" + "".join(items) + "</ul>"
+
+
+def _canaries_text(analysis: Analysis) -> str:
+    """`2: 1 passed, 1 FAILED (see Provenance)`, or that none was found."""
+    if not analysis.canaries:
+        return ("none found under the roots (launch.study's GPU check writes "
+                "&lt;experiment&gt;/canary/&lt;job id&gt;/check.json)")
+    counts = Counter(c.verdict.split(":")[0] for c in analysis.canaries)
+    text = ", ".join(f"{n} {verdict}" for verdict, n in sorted(counts.items()))
+    bad = "" if set(counts) == {"passed"} else ' class="bad"'
+    return f'<span{bad}>{len(analysis.canaries)}: {html.escape(text)}</span> (<a href="#provenance">Provenance</a>)'

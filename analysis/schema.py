@@ -31,9 +31,11 @@ COLUMNS = [
     "epochs_completed", "best_val_acc", "best_val_epoch", "test_at_best_val", "test_final",
     "best_test", "best_test_epoch", "agreement", "kl_t1", "kl_t4", "teacher_test_acc",
     "grad_norm_max", "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction",
-    "wall_seconds", "train_seconds", "images_per_s", "device", "precision", "params_student", "params_method", "params_teacher",
+    "wall_seconds", "train_seconds", "images_per_s", "device", "precision",
+    "numerics",  # reference | fast (analysis/numerics.py); null: not recorded
+    "params_student", "params_method", "params_teacher",
     "gflops_student", "gflops_teacher",  # forward GFLOPs per image at the run's input size
-    "error", "failed_epoch", "kdexp_version", "git_commit", "finished_at",
+    "error", "failed_epoch", "kdexp_version", "git_commit", "torch", "cuda", "finished_at",
     # provenance of the configuration itself
     "config_hash", "config",
 ]

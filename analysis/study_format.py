@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import numerics
 from .schema import UNRECORDED, clipped_fraction, config_hash, empty_row, is_fraction, mark, one_line, set_method
 
 RESULTS_FILE = "results.json"
@@ -19,6 +20,7 @@ STUDY_CLIP_NORM = 1.0       # the study's recipe clips at 1.0
 STUDY_VAL_SIZE = 5000       # protocol v2: fixed 45k/5k split
 STUDY_TEACHER_SEED = 0      # protocol v2: students distil from the seed-0 teacher
 STUDY_WIDTH = 64            # torchvision's ResNets: base width 64
+STUDY_NUMERICS = numerics.REFERENCE  # fp32, no autocast, no compile: the study defines the reference
 _REQUIRED = ("model", "seed", "test_acc_final")
 
 
@@ -46,7 +48,7 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     row.update(
         protocol="v2" if has_val else "v1", student=data["model"], stem=stem, width=STUDY_WIDTH, seed=data["seed"],
         epochs=data.get("epochs"), val_size=STUDY_VAL_SIZE if has_val else 0, data="cifar10",
-        clip_norm=STUDY_CLIP_NORM, kind="student" if teacher else "baseline", **UNRECORDED,
+        clip_norm=STUDY_CLIP_NORM, kind="student" if teacher else "baseline", **UNRECORDED, numerics=STUDY_NUMERICS,
         epochs_completed=len(history) or data.get("epochs"),
         best_val_acc=data.get("best_val_acc"), best_val_epoch=data.get("best_val_epoch"),
         test_at_best_val=data.get("test_acc_best"), test_final=data["test_acc_final"],

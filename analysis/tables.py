@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from . import numerics
 from .aggregate import CELL_FIELDS, PAIR_CONTEXT, Cell, Experiment, kd_labels, sortable, teacher_runs
 from .stats import Comparison, compare, mean_std
 
@@ -20,7 +21,7 @@ DASH = "-"
 _OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "teacher_seed": "Teacher seed", "teacher_init": "Teacher init",
                      "teacher_label_smoothing": "Teacher label smoothing", "init": "Init",
                      "label_smoothing": "Label smoothing", "image_size": "Image size", "epochs": "Epochs",
-                     "val_size": "Val split", "data": "Data"}
+                     "val_size": "Val split", "data": "Data", "numerics": "Numerics"}
 STD_NOTE = "Values: mean ± sample std (ddof=1) over seeds, in %; a single seed shows the mean alone."
 
 
@@ -134,9 +135,10 @@ def _varying(cells: Iterable[Cell], fields: Iterable[str]) -> list[str]:
     return [f for f in fields if len({repr(c[f]) for c in cells if c[f] is not None}) > 1]
 
 
-def _optional(cells: list[Cell], exp: Experiment) -> tuple[list[str], list[str]]:
-    """(fields, headers) of the optional and extra-config columns that vary across `cells`."""
-    fields = _varying(cells, list(_OPTIONAL_COLUMNS) + exp.extras)
+def _optional(cells: list[Cell], exp: Experiment, shown: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(fields, headers) of the optional and extra-config columns that vary across `cells`, but for
+    those the table `shown` already."""
+    fields = _varying(cells, [f for f in dict.fromkeys(list(_OPTIONAL_COLUMNS) + exp.extras) if f not in shown])
     return fields, [_OPTIONAL_COLUMNS.get(f, f) for f in fields]
 
 
@@ -162,11 +164,23 @@ STUDY_METRICS = [("best_val_acc", "Val acc (%)"), ("test_at_best_val", "Test@bes
                  ("test_final", "Test@final (%)")]
 
 
-def _rule_notes(exp: Experiment) -> list[str]:
+def _rule_notes(exp: Experiment, cells: Iterable[Cell | None],
+                more_runs: Iterable[dict[str, Any]] = ()) -> list[str]:
+    """What every table says first: the selection rule, and its runs' numerics where they are not all
+    the reference (`cells` and `more_runs`, e.g. teacher runs: the runs the table's numbers come from)."""
     notes = [exp.rule_note]
     if exp.rule.optimistic:
         notes.append("OPTIMISTIC: best test accuracy over epochs selects the checkpoint on the test set.")
+    runs = {id(r): r for c in cells if c is not None for r in c.runs}  # a baseline shown twice counts once
+    runs.update((id(r), r) for r in more_runs)
+    if text := numerics.note(runs.values()):
+        notes.append(text)
     return notes
+
+
+def _with_baselines(exp: Experiment, cells: list[Cell]) -> list[Cell | None]:
+    """`cells` and the baselines their Δs are taken against."""
+    return cells + [exp.baseline_for(c) for c in cells]
 
 
 # ---------------------------------------------------------------- 1. key results
@@ -180,7 +194,7 @@ def runs_table(exp: Experiment, cells: list[Cell], name: str, title: str) -> Tab
     columns = identity_headers(keys) + headers + ["Seeds"] + [h for _, h in metrics]
     rows = [_identity(c, keys) + _values(c, fields) + [seeds_text(c.seeds)]
             + [stat_text(c, col) for col, _ in metrics] for c in cells]
-    notes = _rule_notes(exp) + [
+    notes = _rule_notes(exp, cells) + [
         STD_NOTE, "Test@best: test accuracy at the best-validation epoch; Test@final: after the last epoch."]
     return Table(name, title, columns, rows, notes)
 
@@ -210,11 +224,15 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
     columns = (["Teacher", "Student", "Stem"] + headers + ["Teacher (%)", "Baseline (%)", "Gap (pp)"]
                + [f"{kd} {what}" for kd in methods for what in ("best", "Δ (pp)")] + ["Best method"])
     rows, used_fidelity, unmatched, chosen_on = [], False, [], {}
+    shown: list[Cell | None] = []
+    teachers: list[dict[str, Any]] = []
     for cells in sorted(pairs.values(), key=lambda cs: cs[0].sort_key):
         ref = cells[0]
         teacher_mean, teacher_text, from_fidelity = _teacher_acc(exp, ref, cells, all_runs)
         used_fidelity |= from_fidelity
         base = exp.baseline_for(ref)
+        shown += [*cells, base]
+        teachers += teacher_runs(ref, all_runs)
         base_mean, base_std = mean_std(exp.acc(base)[0]) if base else (math.nan, math.nan)
         gap = teacher_mean - base_mean
         best = {kd: exp.best_config(cells, kd) for kd in methods}
@@ -228,7 +246,7 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
             teacher_text, pct(base_mean, base_std), pp(gap)]
             + [text for kd in methods for text in (config_text(best[kd]), delta_text(comps[kd]))]
             + [_best_method(exp, base, best, comps)])
-    notes = _rule_notes(exp) + [
+    notes = _rule_notes(exp, shown, teachers) + [
         f"All accuracies: {label}. Gap = teacher − baseline; Δ = best configuration − baseline "
         "(percentage points) on every seed both ran, paired by seed; 'within noise': its 95% CI contains 0 "
         "(test and seeds: see the significance table). Best method: the largest such Δ ('none (baseline)' "
@@ -326,15 +344,22 @@ def grids(exp: Experiment) -> list[Table]:
                                    for col in col_values] for r in row_values]
             ref = method_cells[0]
             label = exp.pair_label(ref)
-            title = f"{label} ({ref['stem']} stem) · {kd}: {' × '.join(grid.values())}, {exp.rule.label} (%)"
+            title = (f"{label} ({ref['stem']} stem{_extras_text(exp, ref)}) · {kd}: {' × '.join(grid.values())}, "
+                     f"{exp.rule.label} (%)")
             headers = ([", ".join(f"{grid[k]}={num(v)}" for k, v in zip(col_keys, col)) for col in col_values]
                        if col_keys else [f"{exp.rule.label} (%)"])
-            notes = _rule_notes(exp) + [
+            notes = _rule_notes(exp, method_cells) + [
                 STD_NOTE, "* best configuration: highest mean validation accuracy where runs have a validation "
                 "split, else the selected accuracy, on the seeds every cell of this grid ran (a cell's further "
                 "seeds do not enter the choice).", selection_seeds_note({kd: exp.selection_seeds(cells, kd)})]
             tables.append(Table(slug(f"grid__{label}__{kd}"), title, [row_key] + headers, rows, notes))
     return tables
+
+
+def _extras_text(exp: Experiment, cell: Cell) -> str:
+    """`, numerics=fast`: the pair's values of the keys that split cells (a pair's grid tables and
+    figures differ by these alone, e.g. a grid run in both numerics)."""
+    return "".join(f", {k}={num(cell[k])}" for k in exp.extras if not k.startswith("method."))
 
 
 def _axis(cells: list[Cell], keys: list[str]) -> list[tuple]:
@@ -357,7 +382,7 @@ def significance(exp: Experiment) -> Table | None:
     columns = identity_headers(keys) + headers + comparison_headers("Δ")
     rows = [_identity(c, keys) + _values(c, fields) + comparison_values(exp.versus_baseline(c), ("KD", "baseline"))
             for c in cells]
-    notes = _rule_notes(exp) + [
+    notes = _rule_notes(exp, _with_baselines(exp, cells)) + [
         f"Δ = KD − baseline ({exp.rule.label}), percentage points. " + COMPARISON_NOTE,
         "No correction for multiple comparisons: with a whole grid, about 1 in 20 configurations will "
         "look significant by chance."]
@@ -368,7 +393,7 @@ def significance(exp: Experiment) -> Table | None:
 def sweeps(exp: Experiment) -> Table | None:
     """A method run over one hyperparameter of its grid with the others fixed (kd_grid=tsweep: logit's
     T at α=0.5), each value against the baseline; full grids are in the grid tables."""
-    rows = []
+    found = []  # (cell, kd, fixed keys, swept key and value)
     for cells in exp.pairs().values():
         for kd in kd_labels(cells):
             method_cells = [c for c in cells if c["kd"] == kd]
@@ -378,15 +403,19 @@ def sweeps(exp: Experiment) -> Table | None:
                 continue
             (swept,) = varying
             fixed = ", ".join(f"{grid[k]}={num(method_cells[0].hparams.get(k))}" for k in grid if k != swept)
-            for c in sorted(method_cells, key=lambda c: sortable(c.hparams.get(swept))):
-                rows.append([c.pair_name, str(c["stem"]), kd, fixed, f"{grid[swept]}={num(c.hparams.get(swept))}",
-                             seeds_text(c.seeds), stat_text(c, exp.rule.column)]
-                            + comparison_values(exp.versus_baseline(c), ("KD", "baseline")))
-    if not rows:
+            found += [(c, kd, fixed, f"{grid[swept]}={num(c.hparams.get(swept))}")
+                      for c in sorted(method_cells, key=lambda c: sortable(c.hparams.get(swept)))]
+    if not found:
         return None
+    shown = [c for c, *_ in found]
+    fields, headers = _optional(shown, exp)
+    rows = [[c.pair_name, str(c["stem"]), kd, fixed, swept] + _values(c, fields)
+            + [seeds_text(c.seeds), stat_text(c, exp.rule.column)]
+            + comparison_values(exp.versus_baseline(c), ("KD", "baseline")) for c, kd, fixed, swept in found]
     return Table("ablation_sweep", f"One hyperparameter swept, the others fixed: {exp.name}",
-                 ["Pair", "Stem", "KD", "Fixed", "Swept", "Seeds", f"{exp.rule.label} (%)"]
-                 + comparison_headers("Δ vs baseline"), rows, _rule_notes(exp) + [STD_NOTE, COMPARISON_NOTE])
+                 ["Pair", "Stem", "KD", "Fixed", "Swept"] + headers + ["Seeds", f"{exp.rule.label} (%)"]
+                 + comparison_headers("Δ vs baseline"), rows,
+                 _rule_notes(exp, _with_baselines(exp, shown)) + [STD_NOTE, COMPARISON_NOTE])
 
 
 def _ablation_groups(exp: Experiment, ignore: tuple[str, ...]) -> list[list[Cell]]:
@@ -400,7 +429,9 @@ def stem_ablation(exp: Experiment) -> Table | None:
     """Same configuration with the CIFAR and the ImageNet stem; Δ against the CIFAR-stem cell."""
     rows = []
     groups = [g for g in _ablation_groups(exp, ("stem", "teacher_stem")) if len({c["stem"] for c in g}) > 1]
-    keys = grid_keys(c for g in groups for c in g)
+    shown = [c for g in groups for c in g]
+    keys = grid_keys(shown)
+    fields, headers = _optional(shown, exp, ("teacher_stem",))
     for group in groups:
         ref = next((c for c in group if c["stem"] == "cifar" and c["teacher_stem"] in (None, "cifar")), None)
         for c in sorted(group, key=lambda c: (c["stem"] != "cifar", c["stem"], c["teacher_stem"] or "")):
@@ -409,14 +440,14 @@ def stem_ablation(exp: Experiment) -> Table | None:
                 (a, sa), (b, sb) = exp.acc(c), exp.acc(ref)
                 comp = compare(a, sa, b, sb) if a and b else None
             rows.append([str(c["kind"]), c.pair_name, str(c["kd"]), *(num(c.hparams.get(k)) for k in keys),
-                         str(c["stem"]), str(c["teacher_stem"] or DASH), seeds_text(c.seeds),
+                         str(c["stem"]), str(c["teacher_stem"] or DASH), *_values(c, fields), seeds_text(c.seeds),
                          stat_text(c, exp.rule.column)] + comparison_values(comp, (str(c["stem"]), "cifar")))
     if not rows:
         return None
     return Table("ablation_stem", f"CIFAR vs ImageNet stem: {exp.name}",
-                 ["Kind", "Pair / model", "KD", *keys, "Stem", "Teacher stem", "Seeds",
+                 ["Kind", "Pair / model", "KD", *keys, "Stem", "Teacher stem", *headers, "Seeds",
                   f"{exp.rule.label} (%)"] + comparison_headers("Δ vs CIFAR stem"), rows,
-                 _rule_notes(exp) + [STD_NOTE, COMPARISON_NOTE])
+                 _rule_notes(exp, shown) + [STD_NOTE, COMPARISON_NOTE])
 
 
 def variant_ablation(exp: Experiment) -> Table | None:
@@ -431,6 +462,8 @@ def variant_ablation(exp: Experiment) -> Table | None:
     if not found:
         return None
     keys = grid_keys(plain for plain, _ in found)
+    shown = [c for plain, variants in found for c in (plain, *variants)]
+    fields, headers = _optional(shown, exp)
     rows = []
     for plain, variants in found:
         for c in [plain, *variants]:
@@ -438,16 +471,17 @@ def variant_ablation(exp: Experiment) -> Table | None:
             if c is not plain:
                 (a, sa), (b, sb) = exp.acc(c), exp.acc(plain)
                 comp = compare(a, sa, b, sb) if a and b else None
-            rows.append([c.pair_name, str(c["kd"]), *(num(c.hparams.get(k)) for k in keys), seeds_text(c.seeds),
+            rows.append([c.pair_name, str(c["kd"]), *(num(c.hparams.get(k)) for k in keys), *_values(c, fields),
+                         seeds_text(c.seeds),
                          stat_text(c, exp.rule.column), _max_text(c, "grad_norm_max"),
                          _max_text(c, "proj_grad_norm_max"), _mean_pct(c, "clip_fraction"),
                          _mean_pct(c, "clipped_epoch_fraction")]
                         + comparison_values(comp, ("variant", "plain")))
     return Table("ablation_variants", f"Method variants vs the plain method: {exp.name}",
-                 ["Pair", "KD", *keys, "Seeds", f"{exp.rule.label} (%)",
+                 ["Pair", "KD", *keys, *headers, "Seeds", f"{exp.rule.label} (%)",
                   "Max pre-clip grad norm", "Max projection grad norm", "Clipped steps (%)",
                   "Epochs clipped (%)"] + comparison_headers("Δ variant − plain"), rows,
-                 _rule_notes(exp) + [
+                 _rule_notes(exp, shown) + [
                      STD_NOTE, "Each variant (`method(variant)`: a switch of the method, e.g. `feature(bugged)`: "
                      "clip_projection=false, the study's v1 bug) against the plain method with the same "
                      "hyperparameters, on the row above it. " + COMPARISON_NOTE,
@@ -463,11 +497,14 @@ def fidelity(exp: Experiment) -> Table | None:
     if not cells:
         return None
     keys = grid_keys(cells)
-    rows = [_identity(c, keys) + [seeds_text(c.seeds), stat_text(c, "agreement"), _mean_std_plain(c, "kl_t1"),
-                                  _mean_std_plain(c, "kl_t4"), stat_text(c, "teacher_test_acc")] for c in cells]
+    fields, headers = _optional(cells, exp)
+    rows = [_identity(c, keys) + _values(c, fields)
+            + [seeds_text(c.seeds), stat_text(c, "agreement"), _mean_std_plain(c, "kl_t1"),
+               _mean_std_plain(c, "kl_t4"), stat_text(c, "teacher_test_acc")] for c in cells]
     return Table("fidelity", f"Teacher fidelity: {exp.name}",
-                 identity_headers(keys) + ["Seeds", "Agreement (%)", "KL T=1", "KL T=4", "Teacher test (%)"], rows,
-                 _rule_notes(exp) + [STD_NOTE, "Agreement: teacher–student top-1 agreement on the test split; "
+                 identity_headers(keys) + headers
+                 + ["Seeds", "Agreement (%)", "KL T=1", "KL T=4", "Teacher test (%)"], rows,
+                 _rule_notes(exp, cells) + [STD_NOTE, "Agreement: teacher–student top-1 agreement on the test split; "
                                      "KL(teacher ‖ student) at T=1 and T=4 (nats, not %)."])
 
 
@@ -477,15 +514,18 @@ def compute(exp: Experiment) -> Table | None:
     if not cells:
         return None
     keys = grid_keys(cells)
-    rows = [[str(c["kind"])] + _identity(c, keys) + [str(len(c.runs)), _distinct(c, "device"),
-                                                     _distinct(c, "precision"), _per_epoch_text(c), _hours(c.runs)]
+    fields, headers = _optional(cells, exp)
+    rows = [[str(c["kind"])] + _identity(c, keys) + _values(c, fields)
+            + [str(len(c.runs)), _distinct(c, "device"), _distinct(c, "precision"), _per_epoch_text(c), _hours(c.runs)]
             for c in cells]
     every_run = [r for c in cells for r in c.runs]
-    rows.append(["Total", *[""] * len(identity_headers(keys)), str(len(every_run)), "", "", "", _hours(every_run)])
+    rows.append(["Total", *[""] * (len(identity_headers(keys)) + len(fields)), str(len(every_run)), "", "", "",
+                 _hours(every_run)])
     return Table("compute", f"Compute: {exp.name}",
-                 ["Kind"] + identity_headers(keys) + ["Runs", "Device", "Precision", "Train s/epoch", "Train hours"],
+                 ["Kind"] + identity_headers(keys) + headers
+                 + ["Runs", "Device", "Precision", "Train s/epoch", "Train hours"],
                  rows,
-                 _rule_notes(exp) + ["Train s/epoch: each run's training time (result.json train_seconds: the training steps of "
+                 _rule_notes(exp, cells) + ["Train s/epoch: each run's training time (result.json train_seconds: the training steps of "
                   "every epoch, across resumes; evaluation excluded) over its epochs, mean ± sample std over "
                   "runs. Train hours: the sum over runs. Device and precision: as each run's result.json records "
                   "them. Training throughput (images/s) is in the cost table, beside accuracy."])
@@ -506,29 +546,31 @@ def cost(exp: Experiment) -> Table | None:
     if not cells:
         return None
     keys = grid_keys(cells)
-    rows = [[str(c["kind"])] + _identity(c, keys)
+    fields, headers = _optional(cells, exp)
+    rows = [[str(c["kind"])] + _identity(c, keys) + _values(c, fields)
             + [seeds_text(c.seeds), stat_text(c, exp.rule.column), _millions(_mean(c, "params_student")),
                _gflops(_mean(c, "gflops_student")), _mean_text(c, "images_per_s"),
                _millions(_mean(c, "params_teacher")), _gflops(_mean(c, "gflops_teacher")),
                _ratio(_mean(c, "params_student"), _mean(c, "params_teacher")),
                _ratio(_mean(c, "gflops_student"), _mean(c, "gflops_teacher"))] for c in cells]
     return Table("cost", f"Accuracy and cost: {exp.name}",
-                 ["Kind"] + identity_headers(keys)
+                 ["Kind"] + identity_headers(keys) + headers
                  + ["Seeds", f"{exp.rule.label} (%)", "Params (M)", "GFLOPs/image", "Train images/s",
                     "Teacher params (M)", "Teacher GFLOPs/image", "Params S/T", "GFLOPs S/T"],
-                 rows, _rule_notes(exp) + [STD_NOTE, COST_NOTE])
+                 rows, _rule_notes(exp, cells) + [STD_NOTE, COST_NOTE])
 
 
 def teacher_vs_student(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | None:
     """The report's comparison, per pair: teacher and student accuracy, the fraction of the
     teacher's accuracy the student keeps, and what each costs (the baseline and each method's best
     configuration)."""
-    rows, chosen_on = [], {}
+    rows, chosen_on, cells_shown, teachers = [], {}, [], []
     for cells in sorted(exp.pairs().values(), key=lambda cs: cs[0].sort_key):
         ref = cells[0]
         teacher_mean, teacher_text, _ = _teacher_acc(exp, ref, cells, all_runs)
         if math.isnan(teacher_mean):
             continue
+        teachers += teacher_runs(ref, all_runs)
         teacher_params = _mean_over(cells, "params_teacher")
         teacher_gflops = _mean_over(cells, "gflops_teacher")
         shown = [("baseline", exp.baseline_for(ref))]
@@ -540,6 +582,7 @@ def teacher_vs_student(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table
             if c is None:
                 continue
             mean, std = mean_std(exp.acc(c)[0])
+            cells_shown.append(c)
             rows.append([exp.pair_label(ref), str(ref["stem"]), what, seeds_text(c.seeds), teacher_text,
                          pct(mean, std), _retained(mean, teacher_mean), _millions(teacher_params),
                          _millions(_mean(c, "params_student")),
@@ -547,11 +590,13 @@ def teacher_vs_student(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table
                          _gflops(_mean(c, "gflops_student")), _ratio(_mean(c, "gflops_student"), teacher_gflops)])
     if not rows:
         return None
+    fields, headers = _optional(cells_shown, exp, ("stem",))
+    rows = [row[:3] + _values(c, fields) + row[3:] for row, c in zip(rows, cells_shown)]
     return Table("teacher_vs_student", f"Teacher vs student: {exp.name}",
-                 ["Pair", "Stem", "Student", "Seeds", "Teacher (%)", "Student (%)", "Retained (%)",
+                 ["Pair", "Stem", "Student", *headers, "Seeds", "Teacher (%)", "Student (%)", "Retained (%)",
                   "Teacher params (M)", "Student params (M)", "Params S/T", "Teacher GFLOPs/image",
                   "Student GFLOPs/image", "GFLOPs S/T"], rows,
-                 _rule_notes(exp) + [
+                 _rule_notes(exp, cells_shown, teachers) + [
                      STD_NOTE, "Retained: the student's mean accuracy ÷ the teacher's (the teacher run the students "
                      "distilled from; † as in the per-pair table), in %.", COST_NOTE,
                      "Each method's best configuration as in the per-pair table. " + selection_seeds_note(chosen_on)
@@ -625,28 +670,32 @@ def _mean_std_plain(cell: Cell, column: str) -> str:
 
 # ---------------------------------------------------------------- across experiments
 def comparison(experiments: list[Experiment]) -> Table | None:
-    """The same configuration in several experiments side by side (e.g. kdexp's vs the study's)."""
+    """The same configuration in several experiments side by side (e.g. kdexp's vs the study's), like
+    numerics with like (a fast run of a reference configuration is its own row)."""
     if len(experiments) < 2:
         return None
     found: dict[tuple, dict[str, Cell]] = defaultdict(dict)
     for exp in experiments:
         for c in exp.cells:
-            found[tuple(repr(c[f]) for f in CELL_FIELDS)][exp.name] = c
+            found[tuple(repr(c[f]) for f in (*CELL_FIELDS, "numerics"))][exp.name] = c
     shared = [cells for cells in found.values() if len(cells) > 1]
     if not shared:
         return None
     shared.sort(key=lambda cs: next(iter(cs.values())).sort_key)
     rows, keys = [], grid_keys(c for cells in shared for c in cells.values())
+    mixed = _varying([next(iter(cells.values())) for cells in shared], ["numerics"])
     for cells in shared:
         ref = next(iter(cells.values()))
-        row = [str(ref["kind"])] + _identity(ref, keys)
+        row = [str(ref["kind"])] + _identity(ref, keys) + _values(ref, mixed)
         for exp in experiments:
             c = cells.get(exp.name)
             row.append(f"{stat_text(c, exp.rule.column)} (n={len(exp.acc(c)[0])})" if c else DASH)
         rows.append(row)
     return Table("comparison", "The same configurations across experiments",
-                 ["Kind"] + identity_headers(keys) + [f"{e.name}: {e.rule.label} (%)" for e in experiments], rows,
+                 ["Kind"] + identity_headers(keys) + ["Numerics"] * len(mixed)
+                 + [f"{e.name}: {e.rule.label} (%)" for e in experiments], rows,
                  [f"{e.name}: {e.rule_note}" for e in experiments]
+                 + [n for n in [numerics.note(r for cells in shared for c in cells.values() for r in c.runs)] if n]
                  + [STD_NOTE, "Each experiment under its own selection rule (in the header)."])
 
 

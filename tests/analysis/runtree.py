@@ -25,6 +25,15 @@ def _gap(epoch: int, epochs: int) -> float:
     return 0.5 * (math.exp(-4 * epoch / epochs) - math.exp(-4))
 
 
+# The `execution` group's node in .hydra/config.yaml (conf/execution/).
+PROFILES = {
+    "reference": {"name": "reference", "amp": "none", "channels_last": None, "fused": None, "compile": False,
+                  "teacher_cache": None},
+    "fast": {"name": "fast", "amp": "bf16", "channels_last": None, "fused": None, "compile": None,
+             "teacher_cache": None},
+}
+
+
 class RunTree:
     """Writes runs under `root`; every accuracy is given explicitly so tests know the answers."""
 
@@ -50,9 +59,14 @@ class RunTree:
               fidelity: dict | None = None, grad_norm_max: float = 3.0, proj_grad_norm_max: float | None = None,
               clip_fraction: float = 0.5, history: list[dict] | None = None,
               train_seconds: float | None = None, method_config: dict | None = None,
-              params: dict | None = None, gflops: dict | None = None, images_per_s: float = 1000.0) -> Path:
+              params: dict | None = None, gflops: dict | None = None, images_per_s: float = 1000.0,
+              profile: str | None = None, execution: dict | None = None, git_commit: str = "abc123",
+              torch: str = "2.14.1") -> Path:
         """A kdexp run dir: `acc` is test@best-val (or the final test acc without a val split).
-        `method_config` replaces the `method` node (a method outside kdexp: its own `_target_`)."""
+        `method_config` replaces the `method` node (a method outside kdexp: its own `_target_`).
+        `profile` ("reference" | "fast"): the `execution` group as kdexp saves it (config node, and
+        result.json's profile and numerics); without it, the records of a run from before the group
+        (no numerics). `execution`: keys of result.json's execution record to replace."""
         kind = kind or ("student" if teacher else "baseline")
         final = acc if final is None else final
         has_val = val_size > 0
@@ -81,6 +95,8 @@ class RunTree:
             "paths": {"data_dir": "${oc.env:KDEXP_DATA,data}", "output_dir": "${oc.env:KDEXP_OUTPUTS,outputs}",
                       "teachers_dir": "${.output_dir}/teachers"},
         }
+        if profile is not None:
+            cfg["execution"] = PROFILES[profile]
         for key, value in (extra_config or {}).items():  # "trainer.lr": 0.05
             node = cfg
             *parents, leaf = key.split(".")
@@ -121,13 +137,39 @@ class RunTree:
             "wall_seconds": 12.5, "train_seconds": train_seconds if train_seconds is not None else float(epochs),
             "images_per_s": images_per_s, "device": "cpu",
             "execution": {"precision": "fp32", "channels_last": False, "fused": False, "compile": False,
-                          "teacher_cache": False}, "torch": "2.14.1", "cuda": None,
-            "python": "3.11", "kdexp_version": "0.1.0", "git_commit": "abc123", "hostname": "node1",
+                          "teacher_cache": False}, "torch": torch, "cuda": None,
+            "python": "3.11", "kdexp_version": "0.1.0", "git_commit": git_commit, "hostname": "node1",
         }
+        if profile is not None:
+            fast = profile == "fast"
+            result["device"] = "NVIDIA A100-SXM4-80GB"
+            result["execution"].update(profile=profile, numerics=profile, precision="bfloat16" if fast else "fp32",
+                                       compile=fast, channels_last=True, fused=True, tf32_conv=True,
+                                       tf32_matmul=False)
+        result["execution"].update(execution or {})
         write_result(run_dir, result)
         self.clock += 10
         os.utime(run_dir / "result.json", (self.clock, self.clock))
         return run_dir
+
+    def canary(self, *, experiment: str = "exp", job: int = 1000, ok: bool = True, failed: tuple[str, ...] = (),
+               execution: str = "reference", git_commit: str = "abc123", torch: str = "2.14.1",
+               text: str | None = None) -> Path:
+        """A canary's check.json (kdexp.check's schema) at <root>/<experiment>/canary/<job>/, or `text` as
+        the file's content (a malformed one)."""
+        job_dir = self.root / experiment / "canary" / str(job)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "schema_version": 1, "ok": ok, "failed": list(failed), "device": "cuda", "execution": execution,
+            "size": "full", "started": "2026-12-01T10:00:00+00:00", "finished": "2026-12-01T10:04:30+00:00",
+            "environment": {"torch": torch, "cuda": "12.4", "cudnn": 90100, "gpu": "NVIDIA A100-SXM4-80GB",
+                            "gpu_memory_gib": 79.2, "driver": "550.54.15", "cpu_count": 16,
+                            "git_commit": git_commit, "hostname": "gpu17", "python": "3.11.9"},
+            "verdicts": [{"name": "reference", "ok": True, "detail": "deterministic"}]
+            + [{"name": name, "ok": False, "detail": "off tolerance"} for name in failed],
+        }
+        (job_dir / "check.json").write_text(json.dumps(record) if text is None else text)
+        return job_dir
 
     def study(self, *, test_best: float, model: str = "resnet18", teacher: str | None = None,
               kd_type: str = "none", alpha: float = 0.5, temperature: float = 4.0, seed: int = 0,

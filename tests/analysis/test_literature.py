@@ -19,7 +19,7 @@ def run(**values) -> dict:
     """One completed CIFAR-100 run as a row of collect()'s frame (only the columns literature reads)."""
     row = {"status": "completed", "data": "cifar100", "kind": "student", "teacher": "resnet56",
            "student": "resnet20", "width": 16, "kd": "logit", "cell": "α=0.9, T=4", "seed": 0, "epochs": 240,
-           "val_size": 0, "test_at_best_val": None, "test_final": 0.70, "best_test": 0.71}
+           "val_size": 0, "test_at_best_val": None, "test_final": 0.70, "best_test": 0.71, "numerics": "reference"}
     row.update(values)
     return row
 
@@ -50,6 +50,14 @@ def test_published_methods_without_kdexp_runs_show_the_published_number_alone():
     rows = table_rows([run()])
     assert rows["CRD"][5:9] == ["0", "-", "71.16", "-"] and rows["DKD"][7] == "71.97"
     assert rows["teacher"][6] == "-"
+
+
+def test_fast_and_reference_runs_are_rows_of_their_own():
+    """bf16 / compiled runs (numerics `fast`) are never averaged with the study's fp32 numerics."""
+    tables = literature.literature_tables(pd.DataFrame([run(seed=0), run(seed=0, test_final=0.72, numerics="fast")]))
+    kd = [r for r in tables[0].rows if r[0] == "KD"]
+    assert [(r[1], r[6]) for r in kd] == [("resnet20 (fast)", "72.00"), ("resnet20", "70.00")]
+    assert any(n.startswith("Numerics MIXED") for n in tables[0].notes)
 
 
 def test_each_cell_of_a_grid_is_its_own_row():

@@ -14,9 +14,14 @@ composed as `kdexp.train -m experiment=paper_v1` composes it), each pair's netwo
 conf/pair/, and each grid's cells from its conf/kd_grid/ preset. A protocol only names its default
 grids (`launch.study --grids` chooses others, e.g. logit,feature,dkd: one students' driver per pair
 and grid).
+
+Stage 0, the canary (launch.check), is `python -m kdexp.check` as one short GPU job on the
+students' launcher, composed from their config: the launcher node and the execution profile they
+train with.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -27,23 +32,48 @@ from typing import Callable, Sequence
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from kdexp.config import ConfigError, method_tag, validate
 from kdexp.job import resolve_teacher_export_path
 from kdexp.records import kept_result
 from kdexp.teachers import resolve_teacher_path
+from launch import sbatch
 from launch.epoch_time import run_hours
 from launch.sweep import compose_job, expand, run_dir, task_config
 
 STUDY_DIR = ".study"
+CANARY_DIR = "canary"
+# The canary's time limit: the full check takes a few minutes on one GPU (tiny sizes on a CPU: ~1 min).
+CHECK_MINUTES = 20
 # Every override of the study command goes to every training job: one that a stage cannot take is an error.
 EVERY_JOB = "launch.study passes every override to every training job, so it takes only keys that every stage has"
 
 
 class PlanError(ValueError):
     """Bad input found while planning (a launcher, an override, a path): one line for the user."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The launch commands' argument parser: an error is one line (exit 2), not usage + message."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def require_writable(path: Path, hint: str = "choose another --output-dir") -> None:
+    """`path` must be creatable and writable, found without writing anything (a dry run leaves no trace)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "not writable"
+        raise PlanError(f"cannot write {path}: {existing} is {why}; {hint}")
+
+
+def hydra_error(err: HydraException) -> str:
+    """A Hydra error (a bad override, a missing config) in one line, naming the override where it can."""
+    override = getattr(err, "override", None)  # a parse error does not name the override it is about
+    return f"{override}: {str(err).splitlines()[0]}" if override else str(err).splitlines()[0]
 
 
 @dataclass
@@ -97,6 +127,41 @@ class Driver:
 
 
 @dataclass
+class Canary:
+    """Stage 0: `python -m kdexp.check` as one short GPU job on the students' launcher (partition,
+    GPU resources, setup lines), run as their jobs run (srun). The drivers of a submission wait for it
+    (afterok), so a node environment that cannot run kdexp costs this one job, not the study. Every
+    canary writes <root>/<job id>/ (check.json, check.log): a record of each, none overwritten."""
+
+    launcher: DictConfig
+    launcher_name: str
+    root: Path                        # <experiment dir>/canary
+    lines: list[str]
+    minutes: int = CHECK_MINUTES
+
+    def out_dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def log(self, job_id: str) -> Path:
+        """SLURM's output of the job: the check's lines, and what failed before it could start."""
+        return self.root / f"{job_id}.out"
+
+    def options(self) -> list[str]:
+        return sbatch.gpu_options(self.launcher, self.minutes)
+
+
+def canary_of(job: DictConfig, python: str) -> Canary:
+    """The canary of jobs composed like `job`: on their launcher, checking the execution profile they
+    train with (their `execution` option's name), writing under their experiment dir."""
+    execution = OmegaConf.select(job, "execution.name")  # the profile an execution option is (fast, reference)
+    root = Path(job.hydra.sweep.dir).absolute() / CANARY_DIR
+    check = shlex.join([python, "-m", "kdexp.check", *(["--execution", execution] if execution else []), "--out"])
+    # the job id is known once the job runs: unquoted, so that the shell expands it
+    line = f'srun --unbuffered {check} {shlex.quote(str(root))}/"$SLURM_JOB_ID"'
+    return Canary(job.hydra.launcher, job.hydra.runtime.choices["hydra/launcher"], root, [line])
+
+
+@dataclass
 class Plan:
     protocol: str
     cluster: str
@@ -105,6 +170,7 @@ class Plan:
     stages: list[str]
     drivers: list[Driver]
     launcher: DictConfig              # the cluster's launcher node: the drivers' partition, account, ...
+    canary: Canary | None = None      # stage 0, unless skipped
 
     @property
     def study_dir(self) -> Path:
@@ -241,9 +307,10 @@ def missing_launcher(name: str) -> str | None:
 
 
 def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[str], python: str,
-               grids: Sequence[str] | None = None) -> Plan:
-    """Every driver of the study, in submission order (each after the drivers it depends on); the
-    students' stages run `grids` (kd_grid presets; default: the protocol's)."""
+               grids: Sequence[str] | None = None, check: bool = True) -> Plan:
+    """Every driver of the study, in submission order (each after the drivers it depends on), and
+    its canary unless `check` is off; the students' stages run `grids` (kd_grid presets; default:
+    the protocol's)."""
     problem = missing_launcher(cluster)
     if problem:
         raise PlanError(f"--cluster {cluster}: {problem}")
@@ -261,9 +328,11 @@ def build_plan(protocol: str, cluster: str, output_dir: Path, extra: Sequence[st
                           [ctx.command("analysis", str(exp_dir), "--out", str(exp_dir / "report"))],
                           after=[d.name for d in drivers], dependency="afterany",
                           output=exp_dir / "report" / "report.html"))
-    # the drivers' partition, account, ...: the cluster's launcher as the study's jobs compose it
-    launcher = next(d.jobs[0].cfg.hydra.launcher for d in drivers if d.launcher == cluster)
-    return Plan(protocol, cluster, teacher_launcher, exp_dir, list(spec.stages), drivers, launcher)
+    # the drivers' partition, account, ... and the canary's GPU job: the cluster's launcher as the
+    # study's jobs (the students') compose it
+    students = next(d.jobs[0].cfg for d in drivers if d.launcher == cluster)
+    return Plan(protocol, cluster, teacher_launcher, exp_dir, list(spec.stages), drivers, students.hydra.launcher,
+                canary_of(students, python) if check else None)
 
 
 def _teachers(ctx: _Ctx, exp: Experiment, *overrides: str) -> list[Driver]:

@@ -1,4 +1,5 @@
-"""The SLURM side of the study's drivers: their batch script, submission, and which are queued."""
+"""The SLURM side of the study's jobs (its CPU drivers, its GPU canary): their batch scripts, submission,
+and their state in the queue."""
 from __future__ import annotations
 
 import getpass
@@ -14,23 +15,56 @@ from omegaconf import DictConfig
 DRIVER_RESOURCES = ("--cpus-per-task=1", "--mem=2G", "--time=3-00:00:00")
 # Site settings that also apply to a CPU job, taken from the cluster's launcher config.
 LAUNCHER_KEYS = ("partition", "account", "qos")
+# What one GPU job of the launcher asks for besides those, as submitit writes it for the training
+# jobs (`--key-with-dashes=value`; mem_gb as --mem): the canary gets the students' node, GPU and
+# memory. Left out: array, time limit and signal settings, which are the training jobs' own.
+GPU_KEYS = ("constraint", "exclude", "gres", "gpus_per_node", "gpus_per_task", "cpus_per_task", "cpus_per_gpu",
+            "mem_per_gpu", "mem_per_cpu", "comment")
+# squeue's states of a job that has not ended
+LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+        "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
 
 
 class SlurmError(RuntimeError):
     pass
 
 
+def flag(key: str, value: object) -> str:
+    """An sbatch option as submitit writes it: underscores become dashes, True a bare flag."""
+    key = key.replace("_", "-")
+    return f"--{key}" if value is True else f"--{key}={value}"
+
+
+def site_options(launcher: DictConfig) -> list[str]:
+    return [flag(key, launcher[key]) for key in LAUNCHER_KEYS if launcher.get(key)]
+
+
+def driver_options(launcher: DictConfig, extra_sbatch: Sequence[str] = ()) -> list[str]:
+    # a driver whose dependency failed is cancelled instead of pending forever
+    return [*DRIVER_RESOURCES, *site_options(launcher), "--kill-on-invalid-dep=yes", *extra_sbatch]
+
+
+def gpu_options(launcher: DictConfig, minutes: int) -> list[str]:
+    """One job on the launcher's GPU nodes with its resources, for `minutes`."""
+    options = [*site_options(launcher), *(flag(key, launcher[key]) for key in GPU_KEYS if launcher.get(key))]
+    if launcher.get("mem_gb"):
+        options.append(flag("mem", _mem(launcher.mem_gb)))
+    extra = launcher.get("additional_parameters") or {}
+    return [*options, *(flag(key, value) for key, value in extra.items()), f"--time={minutes}"]
+
+
+def _mem(gb: float) -> str:
+    return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"  # as submitit converts mem_gb
+
+
 def script(job_name: str, log: Path, lines: Sequence[str], cwd: Path, launcher: DictConfig,
-           extra_sbatch: Sequence[str] = ()) -> str:
-    """A driver's batch script: it runs `lines` in `cwd` after the launcher's setup lines."""
-    options = [f"--job-name={job_name}", f"--output={log}", *DRIVER_RESOURCES,
-               *(f"--{key}={launcher[key]}" for key in LAUNCHER_KEYS if launcher.get(key)),
-               # a driver whose dependency failed is cancelled instead of pending forever
-               "--kill-on-invalid-dep=yes", *extra_sbatch]
+           options: Sequence[str], what: str) -> str:
+    """A batch script with these sbatch options: it runs `lines` in `cwd` after the launcher's setup
+    lines; `what` says in a comment which job of the study it is."""
     # no `set -u`: site setup lines (module load, conda activate) often read unset variables
     body = ["set -eo pipefail", f"cd {shlex.quote(str(cwd))}", *(launcher.get("setup") or []), *lines]
-    return "\n".join(["#!/bin/bash", *(f"#SBATCH {o}" for o in options),
-                      "# written by `python -m launch.study`: one stage driver of the study", *body]) + "\n"
+    return "\n".join(["#!/bin/bash", *(f"#SBATCH {o}" for o in [f"--job-name={job_name}", f"--output={log}", *options]),
+                      f"# written by {what}", *body]) + "\n"
 
 
 def submit(path: Path, dependency: str | None) -> str:
@@ -56,6 +90,29 @@ def queued(job_ids: Iterable[str]) -> set[str]:
     if proc.returncode != 0:
         raise SlurmError(f"squeue failed: {one_line(proc.stderr)}")
     return ids & set(proc.stdout.split())
+
+
+def live_state(job_id: str) -> str | None:
+    """`PENDING (Resources)`, `RUNNING on node01`: the job while it is queued or running; None once it ended."""
+    proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%R"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "invalid job id" in proc.stderr.lower():  # ended long enough ago to be forgotten
+            return None
+        raise SlurmError(f"squeue failed: {one_line(proc.stderr)}")
+    state, _, where = proc.stdout.strip().partition("|")
+    if state not in LIVE:
+        return None
+    return f"{state} {where}" if where.startswith("(") else f"{state} on {where}"  # (a reason) or the nodes
+
+
+def final_state(job_id: str) -> str | None:
+    """How an ended job ended (`FAILED`, `TIMEOUT`, ...) by SLURM's accounting; None where it has none."""
+    try:
+        proc = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+    except OSError:  # no sacct here
+        return None
+    words = proc.stdout.split() if proc.returncode == 0 else []
+    return words[0] if words else None
 
 
 def cancel(job_id: str) -> None:

@@ -1,14 +1,26 @@
-"""Submit the whole study to SLURM as a chain of stage drivers, and return at once.
+"""Submit the whole study to SLURM as a chain of stage drivers after a canary job, and return
+once the canary has passed.
 
     python -m launch.study --cluster slurm_a100|mysite [--protocol v1|v2|quickstart|cifar100] [--grids logit,feature,dkd]
-                           [--dry-run] [--output-dir DIR] [--driver-sbatch=OPTION ...] [HYDRA_OVERRIDE ...]
+                           [--dry-run] [--skip-check] [--no-wait] [--output-dir DIR] [--driver-sbatch=OPTION ...]
+                           [HYDRA_OVERRIDE ...]
 
 Design. Each stage's *driver* is a small CPU-only sbatch job (1 CPU, 2 GB, no GPU, 3-day limit:
 it only waits, but for its whole GPU array) running one Hydra multirun,
 `python -m kdexp.train -m ... hydra/launcher=<cluster>`: hydra-submitit-launcher submits the
 GPU job array and the driver blocks until it ends, exiting non-zero when a run failed. Stages
-are chained by SLURM dependencies between drivers, so this command only submits drivers and
-returns (the login session may close).
+are chained by SLURM dependencies between drivers, so nothing needs the login session once
+they are queued.
+  stage 0 check:  the canary (launch.check): `python -m kdexp.check` as one GPU job on the
+                  students' launcher (partition, account, qos, constraint and GPU resources, setup
+                  lines; run under srun as their jobs run; 20-minute limit), checking the execution
+                  profile they train with (execution=...). Every driver submitted waits for it
+                  (afterok): a failed check starts no training job. This command waits for its
+                  verdict (a few minutes once it has a GPU; each state is printed) and prints it in
+                  one line: 0 when it passed, 1 naming the failed checks. Ctrl-C stops waiting and
+                  leaves everything queued; --no-wait does not wait; --skip-check submits no canary.
+                  Every submission that trains checks again (a node's environment can change).
+                  Its record: <output-dir>/<experiment>/canary/<job id>/check.json and check.log.
   v1, quickstart: 1 teachers (one driver each; launcher <cluster>_teacher where it exists)
                   2 students: per pair and grid a driver (default grids: logit and feature;
                     quickstart: its smoke grid), afterok its teacher's driver; a baselines
@@ -27,11 +39,12 @@ returns (the login session may close).
 The pairs, seeds and protocol come from the experiment preset (conf/experiment/paper_v1.yaml,
 paper_v2.yaml, quickstart.yaml), the cells from the kd_grid presets: --grids names any of them
 (conf/kd_grid/ or $KDEXP_SITE_DIR/kd_grid/), e.g. --grids logit,feature,dkd adds a DKD stage driver
-per pair. Drivers waiting on a failed driver are cancelled by SLURM (--kill-on-invalid-dep); the analysis
-(afterany) still runs and reports what is missing. Every driver runs in this command's cwd with
-this python (sys.executable), with the partition, account, qos and setup lines of the cluster's
-launcher config (--driver-sbatch adds or overrides sbatch options); extra HYDRA_OVERRIDEs go to
-every training job. Driver scripts, logs and job ids live in <output-dir>/<experiment>/.study/.
+per pair. Drivers waiting on a failed driver (or canary) are cancelled by SLURM (--kill-on-invalid-dep);
+after a failed driver the analysis (afterany) still runs and reports what is missing. Every driver
+runs in this command's cwd with this python (sys.executable), with the partition, account, qos and
+setup lines of the cluster's launcher config (--driver-sbatch adds or overrides sbatch options; not
+the canary's); extra HYDRA_OVERRIDEs go to every training job (and choose the canary's execution).
+Driver scripts, logs and job ids live in <output-dir>/<experiment>/.study/.
 Every job of every stage is composed here (Hydra's compose API, exactly as the multirun will) and
 checked with kdexp's own validation, with --dry-run too: a bad override is one line naming the
 stage and job, before anything is submitted. Overrides go to every training job, so a key that
@@ -42,14 +55,14 @@ rerun when anything upstream runs. A resubmitted multirun skips its completed ru
 retry_failed=true is among the overrides, those that failed while training (a run that failed
 before it, e.g. for want of its teacher, is redone); such skipped runs count as failed: their
 drivers exit non-zero, and so does this command, with the hint.
-Exit codes: 0 submitted (or planned) and nothing failed; 1 runs that failed while training will be
-skipped, or sbatch refused a driver; 2 bad input (cluster, override, output dir, no sbatch); 130 Ctrl-C.
+Exit codes: 0 submitted (or planned), the canary passed and nothing failed; 1 the canary failed, runs
+that failed while training will be skipped, or sbatch refused a job; 2 bad input (cluster, override,
+output dir, no sbatch); 130 Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -60,8 +73,9 @@ from hydra.errors import HydraException
 
 from kdexp.job import resolve_teacher_export_path
 from kdexp.records import atomic_write_json, read_result
-from launch import epoch_time, sbatch
-from launch.plan import PROTOCOLS, Driver, Job, Plan, PlanError, build_plan, estimate
+from launch import check, epoch_time, sbatch
+from launch.plan import (PROTOCOLS, Canary, Driver, Job, OneLineParser, Plan, PlanError, build_plan, estimate,
+                         hydra_error, require_writable)
 from launch.sweep import compose_job, group_overrides, hydra_session
 
 JOBS_FILE = "jobs.json"
@@ -109,7 +123,8 @@ def _todo_note(d: Driver) -> str:
 
 def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
     """The plan: stages, drivers with their runs, GPU-hours, dependencies and exact commands."""
-    out = [f"kdexp study: protocol {plan.protocol} on {plan.cluster} -> {plan.experiment_dir}", *_launchers(plan)]
+    out = [f"kdexp study: protocol {plan.protocol} on {plan.cluster} -> {plan.experiment_dir}", *_launchers(plan),
+           *_stage0(plan, decisions)]
     for i, stage in enumerate(plan.stages, 1):
         drivers = plan.stage_drivers(stage)
         jobs = [j for d in drivers for j in d.jobs]
@@ -130,6 +145,25 @@ def describe(plan: Plan, decisions: dict[str, Decision]) -> str:
     out.append(f"drivers: CPU-only sbatch jobs ({' '.join(sbatch.DRIVER_RESOURCES)}); "
                f"scripts and logs in {plan.study_dir}")
     return "\n".join(out)
+
+
+def canary_decision(plan: Plan, decisions: dict[str, Decision]) -> Decision:
+    """Stage 0 runs whenever a training driver is submitted, again on every submission: a node's
+    environment (driver, CUDA, modules, the venv) can change between two."""
+    if plan.canary is None:
+        return Decision("skip", "--skip-check: the drivers start without a canary")
+    if not any(decisions[d.name].action == "submit" and d.jobs for d in plan.drivers):
+        return Decision("skip", "no training driver to submit")
+    return Decision("submit", "on every submission that trains: a node's environment can change")
+
+
+def _stage0(plan: Plan, decisions: dict[str, Decision]) -> list[str]:
+    dec = canary_decision(plan, decisions)
+    if plan.canary is None:
+        return [f"\nstage 0 check: none ({dec.why})"]
+    return [f"\nstage 0 check: {check.describe(plan.canary)}; the drivers submitted below wait for it (afterok): "
+            f"a failed check starts no training job -> {dec.action.upper()} ({dec.why})",
+            *(f"    {line}" for line in plan.canary.lines)]
 
 
 def _launchers(plan: Plan) -> list[str]:
@@ -170,46 +204,64 @@ def check_writable(plan: Plan) -> None:
     teacher_dirs = {resolve_teacher_export_path(j.cfg).parent for d in plan.drivers for j in d.jobs
                     if j.cfg.export_teacher}
     for path in (plan.experiment_dir, *sorted(teacher_dirs)):
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            why = "not a directory" if not existing.is_dir() else "not writable"
-            raise PlanError(f"cannot write {path}: {existing} is {why}; choose another --output-dir "
-                            f"(or paths.teachers_dir=...)")
+        require_writable(path, "choose another --output-dir (or paths.teachers_dir=...)")
 
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def submit(plan: Plan, decisions: dict[str, Decision], extra_sbatch: Sequence[str]) -> None:
-    """sbatch every driver marked submit, each with its dependencies on the jobs it waits for."""
+def submit(plan: Plan, decisions: dict[str, Decision], extra_sbatch: Sequence[str]) -> str | None:
+    """sbatch the canary (when it is due), then every driver marked submit, each with its dependencies
+    on the jobs it waits for and on this canary; returns the canary's job id."""
     plan.study_dir.mkdir(parents=True, exist_ok=True)
     jobs_file = plan.study_dir / JOBS_FILE
     ids = _load_ids(jobs_file)
-    for d in plan.drivers:
-        dec = decisions[d.name]
-        if dec.action != "submit":
-            continue
-        if dec.stale:  # queued after a driver that is resubmitted now: it would start too early
-            sbatch.cancel(dec.stale)
-        for path, text in d.files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        script = plan.study_dir / f"{d.name}.sbatch"
-        script.write_text(sbatch.script(f"kdexp-{plan.experiment_dir.name}-{d.name}",
-                                        plan.study_dir / f"{d.name}-%j.out", d.lines, Path.cwd(),
-                                        plan.launcher, extra_sbatch))
-        waits = [decisions[a].job_id for a in d.after if decisions[a].action != "skip"]
-        dec.job_id = sbatch.submit(script, f"{d.dependency}:{':'.join(waits)}" if waits else None)
-        ids[d.name] = dec.job_id
-        atomic_write_json(jobs_file, ids)  # after each sbatch: a later failure must not lose an id
+    canary = (check.submit(plan.canary, f"kdexp-{plan.experiment_dir.name}-canary")
+              if canary_decision(plan, decisions).action == "submit" else None)
+    try:
+        for d in plan.drivers:
+            if decisions[d.name].action == "submit":
+                ids[d.name] = _submit_driver(plan, d, decisions, extra_sbatch, canary)
+                atomic_write_json(jobs_file, ids)  # after each sbatch: a later failure must not lose an id
+    except BaseException as err:
+        if canary and not any(decisions[d.name].job_id for d in plan.drivers if decisions[d.name].action == "submit"):
+            sbatch.cancel(canary)  # no driver waits for it: it would hold a GPU for nothing
+            if isinstance(err, sbatch.SlurmError):
+                raise sbatch.SlurmError(f"{err}; canary job {canary} cancelled (no driver waits for it)") from err
+        raise
+    return canary
+
+
+def _submit_driver(plan: Plan, d: Driver, decisions: dict[str, Decision], extra_sbatch: Sequence[str],
+                   canary: str | None) -> str:
+    dec = decisions[d.name]
+    if dec.stale:  # queued after a driver that is resubmitted now: it would start too early
+        sbatch.cancel(dec.stale)
+    for path, text in d.files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    script = plan.study_dir / f"{d.name}.sbatch"
+    script.write_text(sbatch.script(f"kdexp-{plan.experiment_dir.name}-{d.name}", plan.study_dir / f"{d.name}-%j.out",
+                                    d.lines, Path.cwd(), plan.launcher,
+                                    sbatch.driver_options(plan.launcher, extra_sbatch),
+                                    "`python -m launch.study`: one stage driver of the study"))
+    waits = [decisions[a].job_id for a in d.after if decisions[a].action != "skip"]
+    dec.job_id = sbatch.submit(script, _dependency(d, waits, canary))
+    return dec.job_id
+
+
+def _dependency(d: Driver, waits: list[str], canary: str | None) -> str | None:
+    """The driver's own dependency and, when a canary was submitted, afterok on it (both must hold)."""
+    parts = [f"{d.dependency}:{':'.join(waits)}"] if waits else []
+    return ",".join([*parts, *([f"afterok:{canary}"] if canary else [])]) or None
 
 
 def _load_ids(path: Path) -> dict[str, str]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def follow_up(plan: Plan, decisions: dict[str, Decision]) -> str:
+def follow_up(plan: Plan, decisions: dict[str, Decision], canary: str | None) -> str:
     active = {n: d.job_id for n, d in decisions.items() if d.action != "skip"}
     skipped = [n for n, d in decisions.items() if d.action == "skip"]
     kept = [n for n, d in decisions.items() if d.action == "keep"]
@@ -217,17 +269,16 @@ def follow_up(plan: Plan, decisions: dict[str, Decision]) -> str:
         return "nothing to submit: every stage is complete"
     lines = [f"\nsubmitted {len(active) - len(kept)} driver job(s); kept {len(kept)} still queued; "
              f"skipped {len(skipped)} complete{': ' + ', '.join(skipped) if skipped else ''}"]
+    if canary:
+        lines.append(f"  canary: job {canary} (kdexp.check; the drivers submitted wait for it; "
+                     f"log {plan.canary.log(canary)})")
     lines += [f"  {name}: job {job_id}" for name, job_id in active.items()]
+    ids = [*([canary] if canary else []), *active.values()]
     lines += ["follow them:", "  squeue -u $USER",
-              f"  sacct -X -j {','.join(active.values())} -o JobID,JobName%40,State,Start,End,Elapsed",
+              f"  sacct -X -j {','.join(ids)} -o JobID,JobName%40,State,Start,End,Elapsed",
               f"  tail -f {plan.study_dir}/<driver>-<job id>.out   (GPU job logs: {plan.experiment_dir}/.submitit/)",
               f"report when done: {plan.experiment_dir}/report/report.html"]
     return "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def _grid_list(text: str) -> list[str]:
@@ -238,8 +289,8 @@ def _grid_list(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m launch.study", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m launch.study", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cluster", required=True, help="hydra/launcher config of the GPU jobs, e.g. slurm_a100")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="v2", help="default: v2 (as kdexp.train)")
     p.add_argument("--grids", type=_grid_list, metavar="GRID,GRID",
@@ -247,6 +298,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "logit,feature,dkd (default: " +
                         "; ".join(f"{name} {','.join(p.grids)}" for name, p in sorted(PROTOCOLS.items())) + ")")
     p.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    p.add_argument("--skip-check", action="store_true",
+                   help="submit no canary (stage 0: kdexp.check as one GPU job the drivers wait for)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once submitted, without waiting for the canary's verdict")
     p.add_argument("--output-dir", type=Path, help="paths.output_dir of every run (default: the config's)")
     p.add_argument("--driver-sbatch", action="append", default=[], metavar="OPTION",
                    help="extra sbatch option for the drivers, e.g. --driver-sbatch=--partition=cpu")
@@ -262,17 +317,12 @@ def plan_study(args: argparse.Namespace) -> Plan:
         # the jobs' default output dir: the paths group, as every job composes it ($KDEXP_OUTPUTS)
         output_dir = args.output_dir or Path(compose_job(paths).paths.output_dir)
         plan = build_plan(args.protocol, args.cluster, output_dir.absolute(), args.overrides, sys.executable,
-                          args.grids)
+                          args.grids, check=not args.skip_check)
     if any(j.cfg.dry_run for d in plan.drivers for j in d.jobs):
         raise PlanError("dry_run=true would submit drivers that train nothing: use --dry-run, which composes "
                         "and checks every job here and submits nothing")
     check_writable(plan)
     return plan
-
-
-def _hydra_error(err: HydraException) -> str:
-    override = getattr(err, "override", None)  # a parse error does not name the override it is about
-    return f"{override}: {str(err).splitlines()[0]}" if override else str(err).splitlines()[0]
 
 
 def _kept(jobs_file: Path | None) -> str:
@@ -282,7 +332,7 @@ def _kept(jobs_file: Path | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    submitted_to = None
+    submitted_to = canary = None
     try:
         plan = plan_study(args)
         previous = _load_ids(plan.study_dir / JOBS_FILE)
@@ -294,13 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not sbatch.available():
                 raise PlanError("sbatch not found: run this on a SLURM login node (or see the plan with --dry-run)")
             submitted_to = plan.study_dir / JOBS_FILE
-            submit(plan, decisions, args.driver_sbatch)
-            print(follow_up(plan, decisions), flush=True)
+            canary = submit(plan, decisions, args.driver_sbatch)
+            print(follow_up(plan, decisions, canary), flush=True)
     except PlanError as err:  # bad input: one line, nothing submitted
         print(f"launch.study: {err}", file=sys.stderr)
         return 2
     except HydraException as err:
-        print(f"launch.study: {_hydra_error(err)}", file=sys.stderr)
+        print(f"launch.study: {hydra_error(err)}", file=sys.stderr)
         return 2
     except (sbatch.SlurmError, OSError) as err:
         print(f"launch.study: {err}{_kept(submitted_to)}", file=sys.stderr)
@@ -308,10 +358,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"launch.study: interrupted{_kept(submitted_to)}", file=sys.stderr)
         return 130
+    if canary and not args.no_wait:
+        code = await_canary(plan.canary, canary)
+        if code:
+            return code
     if failed:
         print(f"launch.study: {failed_note(failed, args.dry_run)}", file=sys.stderr)
         return 1
     return 0
+
+
+def await_canary(canary: Canary, job_id: str) -> int:
+    """Wait for the canary's verdict (minutes once it has a GPU): 0 passed; 1 failed, and SLURM
+    cancels every driver that waits for it; 130 Ctrl-C, which leaves everything queued."""
+    print("\nwaiting for the canary's verdict (Ctrl-C stops waiting and leaves the study queued)", flush=True)
+    try:
+        result = check.wait(canary, job_id, lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"launch.study: {check.stopped_waiting(canary, job_id)}", file=sys.stderr)
+        return 130
+    except sbatch.SlurmError as err:
+        print(f"launch.study: {err}; {check.stopped_waiting(canary, job_id)}", file=sys.stderr)
+        return 1
+    if result.ok:
+        print(f"{result.line}; the drivers go ahead", flush=True)
+        return 0
+    print(f"launch.study: {result.line}; no training job starts (SLURM cancels the drivers waiting for it): "
+          f"fix that, then run this command again", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import REPO
 from kdexp.records import write_result
-from launch import study
+from launch import check, study
 from launch.plan import build_plan
 from launch.sweep import hydra_session
 
@@ -158,3 +158,15 @@ def test_a_run_that_failed_before_training_is_simply_redone(tmp_path, capsys):
     fail_one_student(tmp_path, failed_epoch=None)
     code, out, err = run_study(capsys, *QUICKSTART, "--dry-run", "--output-dir", str(tmp_path))
     assert code == 0 and not err and "failed while training" not in out
+
+
+def test_launch_check_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    """`python -m launch.check`: the canary alone; bad input is one line, exit 2, nothing written."""
+    assert check.main(["--cluster", "nosuch", "--output-dir", str(tmp_path)]) == 2
+    assert one_line(capsys.readouterr().err).startswith("launch.check: --cluster nosuch: no launcher config nosuch: ")
+    assert check.main(["--cluster", "slurm_local", "--output-dir", str(tmp_path), "seed=0,1=2"]) == 2
+    assert one_line(capsys.readouterr().err).startswith("launch.check: seed=0,1=2: ")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert check.main(["--cluster", "slurm_local", "--output-dir", str(tmp_path), "experiment=paper_v1"]) == 2
+    assert one_line(capsys.readouterr().err) == "launch.check: sbatch not found: run this on a SLURM login node"
+    assert not any(tmp_path.iterdir())

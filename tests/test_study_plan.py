@@ -4,6 +4,7 @@ v2 selection step; and that a driver's multirun writes exactly the run dirs the 
 The pairs are read from the experiment presets, as the plan reads them: the YAML is the one list."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import subprocess
@@ -18,7 +19,7 @@ from helpers import REPO
 from kdexp import bench
 from kdexp.config import validate
 from kdexp.records import write_result
-from launch import select, study
+from launch import check, select, study
 from launch.plan import PROTOCOLS, Pair, Plan, PlanError, build_plan, read_experiment
 from launch.sweep import hydra_session, task_config
 
@@ -294,11 +295,100 @@ def test_rerun_keeps_queued_drivers_unless_what_they_wait_for_is_resubmitted(qui
     assert (decisions["analysis"].action, decisions["analysis"].stale) == ("submit", "14")
 
 
+SITE = """defaults: [slurm_a100, _self_]
+partition: gpu
+account: proj
+qos: normal
+constraint: a100
+gpus_per_node: null
+gres: gpu:a100:1
+setup: ["source ~/venvs/kdexp/bin/activate"]
+additional_parameters: {reservation: kd}
+"""
+
+
+def test_the_canary_is_one_gpu_job_on_the_students_launcher(tmp_path, monkeypatch):
+    """Stage 0 gets what the students' GPU jobs get (site, GPU, memory, setup lines; under srun) with its
+    own 20-minute limit, checks their execution profile, and writes under <experiment>/canary/<job id>/;
+    the drivers keep their CPU-only resources."""
+    (tmp_path / "site" / "hydra" / "launcher").mkdir(parents=True)
+    (tmp_path / "site" / "hydra" / "launcher" / "mysite.yaml").write_text(SITE)
+    monkeypatch.setenv("KDEXP_SITE_DIR", str(tmp_path / "site"))
+    plan = make_plan("quickstart", "mysite", tmp_path / "out", "execution=fast")
+    text = check.script(plan.canary, "kdexp-quickstart-canary")
+    options = [line.removeprefix("#SBATCH ") for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert options == ["--job-name=kdexp-quickstart-canary", f"--output={plan.experiment_dir}/canary/%j.out",
+                       "--partition=gpu", "--account=proj", "--qos=normal", "--constraint=a100", "--gres=gpu:a100:1",
+                       "--cpus-per-task=4", "--mem=32GB", "--reservation=kd", "--time=20"]
+    body = text.splitlines()[len(options) + 2:]
+    assert body == ["set -eo pipefail", f"cd {Path.cwd()}", "source ~/venvs/kdexp/bin/activate",
+                    f'srun --unbuffered {sys.executable} -m kdexp.check --execution fast '
+                    f'--out {plan.experiment_dir}/canary/"$SLURM_JOB_ID"']
+    assert plan.canary.out_dir("42") == plan.experiment_dir / "canary" / "42"
+    plan_text = study.describe(plan, study.decide(plan, {}, set()))
+    assert ("stage 0 check: kdexp.check, 1 GPU job on hydra/launcher=mysite, time limit 20 min (--partition=gpu "
+            in plan_text) and "-> SUBMIT" in plan_text.split("stage 0")[1].split("\n")[0]
+    assert plan.canary.root == plan.experiment_dir / "canary"
+    skipped = dataclasses.replace(plan, canary=None)  # as build_plan(..., check=False) for --skip-check
+    assert "stage 0 check: none (--skip-check" in study.describe(skipped, study.decide(skipped, {}, set()))
+
+
+def test_the_canary_runs_when_a_training_driver_is_submitted_and_each_driver_waits_for_it(quickstart):
+    decisions = study.decide(quickstart, {}, set())
+    assert study.canary_decision(quickstart, decisions).action == "submit"
+    teacher, students = driver(quickstart, "teacher-resnet18"), driver(quickstart, "smoke-quickstart")
+    assert study._dependency(teacher, [], "7") == "afterok:7"
+    assert study._dependency(students, ["8"], "7") == "afterok:8,afterok:7"
+    assert study._dependency(driver(quickstart, "analysis"), ["8", "9"], None) == "afterany:8:9"
+    for d in quickstart.drivers:
+        for job in d.jobs:
+            complete(job)
+    decisions = study.decide(quickstart, {}, set())
+    assert decisions["analysis"].action == "submit"  # a CPU step alone needs no canary
+    assert study.canary_decision(quickstart, decisions).why == "no training driver to submit"
+
+
+def canary_record(canary, job_id: str, **fields) -> None:
+    record = {"schema_version": 1, "ok": True, "failed": [], "device": "cuda", "execution": "reference",
+              "size": "full", "finished": "2026-01-01T00:00:00Z",
+              "environment": {"hostname": "gpu017", "gpu": "NVIDIA A100-SXM4-80GB"},
+              "verdicts": [{"name": "reference determinism", "ok": True}] * 5, **fields}
+    canary.out_dir(job_id).mkdir(parents=True)
+    (canary.out_dir(job_id) / "check.json").write_text(json.dumps(record))
+
+
+def test_the_canarys_verdict_is_one_line_from_its_record_or_its_log(quickstart):
+    canary = quickstart.canary
+    canary_record(canary, "11")
+    assert check.verdict(canary, "11") == check.Verdict(True, "canary job 11 on gpu017 (NVIDIA A100-SXM4-80GB, "
+                                                        "execution reference, size full): passed 5 checks "
+                                                        f"({canary.root}/11/check.json)")
+    canary_record(canary, "12", ok=False, failed=["reference determinism", "fast: bf16"])
+    failed = check.verdict(canary, "12")
+    assert not failed.ok and failed.line.endswith("FAILED: reference determinism, fast: bf16 "
+                                                  f"(details: {canary.root}/12/check.log)")
+    # died before the check could say anything, e.g. a setup line: the log's last line says why
+    canary.log("13").write_text("bash: line 5: /home/u/venvs/kdexp/bin/activate: No such file or directory\n\n")
+    died = check.verdict(canary, "13")
+    assert not died.ok and died.line == ("canary job 13 ended before kdexp.check finished: bash: line 5: "
+                                         "/home/u/venvs/kdexp/bin/activate: No such file or directory "
+                                         f"(log: {canary.root}/13.out)")
+    # stopped halfway (a time limit): its record so far is not taken for a verdict
+    canary_record(canary, "14", ok=False, finished=None)
+    canary.log("14").write_text("check: reference: PASS ...\n"
+                                "slurmstepd: error: *** JOB 14 ON gpu017 CANCELLED DUE TO TIME LIMIT ***\n")
+    cut = check.verdict(canary, "14")
+    assert not cut.ok and cut.line.startswith("canary job 14 ended before kdexp.check finished (passed so far: "
+                                              "reference determinism, ")
+    assert "CANCELLED DUE TO TIME LIMIT" in cut.line
+
+
 def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path, capsys, cluster_site):
-    assert study.main(["--cluster", "slurm_local", "--protocol", "quickstart", "--dry-run",
+    assert study.main(["--cluster", "slurm_local", "--protocol", "quickstart", "--dry-run", "--skip-check",
                        "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "stage 1/3 teachers" in out and "GPU-h" in out and "-> SUBMIT" in out
+    assert "stage 0 check: none (--skip-check: the drivers start without a canary)" in out
     assert not any(tmp_path.iterdir())
 
 

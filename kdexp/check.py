@@ -74,11 +74,13 @@ class Size:
     test_images: int
     early_steps: int  # steps before training's chaos amplifies rounding: compared step by step
     bench: tuple[str, ...]  # kdexp.bench options, its --cases among them
-    # |relative loss difference| allowed in the early steps: exact settings, and bf16 / compile
-    exact_loss_rtol: float = 1e-3
+    # The tolerances catch a broken path (a wrong layout, a lost update, a diverging loss), not drift:
+    # |relative loss difference| in the early steps, for exact settings (TF32 convolutions in other
+    # kernels may round differently) and for bf16 / compile
+    exact_loss_rtol: float = 5e-3
     fast_loss_rtol: float = 5e-2
     late_loss_rtol: float = 0.15  # mean loss of the last epoch
-    accuracy_pp: float = 3.0  # final test accuracy, percentage points
+    accuracy_pp: float = 5.0  # final test accuracy, percentage points (two seeds of such a run differ by ~2)
     logit_atol: float = 1e-3  # cached vs live teacher logits (fp32), relative to their scale
 
 

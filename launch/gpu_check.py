@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""`python3 -m launch.gpu_check` (`make gpu-check`): the fast GPU path checked and measured in one
-call, on a CUDA machine that has torch but none of kdexp's other dependencies and no network.
+"""`python3 -m launch.gpu_check` (`make gpu-check`): `python -m kdexp.check` plus the measurements,
+in one call, on a CUDA machine that has torch but none of kdexp's other dependencies and no network.
 
   install  what the machine lacks, from the wheelhouse (.wheelhouse/, `make wheelhouse`): pip
            resolves kdexp's requirements against the installed packages and only the missing ones
            go into a private folder on PYTHONPATH, so torch and every installed package stay as
            they are; kdexp runs from this tree (the repo root on PYTHONPATH, as an editable install)
+  check    python -m kdexp.check --execution fast: the self-test every user runs on their GPU (every
+           speed setting against the reference, compile's graph breaks and recompiles, throughput);
+           its check.json and check.log go to <out>/check/
   tests    pytest tests/gpu (CUDA), with tests/test_fast_path.py and tests/test_e2e.py (which pin
            the CPU through protocol=quickstart) alongside
-  compile  a compiled quickstart Logit-KD run (teacher cache) under TORCH_LOGS=recompiles,graph_breaks
   bench    kdexp.bench: every case eager (reference, fast, fast+cache), then the compiled fast path
            for the issue's two targets, R18 CE and R50->R18 logit from the cache
   packing  aggregate images/s of 1, 2 and 4 concurrent fast R18 bench processes on the one GPU, and
            whether MPS could be used as the machine is (read only: nothing is started or changed)
 
-Every step has a time budget (8 minutes in all); after the install the steps keep a cumulative
+Every step has a time budget (9 minutes in all); after the install the steps keep a cumulative
 schedule, so time a step leaves over goes to the next ones. A failing or overrunning step is
 recorded and the next one runs. Writes <out>/gpu_check.json (the summary, rewritten after every
 step), gpu_check.log and the bench reports; exits 0 only if every step passed. --cpu-dry (or KDEXP_GPU_CHECK_DRY=1) runs the
@@ -49,7 +51,7 @@ WHEELHOUSE = REPO / ".wheelhouse"
 # pip installs only what is missing.
 WHEELS = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "submitit", "hydra-submitit-launcher",
           "cloudpickle", "typing_extensions", "tabulate", "tqdm", "tzdata")
-BUDGETS = {"install": 45, "tests": 130, "compile": 40, "bench": 200, "packing": 65}  # seconds; 480 in all
+BUDGETS = {"install": 45, "check": 200, "tests": 100, "bench": 150, "packing": 45}  # seconds; 540 in all
 # The four cases the issue names first, so a bench cut short by its budget still has them.
 EAGER_CASES = "r18_ce,r50_r18_logit,r50_r34_logit,r34_r18_feature,r34_ce,r50_ce,r34_r18_logit," \
               "r50_r18_feature,r50_r34_feature"
@@ -65,7 +67,7 @@ class Sizes:
     """How big each step runs: the study's networks on the GPU, tiny ones on the CPU (--cpu-dry)."""
     device: str
     bench: tuple[str, ...]  # kdexp.bench options shared by every bench run
-    compile: tuple[str, ...]  # kdexp.train overrides of the compiled run
+    check: tuple[str, ...]  # kdexp.check options
     tests: tuple[str, ...]  # pytest arguments
     eager_cases: str
     compiled: tuple[tuple[str, str], ...]  # (case, variant) measured compiled too
@@ -76,13 +78,13 @@ class Sizes:
 GPU = Sizes(
     device="cuda",
     bench=("--device", "cuda", "--steps", "60", "--warmup", "5"),
-    compile=("trainer.device=cuda", "execution.compile=true", "model.width=16"),
+    check=("--device", "cuda", "--execution", "fast"),
     tests=("tests/gpu", "tests/test_fast_path.py", "tests/test_e2e.py"),
     eager_cases=EAGER_CASES, compiled=COMPILED, packing=PACKING, packing_steps=150)
 DRY = Sizes(
     device="cpu",
     bench=("--device", "cpu", "--width", "4", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--workers", "0"),
-    compile=("trainer.device=cpu", "model.width=4", "trainer.batch_size=64", "trainer.max_steps_per_epoch=2"),
+    check=("--device", "cpu", "--execution", "fast", "--size", "tiny"),
     tests=("tests/gpu", "tests/test_fast_path.py::test_bench_runs_on_cpu_and_writes_its_json"),
     eager_cases="r18_ce,r34_r18_logit", compiled=(("r18_ce", "fast"), ("r34_r18_logit", "fast_cached")),
     packing=(1, 2), packing_steps=3)
@@ -222,22 +224,14 @@ class Check:
         ok = all(r["rc"] == 0 and "error" not in r for r in results.values())
         return {"ok": ok, **results}
 
-    def compile(self, deadline: float) -> dict:
-        """A compiled Logit-KD run from the teacher cache over 3 epochs (evaluation, checkpoint and the
-        lr schedule between them): Dynamo's recompiles and graph breaks, counted from its own log."""
-        base = ["protocol=quickstart", f"paths.output_dir={self.work / 'compile'}", f"paths.data_dir={self.work / 'data'}",
-                "trainer.progress=false"]
-        teacher = self.run(self.python("-m", "kdexp.train", *base, "experiment=teacher", "model.width=16",
-                                       "trainer.epochs=1", f"trainer.device={self.sizes.device}"), deadline)
-        if teacher.rc != 0:
-            return {"ok": False, "error": "training the teacher failed (see the log)", "commands": [teacher.record()]}
-        env = {**self.env, "TORCH_LOGS": "recompiles,graph_breaks"}
-        student = self.run(self.python("-m", "kdexp.train", *base, "teacher=resnet18", "teacher.width=16",
-                                       "method=logit", "trainer.epochs=3", *self.sizes.compile), deadline, env)
-        counts = torch_log_counts(student.output)
-        return {"ok": student.rc == 0 and counts["recompiles"] == 0 and counts["graph_breaks"] == 0,
-                "compiled": "execution.compile=true" in self.sizes.compile, **counts,
-                "commands": [teacher.record(), student.record()]}
+    def check(self, deadline: float) -> dict:
+        """kdexp's own self-test, as a user runs it: its verdicts, as it wrote them."""
+        out = self.out / "check"
+        cmd = self.run(self.python("-m", "kdexp.check", *self.sizes.check, "--out", out), deadline)
+        report = _read_json(out / "check.json") or {}
+        return {"ok": cmd.rc == 0 and bool(report.get("ok")), "failed": report.get("failed"),
+                "verdicts": [{k: v.get(k) for k in ("name", "ok", "detail", "seconds")} for v in report.get("verdicts", [])],
+                "commands": [cmd.record()]}
 
     def bench(self, deadline: float) -> dict:
         """Every case eager with its reference first (the whole table and the study's hours), then each

@@ -125,14 +125,13 @@ class Run:
 @dataclass
 class Verdict:
     name: str
-    ok: bool | None  # None: not run here (and why in detail)
+    ok: bool
     detail: str
     numbers: dict = field(default_factory=dict)
     seconds: float | None = None
 
     def line(self) -> str:
-        word = {True: "PASS", False: "FAIL", None: "SKIP"}[self.ok]
-        return f"check: {self.name}: {word} {self.detail}"
+        return f"check: {self.name}: {'PASS' if self.ok else 'FAIL'} {self.detail}"
 
 
 def switched_on(execution: str, device: torch.device) -> list[Setting]:
@@ -357,8 +356,8 @@ def _dynamo_counts() -> Iterator[Callable[[], dict]]:
 def study_hours(rows: dict) -> dict:
     """The v1 study's GPU-hours from the measured rates: the model's A100 estimate of each measured
     case's epoch against what was measured gives this GPU's speed, applied to the model's study."""
-    from kdexp.bench import STUDY, CASES  # noqa: I001
-    from launch.epoch_time import epoch_seconds
+    from kdexp.bench import STUDY, CASES
+    from launch.epoch_time import epoch_seconds  # the cost model lives with the planner; full size only
     modelled = {case: epoch_seconds(_study_config(CASES[case])) for case in {c for _, c, _, _ in STUDY}}
     total = sum(runs * epochs * modelled[case] for _, case, runs, epochs in STUDY) / 3600
     out = {"modelled_a100": total}
@@ -391,7 +390,7 @@ def run_check(device: torch.device, execution: str, size: Size, out: Path) -> di
             atomic_write_json(out / "check.json", report)  # a check cut short keeps its verdicts
             if verdict.name == "reference" and not verdict.ok:
                 break  # nothing else can be compared with a broken reference
-    report["failed"] = [v["name"] for v in report["verdicts"] if v["ok"] is False]
+    report["failed"] = [v["name"] for v in report["verdicts"] if not v["ok"]]
     report["ok"] = not report["failed"] and any(v["name"] == "reference" for v in report["verdicts"])
     report["finished"], report["seconds"] = _utc(time.time()), round(time.time() - started, 1)
     atomic_write_json(out / "check.json", report)

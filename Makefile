@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TRAIN := KDEXP_OUTPUTS=outputs $(PY) -m kdexp.train
 
-.PHONY: install quickstart quickstart-runs quickstart-teacher quickstart-baselines test slurm-deps clean
+.PHONY: install quickstart quickstart-runs quickstart-teacher quickstart-baselines test check slurm-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ quickstart-baselines:
 	$(QUICKSTART) -m protocol=quickstart experiment=baseline seed=0,1
 quickstart-kd-seed%: quickstart-teacher
 	$(QUICKSTART) -m protocol=quickstart experiment=quickstart seed=$*
+
+# kdexp's self-test on this machine's device (README: Check your GPU); EXECUTION=fast checks bf16 and compile too
+EXECUTION ?= reference
+check: install
+	$(PY) -m kdexp.check --execution $(EXECUTION)
 
 slurm-deps:
 	bash tests/cluster/install_slurm.sh

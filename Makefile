@@ -45,6 +45,7 @@ slurm-deps:
 test: install
 	$(PY) -m pytest -q
 
+# Deletes every result and every exported teacher under outputs/ (README: set up).
 clean:
 	rm -rf outputs multirun .pytest_cache
 

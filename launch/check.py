@@ -28,7 +28,7 @@ from hydra.errors import HydraException
 
 from launch import sbatch
 from launch.plan import (Canary, OneLineParser, PlanError, canary_of, hydra_error, missing_launcher,
-                         require_writable)
+                         output_dir_override, require_writable)
 from launch.sweep import compose_job, fixed, hydra_session
 
 CHECK_JSON = "check.json"
@@ -48,18 +48,24 @@ def describe(canary: Canary) -> str:
             f"({' '.join(canary.options())})")
 
 
-def script(canary: Canary, job_name: str) -> str:
-    """The canary's batch script: it runs in this cwd, with this python, as the drivers do."""
-    return sbatch.script(job_name, canary.log("%j"), canary.lines, Path.cwd(), canary.launcher, canary.options(),
-                         "`python -m launch.check` or `launch.study`: the canary, kdexp.check on the "
-                         "students' launcher")
+def job_name(canary: Canary) -> str:
+    return f"kdexp-{canary.root.parent.name}-canary"
 
 
-def submit(canary: Canary, job_name: str) -> str:
+def script(canary: Canary) -> str:
+    """The canary's batch script: it runs in this cwd, with this python, as the drivers do
+    (sbatch.DirectiveError for a value sbatch would misread)."""
+    return sbatch.script(job_name(canary), canary.log("%j"), canary.lines, Path.cwd(), canary.launcher,
+                         canary.options(), "`python -m launch.check` or `launch.study`: the canary, kdexp.check on "
+                         "the students' launcher")
+
+
+def submit(canary: Canary) -> str:
     """sbatch the canary; returns its job id."""
+    text = script(canary)  # a value sbatch would misread: refused before anything is written
     canary.root.mkdir(parents=True, exist_ok=True)
     path = canary.root / SCRIPT
-    path.write_text(script(canary, job_name))
+    path.write_text(text)
     return sbatch.submit(path, None)
 
 
@@ -140,10 +146,19 @@ def plan_canary(cluster: str, output_dir: Path | None, overrides: Sequence[str])
         problem = missing_launcher(cluster)
         if problem:
             raise PlanError(f"--cluster {cluster}: {problem}")
-        paths = [f"paths.output_dir={output_dir.absolute()}"] if output_dir else []
+        paths = [output_dir_override(output_dir.absolute())] if output_dir else []
         canary = canary_of(compose_job([*fixed(overrides), *paths, f"hydra/launcher={cluster}"]), sys.executable)
     require_writable(canary.root)
+    check_script(canary)
     return canary
+
+
+def check_script(canary: Canary) -> None:
+    """Its batch script can be written as it is submitted: a value sbatch would misread is bad input."""
+    try:
+        script(canary)
+    except sbatch.DirectiveError as err:
+        raise PlanError(f"the canary's batch script: {err}") from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sbatch.available():
             raise PlanError("sbatch not found: run this on a SLURM login node")
         print(describe(canary), flush=True)
-        job_id = submit(canary, f"kdexp-{canary.root.parent.name}-canary")
+        job_id = submit(canary)
     except PlanError as err:
         print(f"launch.check: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Callable, Sequence
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -74,6 +76,14 @@ def hydra_error(err: HydraException) -> str:
     """A Hydra error (a bad override, a missing config) in one line, naming the override where it can."""
     override = getattr(err, "override", None)  # a parse error does not name the override it is about
     return f"{override}: {str(err).splitlines()[0]}" if override else str(err).splitlines()[0]
+
+
+def output_dir_override(path: Path) -> str:
+    """`paths.output_dir=PATH` as Hydra reads it back: quoted where its override grammar would read the
+    path otherwise (a `,` makes a sweep; a space, `#` or `'` is an error or lost)."""
+    text = str(path)
+    plain = re.fullmatch(r"[A-Za-z0-9_/.+@-]+", text)
+    return f"paths.output_dir={text if plain else QuotedString(text=text, quote=Quote.single).with_quotes()}"
 
 
 @dataclass
@@ -262,7 +272,7 @@ class _Ctx:
         """A driver running `python -m kdexp.train -m overrides ...`; `cell` is composed into its
         jobs but left out of its command (the v2 finals read it from selected.json when they start)."""
         launcher = self.teacher_launcher if teacher else self.cluster
-        own = [*overrides, f"paths.output_dir={self.output_dir}", f"hydra/launcher={launcher}"]
+        own = [*overrides, output_dir_override(self.output_dir), f"hydra/launcher={launcher}"]
         try:
             jobs = [Job(o, compose_job(o)) for o in expand([*own, *self.extra, *cell])]
         except HydraException as err:

@@ -3,6 +3,7 @@ and their state in the queue."""
 from __future__ import annotations
 
 import getpass
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,8 +26,25 @@ LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUE
         "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
 
 
+# How sbatch reads the `#SBATCH` lines above a script's first command (seen on slurm 22.05): word by
+# word, honouring the shell's quotes (what shlex.quote writes), except that a line break ends the
+# directive (and the lines after it run as shell: every later directive is dropped), a backslash is
+# dropped even inside quotes, and an unquoted `#` silently ends the line. So a value is written
+# quoted, and refused where no quoting carries it.
+KEY = re.compile(r"[a-z][a-z0-9-]*")
+# The names a directive gives SLURM (the job's, the site's): plain words (partition lists: commas).
+NAME_KEYS = ("job-name", "partition", "account", "qos")
+NAME = re.compile(r"[A-Za-z0-9._,+-]+")
+# where a script's log path comes from, for a refusal
+LOG_ORIGIN = "the output dir (--output-dir)"
+
+
 class SlurmError(RuntimeError):
     pass
+
+
+class DirectiveError(ValueError):
+    """A value that an `#SBATCH` line cannot carry as it is (bad input: one line for the user)."""
 
 
 def flag(key: str, value: object) -> str:
@@ -60,11 +78,42 @@ def _mem(gb: float) -> str:
 def script(job_name: str, log: Path, lines: Sequence[str], cwd: Path, launcher: DictConfig,
            options: Sequence[str], what: str) -> str:
     """A batch script with these sbatch options: it runs `lines` in `cwd` after the launcher's setup
-    lines; `what` says in a comment which job of the study it is."""
+    lines (shell by design, as in the launcher's own jobs); `what` says in a comment which job of the
+    study it is. DirectiveError for a value that sbatch would read as something else."""
+    if "%" in str(log.parent) or "%" in log.name.replace("%j", ""):  # SLURM would expand it (%x, %u, ...)
+        raise DirectiveError(f"#SBATCH --output={str(log)!r}: a % in the path is a pattern SLURM expands: "
+                             f"change {LOG_ORIGIN}")
+    directives = [directive(f"--job-name={job_name}", "experiment_name"), directive(f"--output={log}", LOG_ORIGIN),
+                  *(directive(o, "the launcher config") for o in options)]
     # no `set -u`: site setup lines (module load, conda activate) often read unset variables
     body = ["set -eo pipefail", f"cd {shlex.quote(str(cwd))}", *(launcher.get("setup") or []), *lines]
-    return "\n".join(["#!/bin/bash", *(f"#SBATCH {o}" for o in [f"--job-name={job_name}", f"--output={log}", *options]),
-                      f"# written by {what}", *body]) + "\n"
+    return "\n".join(["#!/bin/bash", *directives, f"# written by {what}", *body]) + "\n"
+
+
+def directive(option: str, origin: str) -> str:
+    """`--key=value` (or `--key`) as an `#SBATCH` line that sbatch reads back as exactly that; the
+    refusal of one it cannot carry says to change `origin`, where the value comes from."""
+    key, has_value, value = option.removeprefix("--").partition("=")
+    if not option.startswith("--") or not KEY.fullmatch(key):
+        raise DirectiveError(f"sbatch option {option!r}: an #SBATCH line takes --name=value or --name "
+                             f"(e.g. --partition=cpu): change {origin}")
+    if not has_value:
+        return f"#SBATCH --{key}"
+    problem = _problem(key, value)
+    if problem:
+        raise DirectiveError(f"#SBATCH --{key}={value!r}: {problem}: change {origin}")
+    return f"#SBATCH --{key}={shlex.quote(value)}"
+
+
+def _problem(key: str, value: str) -> str | None:
+    """Why `value` cannot be the value of an `--key` directive; None when it can."""
+    if key in NAME_KEYS and not NAME.fullmatch(value):
+        return "a SLURM name here takes letters, digits and . _ , + - only"
+    if not value.isprintable():
+        return "a line break or control character ends or corrupts an #SBATCH line"
+    if "\\" in value:
+        return "sbatch drops a backslash from an #SBATCH line, even quoted"
+    return None
 
 
 def submit(path: Path, dependency: str | None) -> str:

@@ -47,8 +47,13 @@ the canary's); extra HYDRA_OVERRIDEs go to every training job (and choose the ca
 Driver scripts, logs and job ids live in <output-dir>/<experiment>/.study/.
 Every job of every stage is composed here (Hydra's compose API, exactly as the multirun will) and
 checked with kdexp's own validation, with --dry-run too: a bad override is one line naming the
-stage and job, before anything is submitted. Overrides go to every training job, so a key that
-some stage's config lacks (method.alpha: teachers and baselines train with method=ce) is refused.
+stage and job, before anything is submitted. So is data that is not there (checked as a job's dry
+run checks it, once per data config), and a value that no batch script can carry: every script is
+made as the submission writes it, each #SBATCH value quoted, and a line break, a backslash, a % in
+the output dir, or a job name, partition, account or qos beyond letters, digits and . _ , + - is
+refused (--driver-sbatch takes --name=value or --name). The launcher's setup lines are shell, run
+as written. Overrides go to every training job, so a key that some stage's config lacks
+(method.alpha: teachers and baselines train with method=ce) is refused.
 Re-running submits only what is missing: a driver whose runs all have a completed result.json
 is skipped, one still queued from an earlier submission is kept, and the select / analysis steps
 rerun when anything upstream runs. A resubmitted multirun skips its completed runs and, unless
@@ -70,8 +75,11 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
-from kdexp.job import resolve_teacher_export_path
+from kdexp.data import DataError
+from kdexp.job import CannotStart, resolve_teacher_export_path
+from kdexp.job import _check_data as check_job_data  # the job dry run's data check (to be made public)
 from kdexp.records import atomic_write_json, read_result
 from launch import check, epoch_time, sbatch
 from launch.plan import (PROTOCOLS, Canary, Driver, Job, OneLineParser, Plan, PlanError, build_plan, estimate,
@@ -207,6 +215,22 @@ def check_writable(plan: Plan) -> None:
         require_writable(path, "choose another --output-dir (or paths.teachers_dir=...)")
 
 
+def check_data(plan: Plan) -> None:
+    """The data of every run still to train is there, checked as its own dry run checks it (downloaded
+    data on disk, generated data writable), once per distinct data config: else each job fails on a node."""
+    seen: set[str] = set()
+    for d in plan.drivers:
+        for job in d.jobs:
+            key = json.dumps(OmegaConf.to_container(job.cfg.data, resolve=True), sort_keys=True)
+            if key in seen or job.status() == "completed":
+                continue
+            seen.add(key)
+            try:
+                check_job_data(job.cfg.data)
+            except (DataError, CannotStart) as err:
+                raise PlanError(f"stage {d.stage} ({job.describe()}): {err}") from err
+
+
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -217,8 +241,7 @@ def submit(plan: Plan, decisions: dict[str, Decision], extra_sbatch: Sequence[st
     plan.study_dir.mkdir(parents=True, exist_ok=True)
     jobs_file = plan.study_dir / JOBS_FILE
     ids = _load_ids(jobs_file)
-    canary = (check.submit(plan.canary, f"kdexp-{plan.experiment_dir.name}-canary")
-              if canary_decision(plan, decisions).action == "submit" else None)
+    canary = check.submit(plan.canary) if canary_decision(plan, decisions).action == "submit" else None
     try:
         for d in plan.drivers:
             if decisions[d.name].action == "submit":
@@ -242,13 +265,29 @@ def _submit_driver(plan: Plan, d: Driver, decisions: dict[str, Decision], extra_
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     script = plan.study_dir / f"{d.name}.sbatch"
-    script.write_text(sbatch.script(f"kdexp-{plan.experiment_dir.name}-{d.name}", plan.study_dir / f"{d.name}-%j.out",
-                                    d.lines, Path.cwd(), plan.launcher,
-                                    sbatch.driver_options(plan.launcher, extra_sbatch),
-                                    "`python -m launch.study`: one stage driver of the study"))
+    script.write_text(driver_script(plan, d, extra_sbatch))
     waits = [decisions[a].job_id for a in d.after if decisions[a].action != "skip"]
     dec.job_id = sbatch.submit(script, _dependency(d, waits, canary))
     return dec.job_id
+
+
+def driver_script(plan: Plan, d: Driver, extra_sbatch: Sequence[str]) -> str:
+    """The driver's batch script (sbatch.DirectiveError for a value sbatch would misread)."""
+    return sbatch.script(f"kdexp-{plan.experiment_dir.name}-{d.name}", plan.study_dir / f"{d.name}-%j.out", d.lines,
+                         Path.cwd(), plan.launcher, sbatch.driver_options(plan.launcher, extra_sbatch),
+                         "`python -m launch.study`: one stage driver of the study")
+
+
+def check_scripts(plan: Plan, extra_sbatch: Sequence[str]) -> None:
+    """Every batch script a submission can write (the canary's, each driver's) is made here as it
+    will be written, so a value that sbatch would misread is refused before anything is submitted."""
+    if plan.canary:
+        check.check_script(plan.canary)
+    for d in plan.drivers:
+        try:
+            driver_script(plan, d, extra_sbatch)
+        except sbatch.DirectiveError as err:
+            raise PlanError(f"the {d.name} driver's batch script: {err}") from err
 
 
 def _dependency(d: Driver, waits: list[str], canary: str | None) -> str | None:
@@ -288,6 +327,14 @@ def _grid_list(text: str) -> list[str]:
     return grids
 
 
+def _sbatch_option(option: str) -> str:
+    try:
+        sbatch.directive(option, "this option")
+    except sbatch.DirectiveError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return option
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m launch.study", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -303,7 +350,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-wait", action="store_true",
                    help="return once submitted, without waiting for the canary's verdict")
     p.add_argument("--output-dir", type=Path, help="paths.output_dir of every run (default: the config's)")
-    p.add_argument("--driver-sbatch", action="append", default=[], metavar="OPTION",
+    p.add_argument("--driver-sbatch", action="append", default=[], metavar="OPTION", type=_sbatch_option,
                    help="extra sbatch option for the drivers, e.g. --driver-sbatch=--partition=cpu")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every training job, e.g. data.root=...")
     return p.parse_intermixed_args(argv)
@@ -322,6 +369,8 @@ def plan_study(args: argparse.Namespace) -> Plan:
         raise PlanError("dry_run=true would submit drivers that train nothing: use --dry-run, which composes "
                         "and checks every job here and submits nothing")
     check_writable(plan)
+    check_data(plan)
+    check_scripts(plan, args.driver_sbatch)
     return plan
 
 

@@ -133,6 +133,32 @@ def test_dry_run_true_is_refused_for_the_study(tmp_path, capsys):
     assert code == 2 and "use --dry-run" in one_line(err)
 
 
+def test_dry_run_refuses_data_that_is_not_there_as_a_jobs_dry_run_does(tmp_path, capsys):
+    """Every teacher would fail on its node: the dry run says so, as `kdexp.train ... dry_run=true` does."""
+    code, _, err = run_study(capsys, *QUICKSTART, "--dry-run", "--output-dir", str(tmp_path / "out"),
+                             "data.name=cifar10", f"data.root={tmp_path / 'data'}")
+    assert code == 2
+    assert one_line(err).startswith(f"launch.study: stage teachers (resnet18 seed 0): CIFAR-10 not found under "
+                                    f"data.root={tmp_path / 'data'} ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_is_checked_once_per_data_config_of_the_runs_still_to_train(tmp_path, monkeypatch):
+    """Two validation splits make two data configs: two checks for 14 runs; none for completed runs."""
+    checked = []
+    monkeypatch.setattr(study, "check_job_data", lambda data: checked.append(data.val_size))
+    with hydra_session():
+        plan = build_plan("quickstart", "slurm_local", tmp_path, ["data.val_size=300,200"], sys.executable)
+    assert sum(len(d.jobs) for d in plan.drivers) == 14
+    study.check_data(plan)
+    assert sorted(checked) == [200, 300]
+    for job in (j for d in plan.drivers for j in d.jobs if j.cfg.data.val_size == 300):
+        write_result(job.run_dir, {"status": "completed"})
+    checked.clear()
+    study.check_data(plan)
+    assert checked == [200]
+
+
 def fail_one_student(out: Path, failed_epoch: int | None) -> Path:
     with hydra_session():
         plan = build_plan("quickstart", "slurm_local", out, [], sys.executable)

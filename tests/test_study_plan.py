@@ -315,7 +315,7 @@ def test_the_canary_is_one_gpu_job_on_the_students_launcher(tmp_path, monkeypatc
     (tmp_path / "site" / "hydra" / "launcher" / "mysite.yaml").write_text(SITE)
     monkeypatch.setenv("KDEXP_SITE_DIR", str(tmp_path / "site"))
     plan = make_plan("quickstart", "mysite", tmp_path / "out", "execution=fast")
-    text = check.script(plan.canary, "kdexp-quickstart-canary")
+    text = check.script(plan.canary)
     options = [line.removeprefix("#SBATCH ") for line in text.splitlines() if line.startswith("#SBATCH")]
     assert options == ["--job-name=kdexp-quickstart-canary", f"--output={plan.experiment_dir}/canary/%j.out",
                        "--partition=gpu", "--account=proj", "--qos=normal", "--constraint=a100", "--gres=gpu:a100:1",

@@ -33,7 +33,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdexp import teacher_cache
-from kdexp.config import validate
+from kdexp.config import ConfigError, validate
 from kdexp.data import CIFAR10_LAYOUT, Splits
 from kdexp.execution import Execution
 from kdexp.job import build_loop, device_name, resolve_device, seed_everything
@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             p.error(f"unknown --{option} {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
     logging.basicConfig(level=logging.WARNING)
-    report = Bench(args).run(lambda report: atomic_write_json(Path(args.out), report))
+    try:
+        report = Bench(args).run(lambda report: atomic_write_json(Path(args.out), report))
+    except ConfigError as err:  # a flag this machine cannot honour (--device cuda without a GPU, --compile on the CPU)
+        p.exit(2, f"{p.prog}: error: {str(err).replace('trainer.device', '--device')}\n")
     hours = report["study_gpu_hours"]
     print(f"study device-hours: reference {_fmt(hours['reference']['total'])}, fast {_fmt(hours['fast']['total'])}"
           f"{'  (missing cases: ' + ', '.join(hours['missing']) + ')' if hours['missing'] else ''}; wrote {args.out}")

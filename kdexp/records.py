@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
+RESULT_STATUSES = ("completed", "failed")  # what a result.json's `status` can be
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)
@@ -86,14 +87,20 @@ def write_result(run_dir: Path, result: dict) -> None:
 
 
 def read_result(run_dir: Path) -> dict | None:
-    """The run's result, or None when it has not ended. Raises ValueError on a corrupt file."""
+    """The run's result, or None when it has not ended. Raises ValueError on a corrupt file: not
+    JSON, or not an object with a known `status` (what every reader branches on)."""
     path = Path(run_dir) / RESULT_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(result, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    if result.get("status") not in RESULT_STATUSES:
+        raise ValueError(f"{path} has status {result.get('status')!r}, not one of {', '.join(RESULT_STATUSES)}")
+    return result
 
 
 def kept_result(run_dir: Path, retry_failed: bool) -> dict | None:
@@ -102,8 +109,8 @@ def kept_result(run_dir: Path, retry_failed: bool) -> dict | None:
     teacher yet: `failed_epoch` null) is redone, as is one with a corrupt result.json."""
     try:
         result = read_result(run_dir)
-    except ValueError:
-        log.warning("ignoring corrupt %s/%s", run_dir, RESULT_FILE)
+    except ValueError as err:
+        log.warning("ignoring corrupt %s", err)
         return None
     if result is None or (result["status"] == "failed" and (retry_failed or result.get("failed_epoch") is None)):
         return None

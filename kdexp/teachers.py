@@ -144,6 +144,9 @@ def load_teacher(cfg: DictConfig, device: torch.device, images: int) -> FrozenTe
     _check_exists(cfg, path)
     try:
         state = checkpoint.load(path)
+    except checkpoint.UnsafeCheckpointError as err:  # not corrupt, and not kdexp's export: nothing to re-export
+        raise TeacherError(f"{err}; if you trust its source, load it yourself, torch.save its state_dict alone "
+                           f"and point teacher.ckpt at that file") from None
     except checkpoint.CheckpointError as err:
         raise TeacherError(f"teacher checkpoint is corrupt: {err}. Re-export it by running its teacher command "
                            f"again (a completed teacher run re-exports without retraining): "

@@ -75,3 +75,12 @@ def test_unknown_variants_are_one_clear_line():
     proc = subprocess.run([sys.executable, "-m", "kdexp.bench", "--variants", "fast,turbo"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown --variants turbo; choose from reference, fast, fast_cached" in proc.stderr
+
+
+def test_a_device_this_machine_lacks_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--device", "cuda", "--out", "unused.json"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("python -m kdexp.bench: error: --device=cuda but no CUDA device is visible; "
+                                       "use --device=cpu\n")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import os
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +37,12 @@ CHANNELS_LAST_NEEDS_CUDA = ("execution.channels_last=true needs a CUDA device: t
                             "and crashes at 4 channels (torch 2.14.1, measured); use execution.channels_last=null")
 COMPILE_NEEDS_CUDA = ("execution.compile=true needs a CUDA device: it captures CUDA graphs, and on the CPU "
                       "torch.compile takes minutes per batch shape for no gain; use execution.compile=null")
+# experiment_name is a folder under paths.output_dir (and a SLURM job name): one plain folder name.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# A run label's folder names keep these characters; each run of others (a separator, a space, a
+# quote, a `$`), of `..` or a leading dot becomes one `_`. `~` is not kept: only a replaced name has one.
+_NOT_IN_DIR_NAME = re.compile(r"(?:\.\.|^\.|[^A-Za-z0-9._,=+\-\[\]])+")
+DIR_NAME_MAX = 200  # + `~` and 8 hex digits: within the 255 bytes of a file name
 
 
 @dataclass
@@ -168,6 +176,7 @@ def register_configs() -> None:
     """Schemas under `conf/<group>/base.yaml`'s name, so YAML typos and wrong types fail early."""
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
+    cs.store(group="hydra/job_logging", name="kdexp", node=JOB_LOGGING)
     schedules.register(cs)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
@@ -179,7 +188,7 @@ def register_configs() -> None:
     for method in [*method_classes(), *site_method_classes()]:
         cs.store(group="method", name=f"base_{method.name}", node=method.Config)
     for name, resolver in (("kdexp.run_label", run_label), ("kdexp.label_excluded_keys", label_excluded_keys),
-                           ("kdexp.metadata_dir", hydra_metadata_dir)):
+                           ("kdexp.metadata_dir", hydra_metadata_dir), ("kdexp.log_handlers", job_log_handlers)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -210,12 +219,34 @@ def site_method_classes() -> list[type[methods.DistillationMethod]]:
     return found
 
 
-def hydra_metadata_dir(run_dir: str, retry_failed: bool) -> str | None:
-    """`hydra.output_subdir`: `.hydra`, or None (Hydra then writes nothing) when this start will
-    skip a finished run, so `.hydra/config.yaml` stays the config that made its result: a grid
-    resubmitted with, say, another trainer.device, or v2's seed-0 final (its selection run); or when
-    another live process holds the run dir (this start will be refused, that run's config stays)."""
-    return None if kept_result(Path(run_dir), retry_failed) or runlock.holder(run_dir) else ".hydra"
+def hydra_metadata_dir(run_dir: str, retry_failed: bool, dry_run: bool) -> str | None:
+    """`hydra.output_subdir`: `.hydra`, or None (Hydra then writes nothing): for a dry run, which
+    leaves nothing in a run dir for analysis to count; when this start will skip a finished run, so
+    `.hydra/config.yaml` stays the config that made its result: a grid resubmitted with, say, another
+    trainer.device, or v2's seed-0 final (its selection run); or when another live process holds the
+    run dir (this start will be refused, that run's config stays)."""
+    if dry_run or kept_result(Path(run_dir), retry_failed) or runlock.holder(run_dir):
+        return None
+    return ".hydra"
+
+
+# `hydra/job_logging=kdexp`: Hydra's default (the terminal, and train.log in the run dir), but a dry
+# run logs to the terminal only. The file is opened on the first line logged (delay), so the file
+# handler, built whether or not the root uses it, makes no train.log in a dry run.
+JOB_LOGGING = {
+    "version": 1,
+    "formatters": {"simple": {"format": "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple", "stream": "ext://sys.stdout"},
+                 "file": {"class": "logging.FileHandler", "formatter": "simple", "delay": True,
+                          "filename": "${hydra.runtime.output_dir}/${hydra.job.name}.log"}},
+    "root": {"level": "INFO", "handlers": "${kdexp.log_handlers:${dry_run}}"},
+    "disable_existing_loggers": False,
+}
+
+
+def job_log_handlers(dry_run: bool) -> list[str]:
+    """The job log's handlers (JOB_LOGGING): no train.log for a dry run."""
+    return ["console"] if dry_run else ["console", "file"]
 
 
 def run_role(cfg: DictConfig) -> str:
@@ -226,16 +257,40 @@ def run_role(cfg: DictConfig) -> str:
 
 def run_label(*, _root_: DictConfig) -> str:
     """`teacher/resnet34/seed0`, `baseline/resnet18/seed1` or `resnet50-to-resnet18/logit_a0.5_T4/seed2`,
-    plus any other command-line override, so runs of different configs never share a directory."""
+    plus any other command-line override, so runs of different configs never share a directory.
+    Hydra makes this dir before kdexp validates a value, so each part is made one folder name here:
+    no value (`teacher.ckpt=../../x`, `model.arch=a/b`) puts a run dir outside its experiment's."""
     cfg = _root_
     role = run_role(cfg)
     if role == "student":
-        head = f"{cfg.teacher.arch}-to-{cfg.model.arch}/{method_tag(cfg.method)}"
+        parts = [f"{cfg.teacher.arch}-to-{cfg.model.arch}", method_tag(cfg.method)]
     else:
-        head = f"{role}/{cfg.model.arch}"
-    label = f"{head}/seed{cfg.seed}"
+        parts = [role, f"{cfg.model.arch}"]
+    parts.append(f"seed{cfg.seed}")
     extra = OmegaConf.select(cfg, "hydra.job.override_dirname", default="")
-    return f"{label}/{extra}" if extra else label
+    if extra:
+        parts.append(extra)
+    return "/".join(map(dir_name, parts))
+
+
+def dir_name(text: str) -> str:
+    """`text` as one folder name: itself when it is one already (`trainer.epochs=3,trainer.lr=0.05`);
+    else with `_` for separators, `..` and other characters a shell or a path reads specially,
+    shortened to DIR_NAME_MAX, and `~` and a hash of `text` appended, so distinct values keep
+    distinct dirs (`teacher.ckpt=/data/r34.pt` names `teacher.ckpt=_data_r34.pt~<hash>`)."""
+    kept = _NOT_IN_DIR_NAME.sub("_", text)
+    if kept == text and len(text) <= DIR_NAME_MAX:
+        return text
+    return f"{kept[:DIR_NAME_MAX]}~{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def experiment_name_problem(name: str) -> str | None:
+    """Why `experiment_name` cannot name the experiment's folder under paths.output_dir; None if it can."""
+    if SAFE_NAME.fullmatch(name):
+        return None
+    return (f"experiment_name={name!r} must be one folder name (letters, digits, '.', '_', '-'; starting with a "
+            f"letter or digit; at most 100 characters): it names the folder under paths.output_dir, e.g. "
+            f"experiment_name=my_study")
 
 
 def method_tag(method_cfg: DictConfig) -> str:
@@ -365,6 +420,8 @@ def _check_network(key: str, net: DictConfig, num_classes: int) -> nn.Module:
 def validate(cfg: DictConfig) -> Any:
     """Check the composed config; returns the (unbound) method so it is built only once."""
     check_known_keys(cfg)
+    problem = experiment_name_problem(cfg.experiment_name)
+    _check(problem is None, problem)
     m, t, tr = cfg.model, cfg.teacher, cfg.trainer
     _check_seed("seed", cfg.seed)
     _check_data(cfg.data)

@@ -1,6 +1,8 @@
 """The command line's config composed once before Hydra runs it, so that a misspelt option, key or
 value is one line naming the override, what is wrong and the nearest valid choice, instead of
-Hydra's multi-line report (and its exit code 1, which kdexp keeps for failed training).
+Hydra's multi-line report (and its exit code 1, which kdexp keeps for failed training). What Hydra
+itself acts on before any kdexp code runs is checked here too: the experiment's folder name (Hydra
+makes the run dir) and a swept dry_run (Hydra picks the launcher once for the whole multirun).
 
 A multirun is composed once per value of each swept override (the other overrides at their first
 value), not once per job: every value is checked, for about a third of a second per composition.
@@ -15,8 +17,11 @@ from hydra._internal.utils import get_args_parser  # the parser hydra.main reads
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from kdexp import dry_run
+from kdexp.config import experiment_name_problem
 
 SCHEMA_PREFIX = "base_"  # kdexp.config's structured schemas, stored in each group: not choices for a user
 # Sweeps whose values only the sweeper knows (glob over the group, intervals for an optimiser).
@@ -24,8 +29,8 @@ _UNLISTED = (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP)
 
 
 def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> str | None:
-    """Why the config `argv` (kdexp.train's command line) asks for cannot be composed; None when
-    it can, or when the command line is for Hydra itself (--help, --info, another config dir)."""
+    """Why the config `argv` (kdexp.train's command line) asks for cannot be composed or launched;
+    None when it can, or when the command line is for Hydra itself (--help, --info, another config dir)."""
     args = get_args_parser().parse_args(list(argv))
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir \
             or args.config_path or args.experimental_rerun:
@@ -38,10 +43,22 @@ def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> st
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for trial in _trials(overrides):
             try:
-                compose(name, overrides=trial, return_hydra_config=True)
+                cfg = compose(name, overrides=trial, return_hydra_config=True)
+                problem = _hydra_problem(cfg, overrides)
             except HydraException as err:
                 return _describe(err, trial, name)
+            except OmegaConfBaseException as err:  # e.g. an interpolation in experiment_name
+                return _summary(err)
+            if problem:
+                return problem
     return None
+
+
+def _hydra_problem(cfg: DictConfig, overrides: list[Override]) -> str | None:
+    """What Hydra would act on wrongly before kdexp's own checks run: a swept dry_run (it picks the
+    launcher once for the whole multirun) and the experiment's folder name (it makes the run dir)."""
+    return dry_run.sweep_problem(overrides, cfg.hydra.sweeper.get("params") or {}) or \
+        experiment_name_problem(cfg.experiment_name)
 
 
 def _trials(overrides: list[Override]) -> list[list[str]]:

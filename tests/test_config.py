@@ -1,16 +1,21 @@
 """The config tree: the 81-job grid expands exactly, runs never share a directory, and every bad
 input gives one specific message and a non-zero exit."""
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
 
-from helpers import REPO, compose_cfg, run_train
+from helpers import CONF, REPO, compose_cfg, run_train
+from job_record import job_args, recorded
+from kdexp import config as kdexp_config
 from kdexp.config import ConfigError, validate
+from kdexp.dry_run import DryRunStaysLocal
 from kdexp.preflight import config_problem
 from kdexp.train import CONFIG_DIR
 
@@ -18,17 +23,22 @@ PAIRS = {"r34_to_r18": ("resnet34", "resnet18"), "r50_to_r18": ("resnet50", "res
          "r50_to_r34": ("resnet50", "resnet34")}
 
 
-def _job_configs(root: Path) -> dict[Path, dict]:
-    # Hydra saves the config unresolved; interpolations resolve within the file itself.
-    return {p.parent.parent: OmegaConf.to_container(OmegaConf.load(p), resolve=True)
-            for p in root.rglob(".hydra/config.yaml")}
+def _job_configs(out: Path) -> dict[Path, dict]:
+    """{run dir: resolved config} of every job that dry_run(out, ...) ran."""
+    return recorded(_records(out))
+
+
+def _records(out: Path) -> Path:
+    return out.with_name(f"{out.name}.jobs")  # beside `out`: a dry run leaves nothing in it
 
 
 def dry_run(out: Path, fake_root: Path, *overrides: str) -> subprocess.CompletedProcess:
     """A dry-run multirun with data present (fake files in CIFAR-10's format), into `out`, where
-    no teacher exists: a student grid's dry run reports them missing (exit 2), a teacher's is clean."""
+    no teacher exists: a student grid's dry run reports them missing (exit 2), a teacher's is clean.
+    Its jobs are recorded (_job_configs), as they write nothing into their run dirs."""
+    record, env = job_args(_records(out))
     return run_train("-m", *overrides, "dry_run=true", f"paths.output_dir={out}", f"data.root={fake_root}",
-                     "data.verify_md5=false", timeout=900)
+                     "data.verify_md5=false", *record, env=env, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +60,9 @@ def test_the_single_multirun_command_expands_81_logit_jobs(paper_v1_logit):
     assert tuples == expected
     assert all(c["data"]["val_size"] == 0 and c["trainer"]["epochs"] == 100 for c in configs.values())
     assert "multirun summary: 81 dry_run" in proc.stdout + proc.stderr
-    assert "result.json" not in {p.name for p in out.rglob("*")}
+    # no run dir, no .hydra/, no train.log: analysis finds nothing of a dry run
+    assert [p.relative_to(out) for p in out.rglob("*") if p.is_file()] == [Path("paper_v1/multirun.yaml")]
+    assert not any(d.exists() for d in configs)
 
 
 def test_dry_run_reports_the_missing_teacher_with_its_path(paper_v1_logit):
@@ -94,14 +106,58 @@ def test_every_method_argument_names_the_run_dir_through_the_methods_run_tag(tmp
     proc = dry_run(tmp_path, fake_root, "pair=r34_to_r18", "method=feature", "method.clip_projection=false",
                    "method.normalize_by_teacher_std=true,false", "trainer.epochs=3")
     assert proc.returncode == 2 and "dry run: 2 jobs would fail" in proc.stdout, proc.stderr[-3000:]
+    record, env = job_args(_records(tmp_path))
     proc = run_train("pair=r34_to_r18", "method=logit", "method.T=2", "method.alpha=0.5", "dry_run=true",
-                     f"paths.output_dir={tmp_path}", f"data.root={fake_root}", "data.verify_md5=false")
+                     f"paths.output_dir={tmp_path}", f"data.root={fake_root}", "data.verify_md5=false", *record,
+                     env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     dirs = sorted(str(d.relative_to(tmp_path)) for d in _job_configs(tmp_path))
     assert dirs == ["paper_v2/resnet34-to-resnet18/feature_a0.5_b0.5_clip_projection-false/seed0/trainer.epochs=3",
                     "paper_v2/resnet34-to-resnet18/feature_a0.5_b0.5_clip_projection-false_normalize_by_teacher_std-true"
                     "/seed0/trainer.epochs=3",
                     "paper_v2/resnet34-to-resnet18/logit_a0.5_T2/seed0"]
+
+
+def _run_dir(*overrides: str) -> Path:
+    """Where Hydra would make this run's dir (hydra.run.dir), normalised as the kernel reads it."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/out", *overrides], return_hydra_config=True)
+    return Path(os.path.normpath(cfg.hydra.run.dir))
+
+
+@pytest.mark.parametrize("override", ["teacher.ckpt=../../../../../../../../x", "teacher.ckpt=/data/r34.pt",
+                                      "model.arch=../../x", "teacher.ckpt='a b/$HOME/.hydra'"])
+def test_no_value_puts_a_run_dir_outside_its_experiment_or_in_nested_dirs(override):
+    """Hydra makes the run dir before kdexp validates a value: every part of the label is one folder."""
+    run_dir = _run_dir("experiment=baseline", override)
+    assert run_dir.parent.parent.parent.parent == Path("/out/paper_v2")  # role/arch/seed/overrides: 4 folders
+    assert not any(part.startswith(".") for part in run_dir.parts)
+
+
+def test_a_replaced_value_keeps_a_readable_dir_name_of_its_own():
+    names = [_run_dir("experiment=baseline", f"teacher.ckpt={v}").name for v in ("/a/b.pt", "/a_b.pt", "_a_b.pt")]
+    assert names[0].startswith("teacher.ckpt=_a_b.pt~") and names[2] == "teacher.ckpt=_a_b.pt"
+    assert len(set(names)) == 3
+    long = _run_dir("experiment=baseline", f"trainer.lr={'1' * 300}").name  # a folder name has 255 bytes at most
+    assert len(long) < 255 and long.startswith("trainer.lr=111")
+
+
+def test_a_method_run_tag_is_one_folder_too(monkeypatch):
+    monkeypatch.setattr(kdexp_config, "method_tag", lambda method: "mine_note-../../x")  # a site method's str argument
+    run_dir = _run_dir("pair=r34_to_r18", "method=logit")
+    assert run_dir.parent.parent == Path("/out/paper_v2/resnet34-to-resnet18") and run_dir.name == "seed0"
+    assert run_dir.parent.name.startswith("mine_note-_x~")
+
+
+def test_a_dry_run_writes_nothing_and_no_dir_outside_the_outputs(tmp_path, fake_root):
+    """A value that climbs out of the tree (`teacher.ckpt=../../...`) made its run dir, .hydra/ and
+    train.log outside paths.output_dir; a dry run leaves no run dir, .hydra/ or train.log at all."""
+    out = tmp_path / "out"
+    proc = run_train("experiment=baseline", "dry_run=true", f"teacher.ckpt={'../' * 7}x", f"paths.output_dir={out}",
+                     f"data.root={fake_root}", "data.verify_md5=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"into {out}/paper_v2/baseline/resnet18/seed0/teacher.ckpt=_x~" in proc.stdout  # the report still says
+    assert list(tmp_path.rglob("*")) == [out]
 
 
 def test_recipe_defaults_are_the_study():
@@ -130,6 +186,7 @@ def test_recipe_defaults_are_the_study():
     (["model=resnet8x4", "model.stem=imagenet"], "model: stem='imagenet' is not available for resnet8x4"),
     (["model=mobilenetv2", "model.width=1"], "model: width=1 is too small for mobilenetv2"),
     (["model.stem=fancy"], "model.stem='fancy'"),
+    (["experiment_name=../x"], "experiment_name='../x' must be one folder name"),  # e.g. a study's plan
 ])
 def test_bad_values_give_one_specific_error(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -190,8 +247,46 @@ def test_a_config_that_cannot_compose_is_named_before_hydra_runs(argv, message):
     assert config_problem(argv, CONFIG_DIR, "train").startswith(message)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["experiment_name=../../elsewhere"], "experiment_name='../../elsewhere' must be one folder name (letters, digits, "
+                                          "'.', '_', '-'; starting with a letter or digit; at most 100 characters)"),
+    (["-m", "experiment_name=mine,a/b"], "experiment_name='a/b' must be one folder name"),  # every value
+    (["-m", "dry_run=true,false"], "dry_run=true,false: dry_run cannot be swept: a multirun is a dry run or a real "
+                                   "one, and the launcher is chosen for all of its jobs at once"),
+    (["-m", "seed=0,1", "dry_run=choice(true,false)"], "dry_run=choice(true,false): dry_run cannot be swept"),
+])
+def test_what_hydra_acts_on_before_kdexp_runs_is_refused_before_it_runs(argv, message):
+    """Hydra makes the run dir under experiment_name, and picks one launcher for the whole multirun
+    (a swept dry_run submitted every job, the dry ones too), before any kdexp code runs."""
+    assert config_problem(argv, CONFIG_DIR, "train").startswith(message)
+
+
+def test_dry_run_set_by_the_sweeper_is_refused(tmp_path, monkeypatch):
+    """A sweep in a config file (as kd_grid's) sets a job's dry_run, never the multirun's."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "dry_grid.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      dry_run: true,false\n")
+    monkeypatch.setenv("KDEXP_SITE_DIR", str(tmp_path))
+    assert config_problem(["-m", "experiment=dry_grid"], CONFIG_DIR, "train").startswith(
+        "hydra.sweeper.params.dry_run=true,false: dry_run cannot be swept")
+
+
+def test_a_multirun_that_sweeps_dry_run_is_refused_by_its_callback_too(capsys):
+    """Without preflight (kdexp.train.main called directly): the multirun's own config has dry_run
+    at its default, so the callback reads the sweep from the command line's overrides."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=local"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = ["seed=0,1", "dry_run=true,false"]
+    with pytest.raises(SystemExit) as exit_:
+        DryRunStaysLocal().on_multirun_start(cfg)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("kdexp: invalid config: dry_run=true,false: dry_run cannot be swept")
+
+
 def test_every_sweep_value_and_site_option_composes_before_the_run(monkeypatch):
     assert config_problem(["-m", "experiment=paper_v1", "seed=0,1", "method.T=2,4"], CONFIG_DIR, "train") is None
+    assert config_problem(["-m", "experiment_name=my_study.v2-1", "dry_run=true"], CONFIG_DIR, "train") is None
     monkeypatch.setenv("KDEXP_SITE_DIR", str(REPO / "tests" / "cluster"))
     assert config_problem(["hydra/launcher=slurm_local"], CONFIG_DIR, "train") is None
     assert "(did you mean slurm_local?)" in config_problem(["hydra/launcher=slurm_locl"], CONFIG_DIR, "train")

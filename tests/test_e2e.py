@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import REPO, TINY, compose_cfg, run_train, student_args, without_timing
+from job_record import job_args, recorded
 from kdexp.records import read_metrics, read_result
 
 # Width 8: a width-4 Feature-KD student barely moves in 3 epochs (measured: 22% vs 45% at width 8).
@@ -182,8 +183,11 @@ def test_analysis_turns_real_runs_into_the_key_results_table(method_runs, teache
 
 def test_corrupt_last_checkpoint_is_a_clear_failure(tmp_path, fake_root):
     args = (*TINY, f"data.root={fake_root}", f"paths.output_dir={tmp_path}", "experiment=baseline", "dry_run=true")
-    assert run_train(*args).returncode == 0  # creates the run dir
-    run_dir = next(tmp_path.rglob(".hydra")).parent
+    jobs = tmp_path.with_name(f"{tmp_path.name}.jobs")
+    record, env = job_args(jobs)
+    assert run_train(*args, *record, env=env).returncode == 0  # says where the run would write
+    [run_dir] = recorded(jobs)
+    run_dir.mkdir(parents=True)
     (run_dir / "last.pt").write_bytes(b"not a checkpoint")
     proc = run_train(*args[:-1])
     assert proc.returncode != 0

@@ -173,11 +173,10 @@ def test_a_failed_job_with_every_swept_key_pinned_names_its_cell_and_experiment(
 
 
 def test_a_real_multirun_with_a_pinned_seed(tmp_path):
-    # The quickstart grid sweeps seed 0,1; `seed=0` on the command line pins it. A dry run: no training
-    # (its exit code says whether the teacher exists, which does not matter here), two job dirs.
-    run_train("-m", "protocol=quickstart", "experiment=quickstart", "seed=0", "dry_run=true",
-              f"paths.output_dir={tmp_path}")
+    # The quickstart grid sweeps seed 0,1; `seed=0` on the command line pins it. Both jobs fail at once
+    # for want of their teacher (no training), leaving two job dirs.
+    run_train("-m", "protocol=quickstart", "experiment=quickstart", "seed=0", f"paths.output_dir={tmp_path}")
     assert len(list((tmp_path / "quickstart").glob("*/*/seed0/.hydra/hydra.yaml"))) == 2
     cells = problem_cells(collect(tmp_path / "quickstart"))
-    assert [(c.cell, c.state) for c in cells] == [("method.T=4 method.alpha=0.3", "incomplete"),
-                                                  ("method.T=4 method.alpha=0.7", "incomplete")]
+    assert [(c.cell, c.state) for c in cells] == [("method.T=4 method.alpha=0.3", "failed"),
+                                                  ("method.T=4 method.alpha=0.7", "failed")]

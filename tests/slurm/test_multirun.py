@@ -60,7 +60,8 @@ def test_dry_run_with_a_slurm_launcher_submits_nothing(tmp_path, fake_root, slur
     accounted = subprocess.run(["sacct", "-X", "-n", "-a", f"--name={name}", "--starttime=now-1hours", "-o", "JobID"],
                                capture_output=True, text=True, check=True).stdout
     assert (queued.strip(), accounted.strip()) == ("", "")
-    assert len(run_dirs(tmp_path)) == 2 and not list(tmp_path.rglob(".submitit"))
+    assert proc.stdout.count("dry run: would train") == 2 and not list(tmp_path.rglob(".submitit"))
+    assert not list(tmp_path.rglob(".hydra"))  # a dry run writes nothing into the tree
     assert "multirun summary: 2 dry_run" in proc.stdout
     assert "instead of submitting them through hydra/launcher=slurm_local" in proc.stdout
 

@@ -1,6 +1,7 @@
 """One job, start to end: skip or resume, build, train, write the result (or the failure)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,12 +25,12 @@ from kdexp.data import (DataError, EvalBatches, Splits, build_train_batches, che
                         dataset, load_data)
 from kdexp.evaluation import accuracy, predict
 from kdexp.execution import Execution
-from kdexp.loop import Loop, NonFiniteLossError, build_optimizer
+from kdexp.loop import Loop, TeacherChanged, build_optimizer, writing
 from kdexp.schedules import build_scheduler
 from kdexp.models import build_model, count_parameters
 from kdexp.outcome import Outcome
 from kdexp.pretrained import init_missing, initialise
-from kdexp.records import kept_result, unwritable, write_result
+from kdexp.records import RESULT_FILE, kept_result, unwritable, write_result
 from kdexp.teachers import (TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command)
 
 log = logging.getLogger(__name__)
@@ -65,34 +67,52 @@ def _start(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     export = resolve_teacher_export_path(cfg) if cfg.export_teacher else None
     if export is not None:  # before training, not after 200 epochs
         check_writable(export.parent, "the teacher export")
-        check_export_is_ours(export, run_dir)
+        with owning_export(export, run_dir):
+            pass  # claimed: other runs of this teacher are refused while this one runs, and once it completed
     started = time.time()
     loop = None
     try:
         loop, images, init = _build(cfg, method, execution, device, run_dir)
-        loop.resume()
+        try:
+            loop.resume()
+        except TeacherChanged as err:
+            raise CannotStart(str(err)) from None
         state = loop.fit()
         result = {**_result(cfg, method, loop, state, started), "init": init}
-        if loop.teacher is not None:
-            path = resolve_teacher_path(cfg)
-            result["teacher"] = {"path": str(path.resolve()), "sha256": checkpoint.file_sha256(path)}
+        if loop.teacher_file is not None:
+            result["teacher"] = loop.teacher_file
         if export is not None:
             identity = data_identity(cfg.data.name, images, cfg.data.val_size, cfg.data.split_seed)
-            export_teacher(loop.student, export, cfg.seed, cfg.data, identity, state.history[-1]["test_acc"],
-                           str(run_dir), init, cfg.trainer.label_smoothing)
-            result["teacher_checkpoint"] = str(export)
-            result["teacher_checkpoint_sha256"] = checkpoint.file_sha256(export)
-            log.info("exported teacher to %s", export)
-        write_result(run_dir, result)
+            result.update(_export(loop.student, export, cfg, identity, state.history[-1]["test_acc"], run_dir, init))
+        with writing(run_dir / RESULT_FILE):
+            write_result(run_dir, result)
         return Outcome("completed")
     except KeyboardInterrupt as err:  # chained: train.log shows where it stopped
         raise Interrupted(loop.state.epoch if loop else 0) from err
+    except CannotStart:  # found before writing anything: refused, not failed
+        raise
     except Exception as err:
-        epoch = err.epoch if isinstance(err, NonFiniteLossError) else (loop.state.epoch + 1 if loop else None)
+        epoch = loop.failed_epoch() if loop else None
         _record_failure(run_dir, {**_identity(cfg, method), "status": "failed",
                                   "error": f"{type(err).__name__}: {err}", "failed_epoch": epoch,
                                   "wall_seconds": time.time() - started, **_provenance()})
         raise
+
+
+def _export(model: nn.Module, path: Path, cfg: DictConfig, identity: dict, test_acc: float, run_dir: Path,
+            init: dict | None) -> dict:
+    """Write the teacher export under its claim, checked again now; the result's record of it. A run
+    that lost its claim or finds another run's export there fails, its weights kept in its last.pt."""
+    try:
+        with owning_export(path, run_dir), writing(path):
+            export_teacher(model, path, cfg.seed, cfg.data, identity, test_acc, str(run_dir), init,
+                           cfg.trainer.label_smoothing)
+            sha256 = checkpoint.file_sha256(path)  # under the claim: the file this run wrote
+    except CannotStart as err:
+        raise TeacherError(f"{err} (this run's teacher stays in {run_dir / checkpoint.LAST}, not exported: rerun "
+                           f"with retry_failed=true to export it without retraining)") from None
+    log.info("exported teacher to %s", path)
+    return {"teacher_checkpoint": str(path), "teacher_checkpoint_sha256": sha256}
 
 
 def _record_failure(run_dir: Path, result: dict) -> None:
@@ -128,13 +148,13 @@ def restore_teacher_export(cfg: DictConfig, run_dir: Path, result: dict) -> None
     if _holds_weights(path, weights):
         return
     check_writable(path.parent, "the teacher export")
-    check_export_is_ours(path, run_dir)
     model = build_model(cfg.model.arch, cfg.model.num_classes, cfg.model.stem, cfg.model.width)
     model.load_state_dict(weights)
     images = _images(load_data(cfg.data))
     identity = data_identity(cfg.data.name, images, cfg.data.val_size, cfg.data.split_seed)
-    export_teacher(model, path, cfg.seed, cfg.data, identity, result["test_acc_final"], str(run_dir),
-                   result.get("init"), cfg.trainer.label_smoothing)
+    with owning_export(path, run_dir), writing(path):
+        export_teacher(model, path, cfg.seed, cfg.data, identity, result["test_acc_final"], str(run_dir),
+                       result.get("init"), cfg.trainer.label_smoothing)
     log.info("re-exported teacher %s from %s (the run is complete; not retrained)", path, last)
 
 
@@ -166,7 +186,34 @@ def check_export_is_ours(path: Path, run_dir: Path) -> None:
     if owner is not None and Path(owner).resolve() != run_dir.resolve():
         raise CannotStart(f"teacher export {path} already holds the teacher trained in {owner}, which students "
                           f"of this identity load; keep it and export this one elsewhere (paths.teachers_dir=...), "
-                          f"or delete it to replace it")
+                          f"or delete it and {runlock.claim_file(path)} to replace it")
+
+
+@contextlib.contextmanager
+def owning_export(path: Path, run_dir: Path) -> Iterator[None]:
+    """Claim teacher export `path` for `run_dir` (kdexp.runlock.claim) and hold it while the block
+    checks or writes the export; CannotStart while another run keeps the claim or the export holds
+    another run's teacher."""
+    try:
+        with runlock.claim(path, run_dir):
+            check_export_is_ours(path, run_dir)
+            yield
+    except runlock.Claimed as err:
+        check_export_is_ours(path, run_dir)  # another run's export in place says more than its claim
+        raise CannotStart(_claimed(path, err.owner, err.state)) from None
+
+
+def check_export_unclaimed(path: Path, run_dir: Path) -> None:
+    """The dry run's look at the claim (takes nothing): CannotStart while another run keeps it."""
+    other = runlock.claimant(path, run_dir)
+    if other:
+        raise CannotStart(_claimed(path, *other))
+
+
+def _claimed(path: Path, owner: str, state: str) -> str:
+    return (f"teacher export {path} is claimed by the teacher run in {owner}, which {state}; export this one "
+            f"elsewhere (paths.teachers_dir=...), or delete {runlock.claim_file(path)} to let this run replace "
+            f"its teacher")
 
 
 def resolve_teacher_export_path(cfg: DictConfig) -> Path:
@@ -206,6 +253,7 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
             export = resolve_teacher_export_path(cfg)
             check_writable(export.parent, "the teacher export")
             check_export_is_ours(export, run_dir)
+            check_export_unclaimed(export, run_dir)
         except CannotStart as err:
             problems.append(str(err))
     busy = runlock.holder(run_dir)
@@ -251,20 +299,25 @@ def _build(cfg: DictConfig, method, execution: Execution, device: torch.device,
     the student's initial weights as `kdexp.pretrained.initialise` records them (None: from scratch)."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     splits = load_data(cfg.data)
-    teacher = execution.prepare(load_teacher(cfg, device, _images(splits))) if method.needs_teacher else None
-    teacher_logits = None
+    teacher, teacher_file, teacher_logits = None, None, None
+    if method.needs_teacher:
+        teacher = execution.prepare(load_teacher(cfg, device, _images(splits)))
+        path = resolve_teacher_path(cfg)
+        teacher_file = {"path": str(path.resolve()), "sha256": checkpoint.file_sha256(path)}
     if execution.teacher_cache:
         teacher_logits = teacher_cache.load_or_build(resolve_teacher_path(cfg), teacher, splits.train_x, execution,
                                                      cfg.data.image_size, splits.layout)
-    loop = build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits)
+    loop = build_loop(cfg, method, execution, splits, teacher, device, run_dir, teacher_logits, teacher_file)
     # in place, before any step (a resumed run then loads its last.pt over it)
     init = initialise(loop.student, cfg.model.init) if cfg.model.init else None
     return loop, _images(splits), init
 
 
 def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, teacher: nn.Module | None,
-               device: torch.device, run_dir: Path, teacher_logits: torch.Tensor | None = None) -> Loop:
-    """The loop from data and teacher in memory (shared with kdexp.bench)."""
+               device: torch.device, run_dir: Path, teacher_logits: torch.Tensor | None = None,
+               teacher_file: dict | None = None) -> Loop:
+    """The loop from data and teacher in memory (shared with kdexp.bench); `teacher_file`: the
+    teacher checkpoint's {"path", "sha256"}, which last.pt records and a resume checks."""
     d = cfg.data
     # The student's initial weights depend on the seed alone (not on whether a teacher was built
     # first), so seed i of a KD run and of its baseline start alike: the seed-paired comparison.
@@ -285,7 +338,7 @@ def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits, te
     teacher_test_logits = predict(teacher, test) if teacher is not None else None
     return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.trainer.epochs), train, val, test,
                 cfg.trainer, run_dir, teacher_test_logits=teacher_test_logits, execution=execution,
-                teacher_logits=teacher_logits)
+                teacher_logits=teacher_logits, teacher_file=teacher_file)
 
 
 def _identity(cfg: DictConfig, method) -> dict:

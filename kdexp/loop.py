@@ -2,12 +2,15 @@
 evaluate, record, checkpoint. Everything else (building, files, failure handling) lives in job.py."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +21,7 @@ from kdexp.data.loaders import Batch, EvalBatches, TrainBatches
 from kdexp.evaluation import accuracy, fidelity, per_class_accuracy, predict
 from kdexp.execution import Execution
 from kdexp.methods import DistillationMethod, ModelOutputs
-from kdexp.records import write_metrics
+from kdexp.records import METRICS_FILE, write_metrics
 from kdexp.teacher_cache import lookup
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,25 @@ class NonFiniteLossError(RuntimeError):
         remedy = "lower trainer.lr or check the teacher" if with_teacher else "lower trainer.lr"
         super().__init__(f"loss became NaN/inf in epoch {epoch}; {remedy}")
         self.epoch = epoch
+
+
+class TeacherChanged(RuntimeError):
+    """last.pt was trained from another teacher file than the one this start loads; nothing was written."""
+
+
+START_OVER = "delete it to start this run over"
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name `path` in an OSError raised while writing it: a full disk's ENOSPC comes from a write()
+    that names no file (or from the temporary file beside it), and the one-line error says which file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename == str(path):
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -87,7 +109,9 @@ class Loop:
     teacher_test_logits: torch.Tensor | None = None
     execution: Execution = field(default_factory=Execution)
     teacher_logits: torch.Tensor | None = None  # the teacher-logit cache: replaces the live teacher in training
+    teacher_file: dict | None = None  # {"path", "sha256"} of the teacher checkpoint it distils from (None: no teacher)
     state: TrainState = field(default_factory=TrainState)
+    _epoch: int | None = field(default=None, init=False, repr=False)  # the epoch being trained or checkpointed
 
     def __post_init__(self) -> None:
         self._compiled = self.execution.compiled(self.losses, self.trainer.deterministic) \
@@ -97,6 +121,7 @@ class Loop:
         if self.state.stopped_early_epoch is not None:  # resumed after it stopped: it is done
             return self.state
         for epoch in range(self.state.epoch + 1, self.trainer.epochs + 1):
+            self._epoch = epoch
             self.method.start_epoch(epoch, self.trainer.epochs)  # a resumed run's first epoch too
             row = self.train_epoch(epoch)
             if epoch % self.trainer.eval_every == 0 or epoch == self.trainer.epochs:
@@ -107,13 +132,18 @@ class Loop:
                 self.state.stopped_early_epoch = epoch
             self.scheduler.step()
             self.save()  # first: metrics.jsonl never shows an epoch that a resume would redo
-            write_metrics(self.run_dir, self.state.history)
+            self._write_metrics()
             log.info(_epoch_line(row, self.trainer.epochs))
             if self.state.stopped_early_epoch is not None:
                 log.info("stopping early after epoch %d: no better val accuracy in %d evaluations since epoch %d",
                          epoch, self.trainer.early_stopping, self.state.best_val["epoch"])
                 break
         return self.state
+
+    def failed_epoch(self) -> int:
+        """The epoch a failure now belongs to (result.json's `failed_epoch`): the one being trained or
+        checkpointed (its epoch counter already advanced); after training, the last; before, the first."""
+        return self._epoch or max(self.state.epoch, 1)
 
     def patience_ran_out(self) -> bool:
         """trainer.early_stopping: that many evaluations since the best val accuracy (ties are no gain)."""
@@ -205,21 +235,50 @@ class Loop:
         return row
 
     def save(self) -> None:
-        checkpoint.save(self.run_dir / checkpoint.LAST, {
-            "student": self.student.state_dict(), "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "state": self.state.__dict__, "rng": checkpoint.rng_state(),
-        })
+        path = self.run_dir / checkpoint.LAST
+        with writing(path):
+            checkpoint.save(path, {
+                "student": self.student.state_dict(), "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "state": self.state.__dict__, "rng": checkpoint.rng_state(), "teacher": self.teacher_file,
+            })
+
+    def _write_metrics(self) -> None:
+        with writing(self.run_dir / METRICS_FILE):
+            write_metrics(self.run_dir, self.state.history)
 
     def resume(self) -> bool:
-        """Continue from last.pt if the run dir has one; returns whether it did."""
+        """Continue from last.pt if the run dir has one; returns whether it did. Raises TeacherChanged
+        (before writing anything) when last.pt was trained from another teacher file, and
+        CheckpointError saying to delete it when it is damaged or does not fit this run."""
         path = self.run_dir / checkpoint.LAST
         if not path.exists():
             return False
+        ckpt = _read_last(path, next(self.student.parameters()).device)
+        self._check_teacher(ckpt, path)
         try:
-            ckpt = checkpoint.load(path, map_location=next(self.student.parameters()).device)
-        except checkpoint.CheckpointError as err:
-            raise checkpoint.CheckpointError(f"{err}; delete it to start this run over") from None
+            self._restore(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # another kdexp's or another run's file
+            raise checkpoint.CheckpointError(f"{path} does not fit this run ({_first_line(err)}); "
+                                             f"{START_OVER}") from None
+        self._write_metrics()  # the log as of this checkpoint
+        log.info("resuming %s after epoch %d", self.run_dir, self.state.epoch)
+        return True
+
+    def _check_teacher(self, ckpt: dict, path: Path) -> None:
+        """A resume (or a requeued job) distils from the very teacher file its epochs so far did."""
+        if "teacher" not in ckpt:
+            if self.teacher_file is not None:
+                log.warning("%s records no teacher (written before kdexp recorded it): resuming without checking "
+                            "that it was trained from %s", path, self.teacher_file["path"])
+            return
+        before = ckpt["teacher"]
+        if (before or {}).get("sha256") != (self.teacher_file or {}).get("sha256"):
+            raise TeacherChanged(f"{path} was trained from teacher {_named(before)}, but this start loads "
+                                 f"{_named(self.teacher_file)}: resume with the teacher it started with "
+                                 f"(paths.teachers_dir, teacher.ckpt), or {START_OVER} with this one")
+
+    def _restore(self, ckpt: dict) -> None:
         self.student.load_state_dict(ckpt["student"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -228,9 +287,36 @@ class Loop:
         self.state = TrainState()
         self.state.__dict__.update(ckpt["state"])
         checkpoint.set_rng_state(ckpt["rng"])
-        write_metrics(self.run_dir, self.state.history)  # the log as of this checkpoint
-        log.info("resuming %s after epoch %d", self.run_dir, self.state.epoch)
-        return True
+
+
+def _read_last(path: Path, device: torch.device) -> dict:
+    """last.pt's contents, or CheckpointError saying to delete it. The zip's CRCs are checked first:
+    torch.load does not, and a damaged byte in the weights loads as a network that trains into NaN
+    (a failure that retry_failed=true repeats, blaming the learning rate)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception:  # not a readable zip at all: checkpoint.load says why
+        damaged = None
+    if damaged:
+        raise checkpoint.CheckpointError(f"{path} is damaged ({damaged} fails its CRC check); {START_OVER}")
+    try:
+        ckpt = checkpoint.load(path, map_location=device)
+    except checkpoint.CheckpointError as err:
+        raise checkpoint.CheckpointError(f"{err}; {START_OVER}") from None
+    if not isinstance(ckpt, dict):
+        raise checkpoint.CheckpointError(f"{path} does not fit this run (it holds a {type(ckpt).__name__}); "
+                                         f"{START_OVER}")
+    return ckpt
+
+
+def _named(teacher: dict | None) -> str:
+    return f"{teacher['path']} (sha256 {teacher['sha256'][:16]})" if teacher else "no teacher"
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:

@@ -106,10 +106,50 @@ def test_another_run_of_the_same_teacher_never_replaces_its_export(tmp_path, dat
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert _only_line(proc.stderr) == (
             f"kdexp: teacher export {export} already holds the teacher trained in {owner}, which students of this "
-            "identity load; keep it and export this one elsewhere (paths.teachers_dir=...), or delete it to replace it")
+            f"identity load; keep it and export this one elsewhere (paths.teachers_dir=...), or delete it and "
+            f"{export}.claim to replace it")
     assert checkpoint.file_sha256(export) == sha and not list((tmp_path / "other").rglob("result.json"))
     elsewhere = run_train(*second, f"paths.teachers_dir={tmp_path / 'other_teachers'}", env=env)
     assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+
+
+def test_two_runs_of_one_teacher_started_together_export_it_once(tmp_path, data_dir):
+    """Two teacher runs of one identity (other epochs, so other run dirs) started at once: one claims
+    the export before training and exports it, the other is refused in one line (exit 2, nothing
+    trained), and the export is the one the winner's result.json names. Each run is stopped once it
+    trains (metrics.jsonl) until the other trains or has ended: without the claim, both passed their
+    start checks and both exported, the later replacing the earlier."""
+    teachers, outs = tmp_path / "teachers", {epochs: tmp_path / f"epochs{epochs}" for epochs in (2, 3)}
+    procs = {epochs: _start((*BASE, "experiment=teacher", f"trainer.epochs={epochs}", "trainer.max_steps_per_epoch=1",
+                             f"paths.output_dir={out}", f"paths.teachers_dir={teachers}"), _env(data_dir, tmp_path))
+             for epochs, out in outs.items()}
+    stopped = set()
+
+    def each_trains_or_ended() -> bool:
+        for epochs, proc in procs.items():
+            if epochs not in stopped and proc.poll() is None and next(outs[epochs].rglob("metrics.jsonl"), None):
+                proc.send_signal(signal.SIGSTOP)
+                stopped.add(epochs)
+        return all(epochs in stopped or proc.poll() is not None for epochs, proc in procs.items())
+
+    try:
+        _wait_for(each_trains_or_ended, "both runs to train or end", 600)
+    finally:
+        for epochs in stopped:
+            procs[epochs].send_signal(signal.SIGCONT)
+    ended = {epochs: (proc.communicate(timeout=300)[1], proc.returncode) for epochs, proc in procs.items()}
+    [winner] = [epochs for epochs, (_, code) in ended.items() if code == 0]
+    [loser] = set(procs) - {winner}
+    stderr, code = ended[loser]
+    [export] = teachers.rglob("*.pt")
+    [run_dir] = [p.parent for p in outs[winner].rglob("result.json")]
+    assert code == 2 and re.fullmatch(  # the claim; or its export, had the winner ended before the loser started
+        rf"kdexp: teacher export {re.escape(str(export))} (is claimed by the teacher run in {re.escape(str(run_dir))}, "
+        rf"which is running \(pid [^)]+\)|already holds the teacher trained in {re.escape(str(run_dir))})[,;] .+",
+        _only_line(stderr)), stderr
+    assert read_result(run_dir)["teacher_checkpoint_sha256"] == checkpoint.file_sha256(export)
+    assert checkpoint.load(export)["run_dir"] == str(run_dir)
+    assert not [p for p in outs[loser].rglob("*") if p.name in ("result.json", "last.pt")]
 
 
 def test_lost_or_replaced_teacher_export_is_restored_without_retraining(tmp_path, data_dir):

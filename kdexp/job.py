@@ -234,7 +234,7 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
         return Outcome("dry_run")
     problems, train_teacher = [], None
     try:
-        _check_data(cfg.data)
+        check_data_on_disk(cfg.data)
     except (DataError, CannotStart) as err:
         problems.append(str(err))
     missing = init_missing(cfg.model.init, cfg.model.arch) if cfg.model.init else None
@@ -262,7 +262,7 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     return Outcome("dry_run", "; ".join(problems) or None, train_teacher)
 
 
-def _check_data(d: DictConfig) -> None:
+def check_data_on_disk(d: DictConfig) -> None:
     """The dry run's cheap data check: generated data can be written, real data is on disk."""
     if dataset(d.name).generated:
         check_writable(Path(d.root), "the generated data")

@@ -79,7 +79,7 @@ from omegaconf import OmegaConf
 
 from kdexp.data import DataError
 from kdexp.job import CannotStart, resolve_teacher_export_path
-from kdexp.job import _check_data as check_job_data  # the job dry run's data check (to be made public)
+from kdexp.job import check_data_on_disk  # the job dry run's data check
 from kdexp.records import atomic_write_json, read_result
 from launch import check, epoch_time, sbatch
 from launch.plan import (PROTOCOLS, Canary, Driver, Job, OneLineParser, Plan, PlanError, build_plan, estimate,
@@ -226,7 +226,7 @@ def check_data(plan: Plan) -> None:
                 continue
             seen.add(key)
             try:
-                check_job_data(job.cfg.data)
+                check_data_on_disk(job.cfg.data)
             except (DataError, CannotStart) as err:
                 raise PlanError(f"stage {d.stage} ({job.describe()}): {err}") from err
 

@@ -64,3 +64,24 @@ def test_a_truncated_cifar100_file_is_named_and_md5_rejects_unofficial_files(tmp
     (folder / "test").write_bytes((folder / "test").read_bytes()[:1000])
     with pytest.raises(DataError, match=r"cifar-100-python/test \("):
         load_splits(tmp_path, 0, 1234, verify_md5=False, generated=True, layout=CIFAR100_LAYOUT)
+
+
+class _Payload:
+    """A pickle that creates a file when unpickled: what a tampered batch file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_batch_file_that_fails_its_md5_is_never_unpickled(tmp_path):
+    """Issue 18: naming the bad file must not unpickle one whose md5 is wrong (it could run code)."""
+    import pickle
+    folder = write_fake_cifar(tmp_path, 200, 100, layout=CIFAR100_LAYOUT)
+    marker = tmp_path / "payload-ran"
+    (folder / "train").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(DataError, match=r"cifar-100-python/train \(does not match its md5 checksum; not read\)"):
+        load_splits(tmp_path, 0, 1234, verify_md5=True, layout=CIFAR100_LAYOUT)
+    assert not marker.exists()

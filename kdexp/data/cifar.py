@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,16 @@ def _missing_message(root: Path, layout: Layout) -> str:
     )
 
 
-def _find_bad_file(root: Path, layout: Layout) -> str:
-    """Name the first batch file that cannot be unpickled into CIFAR's dict, for a clear error."""
-    for name in layout.files:
+def _find_bad_file(root: Path, layout: Layout, verify_md5: bool) -> str:
+    """Name the first batch file that fails: by its md5 where the md5 is checked (a file that fails it
+    is never unpickled: a tampered pickle could run code), else (generated data, which kdexp writes
+    itself) by what unpickling it gives."""
+    for name, md5 in layout.reader.train_list + layout.reader.test_list:
         path = root / layout.folder / name
+        if verify_md5:
+            if not check_integrity(str(path), md5):
+                return f"{path} (does not match its md5 checksum; not read)"
+            continue
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
@@ -113,7 +120,7 @@ def _find_bad_file(root: Path, layout: Layout) -> str:
                 return f"{path} (images and labels differ in length)"
         except Exception as err:  # any unpickling failure means this file is the bad one
             return f"{path} ({type(err).__name__}: {err})"
-    return f"{root / layout.folder} (files do not match their md5 checksums)"
+    return f"{root / layout.folder} (its files could not be read)"
 
 
 def _load_split(root: Path, train: bool, download: bool, verify_md5: bool, generated: bool, layout: Layout):
@@ -124,7 +131,7 @@ def _load_split(root: Path, train: bool, download: bool, verify_md5: bool, gener
             reason = f"data.download=true failed ({type(err).__name__}: {err}). " if download else ""
             raise DataError(reason + _missing_message(root, layout)) from None
         remedy = "it is generated again on the next run" if generated else "then download it again"
-        raise DataError(f"{layout.title} batch file is corrupt: {_find_bad_file(root, layout)}. "
+        raise DataError(f"{layout.title} batch file is corrupt: {_find_bad_file(root, layout, verify_md5)}. "
                         f"Delete {root / layout.folder}: {remedy}.") from None
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW, still uint8
     return x, torch.tensor(ds.targets, dtype=torch.long), tuple(ds.classes)

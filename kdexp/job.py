@@ -227,12 +227,13 @@ def resolve_teacher_export_path(cfg: DictConfig) -> Path:
 
 def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     """Say what this job would do and check what can be checked without training: the data is
-    there, the teacher exists, the teacher export dir is writable. Problems make the outcome's reason."""
+    there, the teacher exists, the teacher export dir is writable. Problems make the outcome's reason;
+    a missing teacher that a kdexp command trains is kept apart from the others (Outcome.problems)."""
     previous = kept_result(run_dir, cfg.retry_failed)
     if previous is not None:
         log.info("dry run: would skip %s: result.json says %s", run_dir, previous["status"])
         return Outcome("dry_run")
-    problems, train_teacher = [], None
+    problems, missing_teacher, train_teacher = [], None, None
     try:
         check_data_on_disk(cfg.data)
     except (DataError, CannotStart) as err:
@@ -245,9 +246,10 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
         path = resolve_teacher_path(cfg)
         found = path.is_file()
         what += f" from teacher {cfg.teacher.arch} [{path}: {'found' if found else 'MISSING'}]"
-        if not found:
+        if not found and cfg.teacher.ckpt:  # a file the user names: no kdexp command trains it
             problems.append(f"teacher {path} is missing")
-            train_teacher = None if cfg.teacher.ckpt else train_command(cfg)
+        elif not found:
+            missing_teacher, train_teacher = f"teacher {path} is missing", train_command(cfg)
     if cfg.export_teacher:
         try:
             export = resolve_teacher_export_path(cfg)
@@ -259,7 +261,8 @@ def _dry_run(cfg: DictConfig, method, run_dir: Path) -> Outcome:
     busy = runlock.holder(run_dir)
     log.info(f"dry run: would train {what} with {OmegaConf.to_container(cfg.method)} for {cfg.trainer.epochs} "
              f"epochs, seed {cfg.seed}, into {run_dir}" + (f" (running now: {busy})" if busy else ""))
-    return Outcome("dry_run", "; ".join(problems) or None, train_teacher)
+    reason = "; ".join(problems + [missing_teacher] if missing_teacher else problems) or None
+    return Outcome("dry_run", reason, train_teacher, tuple(problems))
 
 
 def check_data_on_disk(d: DictConfig) -> None:

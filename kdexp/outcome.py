@@ -24,6 +24,9 @@ class Outcome:
     status: str  # a key of EXIT_CODES
     reason: str | None = None  # one line for the user: why it failed or was refused, what a dry run found
     train_teacher: str | None = None  # dry run: the command that trains the teacher this job lacks
+    # dry run: each problem it found but the teacher that train_teacher trains, for the multirun
+    # summary to count across jobs (a problem's own text may hold "; ", so reason cannot be split)
+    problems: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import Sequence
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser  # the parser hydra.main reads its command line with
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -49,9 +50,22 @@ def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> st
                 return _describe(err, trial, name)
             except OmegaConfBaseException as err:  # e.g. an interpolation in experiment_name
                 return _summary(err)
+            except yaml.YAMLError as err:  # a config file (a site launcher, say) Hydra cannot parse
+                return yaml_problem(err)
             if problem:
                 return problem
     return None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A config file that is not valid YAML, in one line: the file, the line and what is wrong there
+    (Hydra passes PyYAML's error on as a traceback)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # a character YAML does not allow: a position, not a line (ReaderError)
+        name = getattr(err, "name", None)
+        return f"{name + ': ' if name else ''}malformed YAML: {_summary(err)}; fix that file"
+    context = f" ({err.context})" if getattr(err, "context", None) else ""
+    return f"{mark.name}, line {mark.line + 1}: malformed YAML: {err.problem}{context}; fix that file"
 
 
 def _hydra_problem(cfg: DictConfig, overrides: list[Override]) -> str | None:

@@ -35,8 +35,13 @@ def record_outcome(run_dir: Path, outcome: Outcome) -> None:
     if hc.mode != RunMode.MULTIRUN:
         return
     atomic_write_json(_folder(hc.sweep.dir) / f"{hc.job.num}.json",
-                      {**dataclasses.asdict(outcome), "exit_code": outcome.exit_code, "run_dir": str(run_dir),
-                       "overrides": list(hc.overrides.task)})
+                      outcome_record(outcome, run_dir, list(hc.overrides.task)))
+
+
+def outcome_record(outcome: Outcome, run_dir: Path, overrides: list[str]) -> dict:
+    """What a job leaves for the summary (summarize reads a list of these)."""
+    return {**dataclasses.asdict(outcome), "exit_code": outcome.exit_code, "run_dir": str(run_dir),
+            "overrides": overrides}
 
 
 def _folder(sweep_dir: str) -> Path:
@@ -58,18 +63,19 @@ def summarize(outcomes: list[dict]) -> tuple[str, int]:
     return "\n".join(lines), multirun_exit_code([o["exit_code"] for o in outcomes])
 
 
-def _dry_run_problems(problems: list[dict]) -> list[str]:
-    """One count and one command per missing teacher set, not a line per job."""
-    if not problems:
+def _dry_run_problems(failing: list[dict]) -> list[str]:
+    """A count per problem across the failing jobs (missing data: all of them), then one count and
+    one command per missing teacher set, not a line per job."""
+    if not failing:
         return []
-    commands = sorted({o["train_teacher"] for o in problems if o["train_teacher"]})
-    lines = [f"dry run: {len(problems)} jobs would fail"]
+    lines = [f"dry run: {len(failing)} jobs would fail"]
+    others = Counter(problem for o in failing for problem in o["problems"])
+    lines += [f"  {n} jobs: {problem}" for problem, n in others.items()]
+    commands = sorted({o["train_teacher"] for o in failing if o["train_teacher"]})
     if commands:
-        lines.append(f"  {sum(1 for o in problems if o['train_teacher'])} jobs need one of {len(commands)} "
+        lines.append(f"  {sum(1 for o in failing if o['train_teacher'])} jobs need one of {len(commands)} "
                      f"missing teachers; train them once with:")
         lines += [f"    {command}" for command in _merge_models(commands)]
-    others = Counter(o["reason"] for o in problems if not o["train_teacher"])
-    lines += [f"  {n} jobs: {reason}" for reason, n in others.items()]
     return lines
 
 

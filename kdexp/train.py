@@ -2,8 +2,9 @@
 or a distilled student, depending only on the composed config.
 
 Whatever goes wrong ends as one line on stderr (`kdexp: ...`) and an exit code (kdexp/outcome.py);
-the traceback goes to the run's train.log (Hydra's job log), and to the terminal too with
-HYDRA_FULL_ERROR=1. In a multirun the other jobs go on and the summary lists every job's outcome."""
+the traceback goes to the run's train.log (Hydra's job log; a dry run writes none), and to the
+terminal too with HYDRA_FULL_ERROR=1. In a multirun the other jobs go on and the summary lists
+every job's outcome."""
 from __future__ import annotations
 
 import logging
@@ -66,7 +67,14 @@ def _outcome(cfg: DictConfig, run_dir: Path) -> Outcome:
     except Exception as err:
         reason = _one_line(err)
         _log_to_file(reason, err)
-        return Outcome("failed", reason if isinstance(err, EXPECTED) else f"{reason} (traceback in {run_dir}/train.log)")
+        return Outcome("failed", reason if isinstance(err, EXPECTED) else f"{reason} ({_traceback_hint(cfg, run_dir)})")
+
+
+def _traceback_hint(cfg: DictConfig, run_dir: Path) -> str:
+    """Where an unexpected error's traceback is: a dry run writes no train.log (kdexp.config.job_log_handlers)."""
+    if cfg.dry_run:
+        return "rerun with HYDRA_FULL_ERROR=1 for its traceback"
+    return f"traceback in {run_dir}/train.log"
 
 
 def _one_line(err: Exception) -> str:

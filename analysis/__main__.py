@@ -1,7 +1,8 @@
 """python -m analysis ROOT... [--out DIR] [--format md,latex,csv,html] [--strict] [--select val|final|test]
 
 Prints the key-results table (and the per-pair and teacher-vs-student summaries) and, with --out,
-writes every table, figure and the HTML report there. --strict exits 1 when an expected cell is missing or failed.
+writes every table, figure and the HTML report there (whole, replacing an earlier report: output.py).
+Exits 1 where no run completed, and with --strict when an expected cell is missing or failed.
 """
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from kdexp import __version__
 
-from . import canary, render
+from . import canary, output, render
 from .aggregate import UNNAMED
 from .collect import collect
 from .figures import Figure, make_figures
@@ -69,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing_roots:
         print(f"error: not a directory: {', '.join(missing_roots)}", file=sys.stderr)
         return 2
+    if args.out:  # before anything is read or printed: the error is the only line
+        try:
+            output.check_out(args.out)
+        except output.Refused as err:
+            print(f"error: --out {args.out}: {err}", file=sys.stderr)
+            return 2
+        if problem := output.unwritable(args.out):
+            print(f"error: --out {args.out}: {problem}; choose a writable directory", file=sys.stderr)
+            return 1
     roots = ", ".join(map(str, args.roots))
     frame = collect(args.roots)
     if frame.empty:
@@ -79,18 +89,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         say_not_found(analysis, roots)
         if not analysis.experiments:  # nothing left to show
             return 1
-    if args.out and (problem := unwritable(args.out)):  # before the tables: the error is the last line
-        print(f"error: --out {args.out}: {problem}; choose a writable directory", file=sys.stderr)
-        return 1
     print(summary(analysis))
+    if not analysis.experiments:  # every run found is unfinished, failed, ... (listed just above)
+        of = f" of experiment {', '.join(args.experiment)}" if args.experiment else ""
+        kept = f"; nothing written to {args.out}" if args.out else ""
+        print(f"error: no completed run{of} under {roots}: {found_instead(analysis)} (listed above){kept}",
+              file=sys.stderr)
+        return 1
     if args.out:
         command = shlex.join(["python", "-m", "analysis", *(sys.argv[1:] if argv is None else argv)])
         try:
             written = write_outputs(analysis, args.out, args.formats, command)
-        except OSError as err:
-            print(f"error: --out {args.out}: cannot write {err.filename or ''} ({err.strerror or err}); "
-                  "choose a writable directory", file=sys.stderr)
+        except (OSError, output.Refused) as err:
+            why = (f"--out {args.out}: {err}" if isinstance(err, output.Refused)
+                   else f"cannot write {err.filename or args.out} ({err.strerror or err})")
+            print(f"error: {why}; no report written, {args.out} left as it was", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"interrupted: no report written, {args.out} left as it was", file=sys.stderr)
+            return 130
         print(f"\nwrote {written} to {args.out}")
     if args.strict and not analysis.complete:
         print(f"--strict: {analysis.incomplete_text()}", file=sys.stderr)
@@ -105,15 +122,10 @@ def say_not_found(analysis: Analysis, roots: str) -> None:
           f"no run of it under {roots} (experiments there: {', '.join(present)})", file=sys.stderr)
 
 
-def unwritable(out: Path) -> str | None:
-    """Why nothing can be written under `out` (checked before anything is printed or written), or None."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        return f"cannot write there ({err.strerror or err})"
-    return None
+def found_instead(analysis: Analysis) -> str:
+    """`3 incomplete, 1 failed`: the runs found where none completed, by status."""
+    counts = Counter(row[0] for row in analysis.problems.rows if row[0] != "note")
+    return ", ".join(f"{n} {status}" for status, n in counts.most_common())
 
 
 def summary(analysis: Analysis) -> str:
@@ -142,8 +154,17 @@ def summary(analysis: Analysis) -> str:
 
 
 def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: str) -> str:
-    """Every table in `formats`, every figure, runs.csv and (with html) report.html; says what it wrote."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every table in `formats`, every figure, runs.csv and (with html) report.html, replacing `out`
+    whole (output.staged); says what it wrote."""
+    with output.staged(out) as staging:
+        _write_all(analysis, staging, formats, command)
+    table_formats = [f for f in formats if f in _EXTENSIONS]
+    written = ([f"tables ({', '.join(table_formats)})"] if table_formats else []) + ["figures", "runs.csv"]
+    written += ["report.html"] if "html" in formats else []
+    return ", ".join(written[:-1]) + " and " + written[-1]
+
+
+def _write_all(analysis: Analysis, out: Path, formats: list[str], command: str) -> None:
     single = len(analysis.experiments) == 1
     figures: dict[str, list[Figure]] = {}
     for exp in analysis.experiments:
@@ -154,22 +175,17 @@ def write_outputs(analysis: Analysis, out: Path, formats: list[str], command: st
     as_json = {column: analysis.frame[column].map(lambda v: json.dumps(v, default=str, ensure_ascii=False))
                for column in ("hparams", "grid", "config")}
     runs = analysis.frame.assign(**as_json)
-    runs.to_csv(out / "runs.csv", index=False)
+    output.write_text(out / "runs.csv", runs.to_csv(index=False))
     if "html" in formats:
         write_report(out / "report.html", analysis, figures, command, __version__)
-    table_formats = [f for f in formats if f in _EXTENSIONS]
-    written = ([f"tables ({', '.join(table_formats)})"] if table_formats else []) + ["figures", "runs.csv"]
-    written += ["report.html"] if "html" in formats else []
-    return ", ".join(written[:-1]) + " and " + written[-1]
 
 
 def _write_tables(tables: list[Table], directory: Path, formats: list[str]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
     for table in tables:
         for fmt in formats:
             if fmt in _EXTENSIONS:
                 ext, write = _EXTENSIONS[fmt]
-                (directory / f"{table.name}{ext}").write_text(write(table), encoding="utf-8")
+                output.write_text(directory / f"{table.name}{ext}", write(table))
 
 
 if __name__ == "__main__":

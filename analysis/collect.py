@@ -77,18 +77,38 @@ def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFr
 def find_run_dirs(root: Path) -> Iterator[tuple[Path, str]]:
     """(dir, "kdexp" | "study" | "canary") for every directory holding a run's files or a canary's, sorted."""
     for dirpath, dirnames, filenames in os.walk(root):
-        names = set(filenames)
-        if CHECK_FILE in names:
-            yield Path(dirpath), "canary"
+        kind = dir_kind(dirpath, filenames, dirnames)
+        if kind is not None:
+            yield Path(dirpath), kind
+        if kind == "canary":
             dirnames[:] = []  # whatever the check left beside its record is no run
             continue
-        if study_format.RESULTS_FILE in names:
-            yield Path(dirpath), "study"
-        elif (records.RESULT_FILE in names or records.METRICS_FILE in names
-              or (".hydra" in dirnames and os.path.isfile(os.path.join(dirpath, CONFIG_FILE)))):
-            yield Path(dirpath), "kdexp"
         # Hidden dirs hold Hydra/submitit bookkeeping, never runs; a run dir may hold nested runs.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+
+
+def dir_kind(dirpath: str, filenames: Iterable[str], dirnames: Iterable[str]) -> str | None:
+    """"canary" | "study" | "kdexp" for a directory holding a canary's or a run's files (given its
+    entries, as os.walk lists them), else None."""
+    names = set(filenames)
+    if CHECK_FILE in names:
+        return "canary"
+    if study_format.RESULTS_FILE in names:
+        return "study"
+    if (records.RESULT_FILE in names or records.METRICS_FILE in names
+            or (".hydra" in dirnames and os.path.isfile(os.path.join(dirpath, CONFIG_FILE)))):
+        return "kdexp"
+    return None
+
+
+def run_dir_kind(directory: Path) -> str | None:
+    """dir_kind of an existing directory (None where it is missing or cannot be listed)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return None
+    files = [e.name for e in entries if not e.is_dir()]
+    return dir_kind(str(directory), files, [e.name for e in entries if e.is_dir()])
 
 
 def read_kdexp_run(run_dir: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Every method an experiment ran gets its figures: its KD label and grid come from
 method's class), its colour from its place among the experiment's labels."""
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from . import output
 from .aggregate import Cell, Experiment, kd_labels, sortable
 from .collect import load_history
 from .stats import mean_std
@@ -60,8 +62,10 @@ def _new(width: float, height: float, ncols: int = 1, nrows: int = 1) -> tuple[M
 
 def _save(fig: MplFigure, out_dir: Path, name: str, title: str) -> Figure:
     png, pdf = out_dir / f"{name}.png", out_dir / f"{name}.pdf"
-    fig.savefig(png, bbox_inches="tight")
-    fig.savefig(pdf, bbox_inches="tight")
+    for path in (png, pdf):  # rendered in memory, written atomically: never a 0-byte or cut-off file
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=path.suffix[1:], bbox_inches="tight")
+        output.write_bytes(path, buffer.getvalue())
     return Figure(name, title, png, pdf)
 
 

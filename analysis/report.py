@@ -9,7 +9,7 @@ import html
 from collections import Counter
 from pathlib import Path
 
-from . import numerics
+from . import numerics, output
 from .figures import Figure
 from .pipeline import Analysis
 from .render import html_table
@@ -73,8 +73,7 @@ def render_report(analysis: Analysis, figures: dict[str, list[Figure]], command:
 
 def write_report(path: Path, analysis: Analysis, figures: dict[str, list[Figure]], command: str,
                  version: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(analysis, figures, command, version), encoding="utf-8")
+    output.write_text(path, render_report(analysis, figures, command, version))
     return path
 
 

@@ -30,7 +30,7 @@ from kdexp.schedules import build_scheduler
 from kdexp.models import build_model, count_parameters
 from kdexp.outcome import Outcome
 from kdexp.pretrained import init_missing, initialise
-from kdexp.records import RESULT_FILE, kept_result, unwritable, write_result
+from kdexp.records import RESULT_FILE, kept_result, remove_stale_temporaries, unwritable, write_result
 from kdexp.teachers import (TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command)
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Outcome:
 
 
 def _start(cfg: DictConfig, method, run_dir: Path) -> Outcome:
+    _clean_up_after_a_killed_start(run_dir)
     previous = kept_result(run_dir, cfg.retry_failed)
     if previous is not None:
         return _keep(cfg, run_dir, previous)
@@ -189,6 +190,12 @@ def check_export_is_ours(path: Path, run_dir: Path) -> None:
                           f"or delete it and {runlock.claim_file(path)} to replace it")
 
 
+def _clean_up_after_a_killed_start(folder: Path, name: str = "*") -> None:
+    """Half-written files a killed process of this run (or export) left: this one is their only writer now."""
+    for path in remove_stale_temporaries(folder, name):
+        log.info("removed %s, left half-written by a killed process", path)
+
+
 @contextlib.contextmanager
 def owning_export(path: Path, run_dir: Path) -> Iterator[None]:
     """Claim teacher export `path` for `run_dir` (kdexp.runlock.claim) and hold it while the block
@@ -196,6 +203,7 @@ def owning_export(path: Path, run_dir: Path) -> Iterator[None]:
     another run's teacher."""
     try:
         with runlock.claim(path, run_dir):
+            _clean_up_after_a_killed_start(path.parent, path.name)
             check_export_is_ours(path, run_dir)
             yield
     except runlock.Claimed as err:

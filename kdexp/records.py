@@ -42,6 +42,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path, name: str = "*") -> list[Path]:
+    """The temp files atomic_write_bytes left in `folder` for `name` (`.<name>.*.tmp`) when its process
+    was killed (SIGKILL skips its cleanup). Only for a caller that is the file's one writer now (it holds
+    the run's lock, or the export's claim): another writer's temp file would be live."""
+    stale = sorted(Path(folder).glob(f".{name}.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def unwritable(folder: Path) -> str | None:
     """Why no file can be created in `folder` (or, while it does not exist, in its nearest existing
     parent, where it will be made), or None when one can; the probe leaves nothing behind."""

@@ -280,3 +280,18 @@ def test_a_full_disk_fails_in_one_line_naming_the_file_in_the_epoch_it_hit(tmp_p
     assert result["failed_epoch"] == failed_epoch and f"No space left on device: '{run_dir / name}'" in result["error"]
     assert [row["epoch"] for row in read_metrics(run_dir)] == [1]
     assert checkpoint.load(run_dir / checkpoint.LAST)["state"]["epoch"] == 1  # epoch 1's, intact
+
+
+def test_a_start_removes_the_half_written_files_a_killed_process_of_its_own_left(tmp_path, small_root):
+    """Issue 18: SIGKILL skips atomic_write_bytes' cleanup; the next start of that run (holding its lock)
+    removes its own run dir's temp files, and its export's (holding the claim), never another export's."""
+    run_dir = _run_dir(tmp_path)
+    cfg = _cfg(small_root, tmp_path, "experiment=teacher", "trainer.epochs=1")
+    export = job.resolve_teacher_export_path(cfg)
+    export.parent.mkdir(parents=True)
+    ours = [run_dir / ".result.json.k1ll3d.tmp", run_dir / ".last.pt.k1ll3d.tmp", export.parent / f".{export.name}.k1ll3d.tmp"]
+    theirs = export.parent / ".another_teacher.pt.l1v3.tmp"
+    for path in (*ours, theirs):
+        path.write_bytes(b"half a file")
+    assert job.run(cfg, run_dir).status == "completed"
+    assert [p for p in ours if p.exists()] == [] and theirs.exists()

@@ -38,8 +38,12 @@ def _env(data_dir: Path, out: Path) -> dict:
 
 
 def _start(args: tuple, env: dict) -> subprocess.Popen:
+    # SIGINT as a terminal gives it, even where the suite itself was started in the background (a
+    # non-interactive shell's `&` ignores SIGINT, an ignored signal is inherited, and Python then
+    # installs no KeyboardInterrupt handler)
     return subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], cwd=REPO, env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(condition, what: str, seconds: float = 120):

@@ -146,7 +146,7 @@ def test_dry_run_refuses_data_that_is_not_there_as_a_jobs_dry_run_does(tmp_path,
 def test_data_is_checked_once_per_data_config_of_the_runs_still_to_train(tmp_path, monkeypatch):
     """Two validation splits make two data configs: two checks for 14 runs; none for completed runs."""
     checked = []
-    monkeypatch.setattr(study, "check_job_data", lambda data: checked.append(data.val_size))
+    monkeypatch.setattr(study, "check_data_on_disk", lambda data: checked.append(data.val_size))
     with hydra_session():
         plan = build_plan("quickstart", "slurm_local", tmp_path, ["data.val_size=300,200"], sys.executable)
     assert sum(len(d.jobs) for d in plan.drivers) == 14

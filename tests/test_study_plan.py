@@ -360,27 +360,28 @@ def canary_record(canary, job_id: str, **fields) -> None:
 
 
 def test_the_canarys_verdict_is_one_line_from_its_record_or_its_log(quickstart):
+    # job ids no test cluster reaches: sacct (asked how an unfinished one ended) knows none of them
     canary = quickstart.canary
-    canary_record(canary, "11")
-    assert check.verdict(canary, "11") == check.Verdict(True, "canary job 11 on gpu017 (NVIDIA A100-SXM4-80GB, "
+    canary_record(canary, "990011")
+    assert check.verdict(canary, "990011") == check.Verdict(True, "canary job 990011 on gpu017 (NVIDIA A100-SXM4-80GB, "
                                                         "execution reference, size full): passed 5 checks "
-                                                        f"({canary.root}/11/check.json)")
-    canary_record(canary, "12", ok=False, failed=["reference determinism", "fast: bf16"])
-    failed = check.verdict(canary, "12")
+                                                        f"({canary.root}/990011/check.json)")
+    canary_record(canary, "990012", ok=False, failed=["reference determinism", "fast: bf16"])
+    failed = check.verdict(canary, "990012")
     assert not failed.ok and failed.line.endswith("FAILED: reference determinism, fast: bf16 "
-                                                  f"(details: {canary.root}/12/check.log)")
+                                                  f"(details: {canary.root}/990012/check.log)")
     # died before the check could say anything, e.g. a setup line: the log's last line says why
-    canary.log("13").write_text("bash: line 5: /home/u/venvs/kdexp/bin/activate: No such file or directory\n\n")
-    died = check.verdict(canary, "13")
-    assert not died.ok and died.line == ("canary job 13 ended before kdexp.check finished: bash: line 5: "
+    canary.log("990013").write_text("bash: line 5: /home/u/venvs/kdexp/bin/activate: No such file or directory\n\n")
+    died = check.verdict(canary, "990013")
+    assert not died.ok and died.line == ("canary job 990013 ended before kdexp.check finished: bash: line 5: "
                                          "/home/u/venvs/kdexp/bin/activate: No such file or directory "
-                                         f"(log: {canary.root}/13.out)")
+                                         f"(log: {canary.root}/990013.out)")
     # stopped halfway (a time limit): its record so far is not taken for a verdict
-    canary_record(canary, "14", ok=False, finished=None)
-    canary.log("14").write_text("check: reference: PASS ...\n"
-                                "slurmstepd: error: *** JOB 14 ON gpu017 CANCELLED DUE TO TIME LIMIT ***\n")
-    cut = check.verdict(canary, "14")
-    assert not cut.ok and cut.line.startswith("canary job 14 ended before kdexp.check finished (passed so far: "
+    canary_record(canary, "990014", ok=False, finished=None)
+    canary.log("990014").write_text("check: reference: PASS ...\n"
+                                "slurmstepd: error: *** JOB 990014 ON gpu017 CANCELLED DUE TO TIME LIMIT ***\n")
+    cut = check.verdict(canary, "990014")
+    assert not cut.ok and cut.line.startswith("canary job 990014 ended before kdexp.check finished (passed so far: "
                                               "reference determinism, ")
     assert "CANCELLED DUE TO TIME LIMIT" in cut.line
 

@@ -84,3 +84,23 @@ def tiny_loop(run_dir: Path, splits, teacher, *overrides: str, method: str = "lo
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     return build_loop(cfg, method, execution, splits, execution.prepare(copy.deepcopy(teacher)), CPU, run_dir,
                       cache if execution.teacher_cache else None)
+
+
+# State dicts as older PyTorch saved them (BatchNorm's num_batches_tracked arrived in 0.4.1; a plain
+# dict carries no module versions), for the tests of loading published and torchvision weights.
+
+def saved_before_pytorch_0_4_1(state: dict) -> dict:
+    """`state` as PyTorch 0.4.0 saved it: no `num_batches_tracked`, no module versions."""
+    return {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+
+
+def without_a_conv_weight(state: dict) -> dict:
+    """A 0.4.0-era file that truly lacks a weight (layer1.0.conv1's)."""
+    return {k: v for k, v in saved_before_pytorch_0_4_1(state).items() if k != "layer1.0.conv1.weight"}
+
+
+def counters_deleted_after_saving(state: dict) -> dict:
+    """Counters deleted from a file PyTorch >= 0.4.1 saved, whose module versions (2) say it had them."""
+    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
+        del state[key]
+    return state

@@ -6,6 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import counters_deleted_after_saving, saved_before_pytorch_0_4_1, without_a_conv_weight
 from kdexp.checkpoint import file_sha256
 from kdexp.models import build_model, count_parameters, model_layout
 from kdexp.pretrained import InitError, cache_file, init_missing, init_problem, initialise
@@ -142,7 +143,7 @@ def _saved_in_2017(state):
     Loading `modelzoo://resnet50` (resnet50-19c8e357.pth) logs every BatchNorm's counter as missing
     (open-mmlab/mmdetection#238); the IMAGENET1K_V1 files kdexp uses (resnet18-f37072fd.pth, ...) are
     those files re-saved as `torch.save(torch.load(path), path)` (pytorch/vision#2068), keys unchanged."""
-    return {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+    return saved_before_pytorch_0_4_1(state)
 
 
 def _trained_resnet18():
@@ -178,20 +179,9 @@ def test_torchvisions_2017_files_without_batchnorm_counters_load_as_torchvision_
     assert len(counters) == 20 and set(counters) == {0}  # stem, 2 per block x 8, 3 shortcuts
 
 
-def _2017_file_missing_a_conv_weight(state):
-    return {k: v for k, v in _saved_in_2017(state).items() if k != "layer1.0.conv1.weight"}
-
-
-def _counters_deleted_after_saving(state):
-    """The counters deleted from weights PyTorch >= 0.4.1 saved, whose module versions (2) say it had them."""
-    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
-        del state[key]
-    return state
-
-
 @pytest.mark.parametrize("weights, complaint", [
-    (_2017_file_missing_a_conv_weight, "missing keys layer1.0.conv1.weight"),
-    (_counters_deleted_after_saving, "missing keys bn1.num_batches_tracked, layer1.0.bn1.num_batches_tracked, "
+    (without_a_conv_weight, "missing keys layer1.0.conv1.weight"),
+    (counters_deleted_after_saving, "missing keys bn1.num_batches_tracked, layer1.0.bn1.num_batches_tracked, "
                                      "layer1.0.bn2.num_batches_tracked (+17 more)"),
 ])
 def test_init_weights_torchvisions_strict_load_refuses_are_refused(tmp_path, weights, complaint):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import compose_cfg
+from helpers import compose_cfg, counters_deleted_after_saving, saved_before_pytorch_0_4_1, without_a_conv_weight
 from kdexp.checkpoint import load, save
 from kdexp.config import build_method
 from kdexp.data import Splits, data_identity
@@ -149,7 +149,7 @@ def test_a_published_checkpoint_of_another_network_is_refused_clearly(tmp_path, 
 def _saved_by_pytorch_0_4_0(model):
     """`model`'s weights as PyTorch 0.4.0 saved them: no BatchNorm `num_batches_tracked` (0.4.1 added
     it) and no module versions (a plain dict has no `_metadata`)."""
-    return {k: v for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
+    return saved_before_pytorch_0_4_1(model.state_dict())
 
 
 def _trained(model):
@@ -179,21 +179,9 @@ def test_a_published_checkpoint_saved_by_pytorch_0_4_0_loads_as_the_reference_co
     assert len(counters) == 57 and set(counters) == {0}  # stem, 2 per block x 27, 2 shortcuts
 
 
-def _missing_a_conv_weight(model):
-    return {k: v for k, v in _saved_by_pytorch_0_4_0(model).items() if k != "layer1.0.conv1.weight"}
-
-
-def _counters_deleted_after_saving(model):
-    """The counters deleted from a file PyTorch >= 0.4.1 saved, whose module versions (2) say it had them."""
-    state = model.state_dict()
-    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
-        del state[key]
-    return state
-
-
 @pytest.mark.parametrize("weights, complaint", [
-    (_missing_a_conv_weight, "num_classes=100: missing keys layer1.0.conv1.weight"),
-    (_counters_deleted_after_saving, "num_classes=100: missing keys bn1.num_batches_tracked, "
+    (without_a_conv_weight, "num_classes=100: missing keys layer1.0.conv1.weight"),
+    (counters_deleted_after_saving, "num_classes=100: missing keys bn1.num_batches_tracked, "
                                      "layer1.0.bn1.num_batches_tracked, layer1.0.bn2.num_batches_tracked (+54 more)"),
 ])
 def test_a_published_checkpoint_the_reference_code_refuses_is_refused(tmp_path, weights, complaint):
@@ -201,7 +189,7 @@ def test_a_published_checkpoint_the_reference_code_refuses_is_refused(tmp_path, 
     versions say it saved, fail RepDistiller's strict load and kdexp's, which says which keys."""
     model = build_model("resnet56", num_classes=100)
     path = tmp_path / "ckpt_epoch_240.pth"
-    _publish(path, model, weights(model))
+    _publish(path, model, weights(model.state_dict()))
     with pytest.raises(RuntimeError, match="Missing key"):
         build_model("resnet56", num_classes=100).load_state_dict(torch.load(path)["model"])
     with pytest.raises(TeacherError) as err:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from kdexp.records import CHECK_FILE
+
 from . import numerics
-from .collect import CHECK_FILE, find_run_dirs
+from .collect import find_run_dirs
 from .schema import one_line
 from .tables import DASH, Table
 

@@ -24,7 +24,6 @@ from .schema import (COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, UNRECORDED, clipped_fr
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 # kdexp.check's record: its dir is a canary (analysis/canary.py), never a run, and holds none.
-CHECK_FILE = "check.json"
 
 # Config keys that say where/how a run executed, not what it computed: they do not make two
 # runs different configurations (a run repeated on another machine is a duplicate).
@@ -91,7 +90,7 @@ def dir_kind(dirpath: str, filenames: Iterable[str], dirnames: Iterable[str]) ->
     """"canary" | "study" | "kdexp" for a directory holding a canary's or a run's files (given its
     entries, as os.walk lists them), else None."""
     names = set(filenames)
-    if CHECK_FILE in names:
+    if records.CHECK_FILE in names:
         return "canary"
     if study_format.RESULTS_FILE in names:
         return "study"

@@ -52,8 +52,8 @@ from kdexp import teacher_cache
 from kdexp.config import ConfigError, validate
 from kdexp.data import load_data
 from kdexp.execution import Execution
-from kdexp.job import _git_commit, build_loop, device_name, resolve_device, seed_everything
-from kdexp.records import atomic_write_json
+from kdexp.job import git_commit, build_loop, device_name, resolve_device, seed_everything
+from kdexp.records import CHECK_FILE, CHECK_LOG, atomic_write_json
 from kdexp.teachers import FrozenTeacher
 from kdexp.train import CONFIG_DIR
 
@@ -147,7 +147,7 @@ def environment(device: torch.device) -> dict:
             "gpu": device_name(device) if gpu else None,
             "gpu_memory_gib": round(gpu.total_memory / 2**30, 1) if gpu else None,
             "driver": _driver_version() if gpu else None, "cpu_count": os.cpu_count(),
-            "git_commit": _git_commit(), "hostname": socket.gethostname(), "python": platform.python_version()}
+            "git_commit": git_commit(), "hostname": socket.gethostname(), "python": platform.python_version()}
 
 
 def _describe(env: dict) -> str:
@@ -387,13 +387,13 @@ def run_check(device: torch.device, execution: str, size: Size, out: Path) -> di
             verdict = _guarded(name, run)
             report["verdicts"].append(dataclasses.asdict(verdict))
             print(verdict.line(), flush=True)
-            atomic_write_json(out / "check.json", report)  # a check cut short keeps its verdicts
+            atomic_write_json(out / CHECK_FILE, report)  # a check cut short keeps its verdicts
             if verdict.name == "reference" and not verdict.ok:
                 break  # nothing else can be compared with a broken reference
     report["failed"] = [v["name"] for v in report["verdicts"] if not v["ok"]]
     report["ok"] = not report["failed"] and any(v["name"] == "reference" for v in report["verdicts"])
     report["finished"], report["seconds"] = _utc(time.time()), round(time.time() - started, 1)
-    atomic_write_json(out / "check.json", report)
+    atomic_write_json(out / CHECK_FILE, report)
     return report
 
 
@@ -429,13 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES[args.size or ("full" if device.type == "cuda" else "tiny")]
-    with _logging_to(out / "check.log"):
+    with _logging_to(out / CHECK_LOG):
         report = run_check(device, args.execution, size, out)
     verdicts = len(report["verdicts"])
     if report["ok"]:
         print(f"check: OK ({verdicts} verdicts, {report['seconds']:.0f} s on {report['device']}): {out / 'check.json'}")
         return 0
-    print(f"check: FAILED: {', '.join(report['failed'])} (on {report['device']}; details: {out / 'check.log'})")
+    print(f"check: FAILED: {', '.join(report['failed'])} (on {report['device']}; details: {out / CHECK_LOG})")
     return 1
 
 

@@ -405,10 +405,10 @@ def device_name(device: torch.device) -> str:
 
 def _provenance() -> dict:
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "kdexp_version": kdexp.__version__, "git_commit": _git_commit(), "hostname": socket.gethostname()}
+            "kdexp_version": kdexp.__version__, "git_commit": git_commit(), "hostname": socket.gethostname()}
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)

@@ -18,6 +18,9 @@ from typing import Any, Iterable
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
+# What `python -m kdexp.check` writes into its --out (a canary's folder): its verdicts, and its log.
+CHECK_FILE = "check.json"
+CHECK_LOG = "check.log"
 RESULT_STATUSES = ("completed", "failed")  # what a result.json's `status` can be
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)

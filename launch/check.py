@@ -26,12 +26,12 @@ from typing import Callable, Sequence
 
 from hydra.errors import HydraException
 
+from kdexp.records import CHECK_FILE, CHECK_LOG
 from launch import sbatch
 from launch.plan import (Canary, OneLineParser, PlanError, canary_of, hydra_error, missing_launcher,
                          output_dir_override, require_writable)
 from launch.sweep import compose_job, fixed, hydra_session
 
-CHECK_JSON = "check.json"
 SCRIPT = "canary.sbatch"
 MAX_QUERY_S = 30.0  # squeue at most this often once the job is known to be slow; the record is looked for each second
 
@@ -90,7 +90,7 @@ def wait(canary: Canary, job_id: str, say: Callable[[str], None]) -> Verdict:
 def _record(canary: Canary, job_id: str) -> dict | None:
     """kdexp.check's record, rewritten after each verdict (atomically) and finished at its end."""
     try:
-        return json.loads((canary.out_dir(job_id) / CHECK_JSON).read_text())
+        return json.loads((canary.out_dir(job_id) / CHECK_FILE).read_text())
     except (OSError, ValueError):
         return None
 
@@ -113,9 +113,9 @@ def verdict(canary: Canary, job_id: str) -> Verdict:
     where = (f"canary job {job_id} on {env.get('hostname', '?')} ({env.get('gpu') or record.get('device')}, "
              f"execution {record.get('execution')}, size {record.get('size')})")
     if record.get("ok"):
-        return Verdict(True, f"{where}: passed {len(record.get('verdicts', []))} checks ({out / CHECK_JSON})")
+        return Verdict(True, f"{where}: passed {len(record.get('verdicts', []))} checks ({out / CHECK_FILE})")
     return Verdict(False, f"{where}: FAILED: {', '.join(record.get('failed') or ['?'])} "
-                          f"(details: {out / 'check.log'})")
+                          f"(details: {out / CHECK_LOG})")
 
 
 def _last_line(log: Path) -> str:
@@ -128,7 +128,7 @@ def _last_line(log: Path) -> str:
 
 def stopped_waiting(canary: Canary, job_id: str) -> str:
     return (f"stopped waiting for canary job {job_id}, which stays queued; its verdict will be in "
-            f"{canary.out_dir(job_id) / CHECK_JSON} (log: {canary.log(job_id)})")
+            f"{canary.out_dir(job_id) / CHECK_FILE} (log: {canary.log(job_id)})")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

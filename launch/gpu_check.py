@@ -228,7 +228,7 @@ class Check:
         """kdexp's own self-test, as a user runs it: its verdicts, as it wrote them."""
         out = self.out / "check"
         cmd = self.run(self.python("-m", "kdexp.check", *self.sizes.check, "--out", out), deadline)
-        report = _read_json(out / "check.json") or {}
+        report = _read_json(out / "check.json") or {}  # kdexp.records.CHECK_FILE (this script imports no kdexp)
         return {"ok": cmd.rc == 0 and bool(report.get("ok")), "failed": report.get("failed"),
                 "verdicts": [{k: v.get(k) for k in ("name", "ok", "detail", "seconds")} for v in report.get("verdicts", [])],
                 "commands": [cmd.record()]}

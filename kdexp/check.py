@@ -19,7 +19,7 @@ Settings: `reference` switches on what equals fp32 by construction (channels_las
 CUDA; the fused optimiser and the teacher cache are checked on the CPU too); `fast` adds bf16 and
 compile. Writes DIR/check.json and DIR/check.log; prints one line per verdict and a last line
 `check: OK ...` or `check: FAILED: names`. Exit 0 when every verdict passed, 1 when one failed,
-2 on bad arguments. `--size full` (default on CUDA) takes a few minutes on one GPU; `tiny` (default
+2 on bad arguments. `--size full` (default on CUDA) is meant to take minutes on one GPU (not yet timed on one); `tiny` (default
 on the CPU) well under a minute.
 
 Test switch: KDEXP_CHECK_BREAK=<verdict> adds a 50 % error to that verdict's candidate (its recorded

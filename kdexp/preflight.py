@@ -50,22 +50,35 @@ def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> st
                 return _describe(err, trial, name)
             except OmegaConfBaseException as err:  # e.g. an interpolation in experiment_name
                 return _summary(err)
-            except yaml.YAMLError as err:  # a config file (a site launcher, say) Hydra cannot parse
-                return yaml_problem(err)
+            except (yaml.YAMLError, UnicodeDecodeError) as err:  # a config file (a site launcher, say) Hydra cannot read
+                return config_file_problem(err)
             if problem:
                 return problem
     return None
 
 
-def yaml_problem(err: yaml.YAMLError) -> str:
-    """A config file that is not valid YAML, in one line: the file, the line and what is wrong there
-    (Hydra passes PyYAML's error on as a traceback)."""
+def config_file_problem(err: yaml.YAMLError | UnicodeDecodeError) -> str:
+    """A config file that is not valid YAML, or not UTF-8 text, in one line: the file, the line and
+    what is wrong there (Hydra passes PyYAML's and the decoder's errors on as tracebacks)."""
+    if isinstance(err, UnicodeDecodeError):
+        return (f"{_file_being_read(err) or 'a config file'}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                f"save that file as UTF-8")
     mark = getattr(err, "problem_mark", None)
     if mark is None:  # a character YAML does not allow: a position, not a line (ReaderError)
         name = getattr(err, "name", None)
         return f"{name + ': ' if name else ''}malformed YAML: {_summary(err)}; fix that file"
     context = f" ({err.context})" if getattr(err, "context", None) else ""
     return f"{mark.name}, line {mark.line + 1}: malformed YAML: {err.problem}{context}; fix that file"
+
+
+def _file_being_read(err: BaseException) -> str | None:
+    """The config file a decoding error came from: Hydra's file source holds it in `full_path` (the
+    error itself names no file)."""
+    tb, path = err.__traceback__, None
+    while tb is not None:
+        path = tb.tb_frame.f_locals.get("full_path", path)
+        tb = tb.tb_next
+    return path if isinstance(path, str) else None
 
 
 def _hydra_problem(cfg: DictConfig, overrides: list[Override]) -> str | None:

@@ -81,7 +81,7 @@ from omegaconf import OmegaConf
 from kdexp.data import DataError
 from kdexp.job import CannotStart, resolve_teacher_export_path
 from kdexp.job import check_data_on_disk  # the job dry run's data check
-from kdexp.preflight import yaml_problem
+from kdexp.preflight import config_file_problem
 from kdexp.records import atomic_write_json, read_result
 from launch import check, epoch_time, sbatch
 from launch.plan import (PROTOCOLS, Canary, Driver, Job, OneLineParser, Plan, PlanError, build_plan, estimate,
@@ -403,8 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HydraException as err:
         print(f"launch.study: {hydra_error(err)}", file=sys.stderr)
         return 2
-    except yaml.YAMLError as err:  # a config file (a site launcher, say) that composing could not parse
-        print(f"launch.study: {yaml_problem(err)}", file=sys.stderr)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # a config file (a site launcher, say) composing could not read
+        print(f"launch.study: {config_file_problem(err)}", file=sys.stderr)
         return 2
     except (sbatch.SlurmError, OSError) as err:
         print(f"launch.study: {err}{_kept(submitted_to)}", file=sys.stderr)

@@ -19,12 +19,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from kdexp.records import MULTIRUN_FILE
+
 from .aggregate import UNNAMED, run_records
 from .collect import ENV_KEY
 from .schema import load_yaml
 
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
-MULTIRUN_FILE = "multirun.yaml"
 ONE_CELL = "(its only cell: every swept key was set on the command line)"
 STUDY_FINAL_SEEDS = (0, 1, 2, 3, 4)
 STUDY_TEACHER_SEEDS = (0, 1, 2)

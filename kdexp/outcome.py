@@ -3,7 +3,7 @@
 | code | meaning |
 |---|---|
 | 0 | completed, or skipped because it completed before; a dry run that found nothing wrong |
-| 1 | a run failed: now, or before (a start that skips a failed run without `retry_failed=true`) |
+| 1 | a run failed: now, or before (a start that skips a failed run without `retry_failed=true`); on SLURM, a job that ended without a result (`unfinished`: cancelled, time limit after the last requeue, node failure) |
 | 2 | rejected before anything was written (invalid config, export dir not writable); a dry run that found problems |
 | 75 | the run dir is in use by another live process (left untouched; EX_TEMPFAIL: try again later) |
 | 130 | interrupted (Ctrl-C); the same command resumes from the last epoch |
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "failed": 1, "rejected": 2, "locked": 75,
-              "interrupted": 130}
+EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "failed": 1, "unfinished": 1, "rejected": 2,
+              "locked": 75, "interrupted": 130}
 SEVERITY = (130, 1, 2, 75)  # a multirun's exit code: the first of these that any of its jobs has
 
 

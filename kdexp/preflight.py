@@ -26,7 +26,7 @@ from kdexp.config import experiment_name_problem
 
 SCHEMA_PREFIX = "base_"  # kdexp.config's structured schemas, stored in each group: not choices for a user
 # Sweeps whose values only the sweeper knows (glob over the group, intervals for an optimiser).
-_UNLISTED = (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP)
+UNLISTED_SWEEPS = (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP)
 
 
 def config_problem(argv: Sequence[str], config_dir: str, config_name: str) -> str | None:
@@ -100,7 +100,7 @@ def _values(o: Override) -> list[str]:
     """`o` as sweep-free overrides, one per value ([] for a sweep only the sweeper can list)."""
     if not o.is_sweep_override():
         return [o.input_line]
-    if o.value_type in _UNLISTED:
+    if o.value_type in UNLISTED_SWEEPS:
         return []
     prefix = o.get_key_element()
     return [f"{prefix}={v}" for v in o.sweep_string_iterator()]

@@ -21,6 +21,7 @@ RESULT_FILE = "result.json"
 # What `python -m kdexp.check` writes into its --out (a canary's folder): its verdicts, and its log.
 CHECK_FILE = "check.json"
 CHECK_LOG = "check.log"
+MULTIRUN_FILE = "multirun.yaml"  # Hydra's record of a multirun, in its sweep dir (kdexp/sweep_record.py)
 RESULT_STATUSES = ("completed", "failed")  # what a result.json's `status` can be
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)

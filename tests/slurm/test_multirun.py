@@ -1,9 +1,12 @@
-"""kdexp multiruns through hydra-submitit-launcher on the real one-node SLURM (hydra/launcher=slurm_local):
-one run dir per array task; a failing task fails the driver with a summary; resubmission skips every
-finished run; a preempted task is requeued and resumes to exactly an uninterrupted run's metrics."""
+"""kdexp multiruns through kdexp's submitit launcher on the real one-node SLURM (hydra/launcher=slurm_local):
+one run dir per array task; a failing task fails the driver with a summary, and its array task is
+FAILED in sacct; scancel of a task, Ctrl-C on the driver and sbatch refusing the array each end in
+the summary, never a traceback; resubmission skips every finished run; a preempted task is requeued
+and resumes to exactly an uninterrupted run's metrics."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +14,7 @@ import uuid
 
 import pytest
 
-from helpers import REPO, TINY, run_train, student_args, without_timing
+from helpers import HANG_S, REPO, TINY, run_train, student_args, without_timing
 from slurm_helpers import ONE_THREAD, run_dirs, sacct, slurm_job_id, squeue_states, wait_for
 from kdexp.records import read_metrics, read_result
 
@@ -77,13 +80,28 @@ def mixed(tmp_path_factory, fake_root, slurm_cluster):
 
 def test_failing_task_fails_the_driver_after_the_others_complete(mixed):
     out, _, proc = mixed
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "multirun summary: 1 completed, 1 failed" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
     results = {d: read_result(d) for d in run_dirs(out)}
     failed = [d for d, r in results.items() if r["status"] == "failed"]
     assert len(results) == 2 and len(failed) == 1
     assert f"failed: {failed[0]}/result.json" in proc.stdout
     assert results[failed[0]]["failed_epoch"] == 1 and "NonFiniteLossError" in results[failed[0]]["error"]
+
+
+def test_a_failed_run_is_a_failed_array_task_in_sacct(mixed):
+    """sacct tells the same story as kdexp: COMPLETED for the run that completed, FAILED for the
+    one kdexp records as failed (afterok dependencies then do not start after it)."""
+    out, _, _ = mixed
+    states = {read_result(d)["status"]: slurm_job_id(d) for d in run_dirs(out)}
+
+    def accounted():
+        rows = dict(sacct(",".join(states.values()), "JobID,State"))
+        return rows if len(rows) == 2 else None
+
+    rows = wait_for(accounted, "both array tasks in sacct", 30)
+    assert {status: rows[job] for status, job in states.items()} == {"completed": "COMPLETED", "failed": "FAILED"}
 
 
 def test_resubmission_skips_every_finished_run(mixed):
@@ -128,6 +146,69 @@ def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slu
     reference = run_dirs(tmp_path / "local")[0]
     numbers = [without_timing(read_metrics(d)) for d in (run_dir, reference)]
     assert numbers[0] == numbers[1]
+
+
+# Long enough to be cancelled or interrupted mid-run (~0.1 s per epoch here), short enough to end
+# the test if something goes wrong.
+LONG = ("trainer.epochs=300", "trainer.max_steps_per_epoch=3")
+
+
+def start_driver(*args: str) -> subprocess.Popen:
+    """A multirun driver as a terminal starts it: SIGINT (Ctrl-C) raises KeyboardInterrupt in it."""
+    return subprocess.Popen([sys.executable, "-m", "kdexp.train", "-m", *args, *SLURM], cwd=REPO,
+                            env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def running_jobs(out, count: int) -> list[str]:
+    """The SLURM ids of `count` runs once each has trained an epoch."""
+    started = [d for d in run_dirs(out) if (d / "last.pt").exists()]
+    return sorted(slurm_job_id(d) for d in started) if len(started) == count else []
+
+
+def test_scancel_of_one_task_ends_in_the_summary(tmp_path, fake_root, slurm_cluster):
+    args = (*TINY, "experiment=baseline", "trainer.max_steps_per_epoch=3", "trainer.epochs=2,300",
+            f"data.root={fake_root}", f"paths.output_dir={tmp_path}")
+    driver = start_driver(*args)
+    long_run = wait_for(lambda: next((d for d in run_dirs(tmp_path) if "epochs=300" in str(d)
+                                      and (d / "last.pt").exists()), None), "the long run's first epoch", 120)
+    job = slurm_job_id(long_run)
+    subprocess.run(["scancel", job], check=True)
+    output, _ = driver.communicate(timeout=HANG_S)
+    assert driver.returncode == 1, output[-3000:]
+    assert "multirun summary: 1 completed, 1 unfinished" in output
+    [line] = [line for line in output.splitlines() if line.startswith("  unfinished: ")]
+    assert f"SLURM job {job} ended CANCELLED" in line and "the same command resumes it" in line
+    assert "Traceback" not in output and "UncompletedJobError" not in output
+    assert not (long_run / "result.json").exists()  # nothing pretends it ended
+
+
+def test_ctrl_c_on_the_driver_leaves_the_jobs_running_and_says_so(tmp_path, fake_root, slurm_cluster):
+    driver = start_driver(*TINY, "experiment=baseline", *LONG, "seed=0,1", f"data.root={fake_root}",
+                          f"paths.output_dir={tmp_path}")
+    jobs = wait_for(lambda: running_jobs(tmp_path, 2), "both runs' first epoch", 120)
+    driver.send_signal(signal.SIGINT)
+    output, _ = driver.communicate(timeout=HANG_S)
+    assert driver.returncode == 130, output[-3000:]
+    assert "multirun summary: 2 interrupted" in output
+    [line] = [line for line in output.splitlines() if line.startswith("  interrupted: 2 jobs: ")]
+    array = jobs[0].split("_")[0]
+    assert f"({', '.join(jobs)})" in line and f"`scancel {array}` cancels them" in line
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert set(squeue_states(array)) == {"RUNNING"}  # left running, as the summary says
+
+
+def test_sbatch_refusing_the_array_is_the_summary_not_a_traceback(tmp_path, fake_root, slurm_cluster):
+    """The README's example site file names partition `gpu`, which the test cluster does not have."""
+    driver = start_driver(*TINY, "experiment=baseline", "seed=0,1", f"data.root={fake_root}",
+                          f"paths.output_dir={tmp_path}", "hydra.launcher.partition=gpu")
+    output, _ = driver.communicate(timeout=HANG_S)
+    assert driver.returncode == 2, output[-3000:]
+    assert "multirun summary: 2 rejected" in output
+    [line] = [line for line in output.splitlines() if line.startswith("  rejected (nothing written): 2 jobs: ")]
+    assert "sbatch refused the job array: " in line and "Invalid partition name specified" in line
+    assert "Traceback" not in output and "FailedJobError" not in output
+    assert not run_dirs(tmp_path) and not list(tmp_path.rglob("multirun.yaml"))  # nothing ran, nothing recorded
 
 
 def release_requeued(job_id: str) -> None:

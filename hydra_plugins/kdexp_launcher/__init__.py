@@ -1,0 +1,1 @@
+"""kdexp's Hydra plugins: Hydra instantiates launchers only from the hydra_plugins namespace package."""

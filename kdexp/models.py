@@ -13,8 +13,8 @@ input is `stage_strides` (Feature-KD matches two networks stage by stage).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Collection, Mapping
 
 import torch
@@ -84,8 +84,8 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
-    **{name: Arch(partial(KDResNet, name), 64) for name in TORCHVISION_RESNETS},
-    **{name: Arch(partial(family, name), family.VARIANTS[name].width) for name, family in CIFAR_ARCHS.items()},
+    **{name: Arch(functools.partial(KDResNet, name), 64) for name in TORCHVISION_RESNETS},
+    **{name: Arch(functools.partial(family, name), family.VARIANTS[name].width) for name, family in CIFAR_ARCHS.items()},
 }
 
 
@@ -99,9 +99,12 @@ def build_model(arch: str, num_classes: int = 10, stem: str = "cifar", width: in
     return spec.build(num_classes, stem, spec.reference_width if width is None else width)
 
 
+@functools.lru_cache(maxsize=128)
 def model_layout(arch: str, num_classes: int = 10, stem: str = "cifar", width: int | None = None) -> nn.Module:
-    """`build_model` on the meta device: no memory, no init, milliseconds. For checking a config
-    (its ValueErrors) and reading `stage_channels`/`stage_strides` before any training."""
+    """`build_model` on the meta device: no memory, no init. For checking a config (its ValueErrors)
+    and reading `stage_channels`/`stage_strides` before any training. Built once per network per
+    process (a dry run's 81 jobs validate a few networks, each ~0.1 s to build): callers share it, so
+    they read it and count with it, never change it."""
     with torch.device("meta"):
         return build_model(arch, num_classes, stem, width)
 

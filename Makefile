@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TRAIN := KDEXP_OUTPUTS=outputs $(PY) -m kdexp.train
 
-.PHONY: install quickstart quickstart-runs quickstart-teacher quickstart-baselines test check slurm-deps clean
+.PHONY: install quickstart quickstart-runs quickstart-teacher quickstart-baselines test test-fast check slurm-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,19 @@ check: install
 slurm-deps:
 	bash tests/cluster/install_slurm.sh
 
+# Everything: unit, in-process, end-to-end (e2e), and the SLURM and GPU tiers where the machine has them.
 test: install
 	$(PY) -m pytest -q
+
+# Unit and in-process tests only: no e2e (training runs, dry runs, whole-study plans), SLURM or GPU tier (README: tests).
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e and not slurm and not gpu"
+
+# How long the everyday commands take, beside Hydra's own floor and the targets (tests/benchmarks/cli.py);
+# several minutes (it writes a 10,000-run tree for analysis). A benchmark: it judges nothing.
+.PHONY: bench-cli
+bench-cli: install
+	$(PY) tests/benchmarks/cli.py
 
 # Deletes every result and every exported teacher under outputs/ (README: set up).
 clean:

@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -39,10 +40,63 @@ def compose_cfg(*overrides: str) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
-def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The real entry point in a fresh process (as a user or a SLURM job runs it)."""
-    return subprocess.run([sys.executable, "-m", "kdexp.train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+# How long a test waits for a process it started (or polls for what one writes) before calling it a
+# hang. A guard against hangs, not a speed check: a tiny run takes seconds on an idle machine and far
+# longer on a busy one (300 s was exceeded at load ~3 on 2 cores). KDEXP_TEST_HANG_S overrides it.
+HANG_S = float(os.environ.get("KDEXP_TEST_HANG_S", "1800"))
+
+
+def _tail(output: str | bytes | None, chars: int = 3000) -> str:
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    return (output or "")[-chars:]
+
+
+def hang(what: str, timeout: float, stdout: str | bytes | None = None, stderr: str | bytes | None = None):
+    """Fail the test as a hang (not a TimeoutExpired traceback), with the tail of the output."""
+    pytest.fail(f"{what} did not end within {timeout:g} s: a hang? (KDEXP_TEST_HANG_S sets the limit) "
+                f"its last output:\n--- stdout ---\n{_tail(stdout)}\n--- stderr ---\n{_tail(stderr)}",
+                pytrace=False)
+
+
+def run_process(argv: list, *, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(argv, capture_output=True, text=True, **kwargs), failed as a hang after HANG_S."""
+    timeout = HANG_S if timeout is None else timeout
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        timed_out = err
+    hang(f"`{' '.join(map(str, argv))}`", timeout, timed_out.stdout, timed_out.stderr)  # no chained traceback
+
+
+def communicate(proc: subprocess.Popen, timeout: float | None = None) -> tuple:
+    """proc.communicate() for a process started by the test; a hang is killed and failed as one."""
+    timeout = HANG_S if timeout is None else timeout
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    stdout, stderr = proc.communicate()
+    hang(f"`{' '.join(map(str, proc.args))}`", timeout, stdout, stderr)
+
+
+def wait_until(condition, what: str, timeout: float | None = None, poll: float = 0.05):
+    """Poll `condition` every `poll` s until it returns something truthy, and return it; waiting
+    longer than HANG_S fails the test as a hang."""
+    timeout = HANG_S if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g} s: a hang? (KDEXP_TEST_HANG_S sets the limit)",
+                        pytrace=False)
+        time.sleep(poll)
+    return value
+
+
+def run_train(*args: str, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh process (as a user or a SLURM job runs it); HANG_S unless told."""
+    return run_process([sys.executable, "-m", "kdexp.train", *args], cwd=REPO, timeout=timeout,
+                       env={**os.environ, **(env or {})})
 
 
 def student_args(out: Path, fake_root: Path, *extra: str) -> tuple[str, ...]:

@@ -3,12 +3,12 @@ which run dir a SLURM job wrote."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import pytest
 from omegaconf import OmegaConf
+
+from helpers import wait_until
 
 T = TypeVar("T")
 # One thread per job: several jobs share 2 cores, and SLURM and local runs then compute alike.
@@ -29,14 +29,10 @@ def squeue_states(job_id: str) -> list[str]:
                           text=True).stdout.split()
 
 
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 120) -> T:
-    """Poll until `predicate` returns something truthy, and return it."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-    return value
+def wait_for(predicate: Callable[[], T], what: str, timeout: float | None = None) -> T:
+    """Poll until `predicate` returns something truthy, and return it; longer than `timeout`
+    (helpers.HANG_S unless told: a guard against hangs, not a speed check) fails as a hang."""
+    return wait_until(predicate, what, timeout, poll=0.2)
 
 
 def run_dirs(root: Path) -> list[Path]:

@@ -240,6 +240,7 @@ def test_cross_family_pairs_have_stages_feature_kd_cannot_match(teacher, student
     assert model_layout(teacher).stage_strides != model_layout(student).stage_strides
 
 
+@pytest.mark.e2e
 def test_a_new_architecture_trains_through_the_entry_point(tmp_path):
     """One short epoch of resnet8x4 (width 8) on a small generated set: the training code runs the
     benchmark's networks unchanged."""

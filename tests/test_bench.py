@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import REPO
+from helpers import REPO, communicate, run_process, wait_until
 from kdexp import bench
 from kdexp.models import build_model
 
@@ -24,11 +24,8 @@ def _bench(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _wait_for(condition, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+def _wait_for(condition, what: str) -> None:
+    wait_until(condition, what, poll=0.02)  # often: the first row's report is caught before the second's
 
 
 def test_the_logit_cache_saves_exactly_the_teachers_forward_flops(tmp_path):
@@ -45,35 +42,36 @@ def test_the_logit_cache_saves_exactly_the_teachers_forward_flops(tmp_path):
     assert all(r["speedup"] is None for r in report["results"])  # no reference asked for: no ratio
 
 
+@pytest.mark.e2e
 def test_the_report_is_rewritten_after_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = _bench("--cases", "r18_ce,r34_ce", "--variants", "reference", "--out", str(out))
-    _wait_for(out.exists)
+    _wait_for(out.exists, "the first row's report")
     first = json.loads(out.read_text())
-    proc.wait(timeout=600)
-    assert proc.returncode == 0, proc.stdout.read()[-2000:]
+    output, _ = communicate(proc)
+    assert proc.returncode == 0, output[-2000:]
     assert not first["complete"] and [r["case"] for r in first["results"]] == ["r18_ce"]
     final = json.loads(out.read_text())
     assert final["complete"] and [r["case"] for r in final["results"]] == ["r18_ce", "r34_ce"]
 
 
+@pytest.mark.e2e
 def test_a_barrier_starts_the_timing_only_when_every_process_is_warm(tmp_path):
     barrier = tmp_path / "barrier"
     args = ["--cases", "r18_ce", "--variants", "fast", "--barrier", str(barrier), "--barrier-count", "2"]
     first = _bench(*args, "--out", str(tmp_path / "first.json"))
-    _wait_for(lambda: any(barrier.glob("*.ready")))  # the first is warm and waiting
+    _wait_for(lambda: any(barrier.glob("*.ready")), "the first process at the barrier")  # warm and waiting
     second_launched = time.time()
     second = _bench(*args, "--out", str(tmp_path / "second.json"))
     for proc in (first, second):
-        proc.wait(timeout=600)
-        assert proc.returncode == 0, proc.stdout.read()[-2000:]
+        output, _ = communicate(proc)
+        assert proc.returncode == 0, output[-2000:]
     (row,) = json.loads((tmp_path / "first.json").read_text())["results"]
     assert row["timed_window"][0] >= second_launched  # it waited for a process that did not yet exist
 
 
 def test_unknown_variants_are_one_clear_line():
-    proc = subprocess.run([sys.executable, "-m", "kdexp.bench", "--variants", "fast,turbo"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-m", "kdexp.bench", "--variants", "fast,turbo"], cwd=REPO)
     assert proc.returncode == 2 and "unknown --variants turbo; choose from reference, fast, fast_cached" in proc.stderr
 
 

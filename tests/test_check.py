@@ -11,6 +11,7 @@ def _report(out) -> dict:
     return json.loads((out / "check.json").read_text())
 
 
+@pytest.mark.e2e
 def test_the_check_passes_on_the_cpu_and_records_its_environment(tmp_path, capsys):
     assert check.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     report = _report(tmp_path)
@@ -25,6 +26,7 @@ def test_the_check_passes_on_the_cpu_and_records_its_environment(tmp_path, capsy
     assert "kdexp.loop" in (tmp_path / "check.log").read_text()  # the loop's lines went to the log
 
 
+@pytest.mark.e2e
 def test_a_broken_fast_setting_fails_the_check_naming_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(check.BREAK_VARIABLE, "bf16")
     assert check.main(["--device", "cpu", "--execution", "fast", "--out", str(tmp_path)]) == 1
@@ -34,6 +36,7 @@ def test_a_broken_fast_setting_fails_the_check_naming_it(tmp_path, monkeypatch, 
     assert capsys.readouterr().out.splitlines()[-1].startswith("check: FAILED: bf16 (on cpu")
 
 
+@pytest.mark.e2e
 def test_a_broken_reference_stops_the_check(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(check.BREAK_VARIABLE, "reference")
     assert check.main(["--device", "cpu", "--out", str(tmp_path)]) == 1

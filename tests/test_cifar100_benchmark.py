@@ -7,6 +7,8 @@ import pytest
 from kdexp.config import validate
 from launch.sweep import compose_job, expand, hydra_session, run_dir, task_config
 
+pytestmark = pytest.mark.e2e  # composes every job of the 72-job multirun (a dry run of it, in process)
+
 PAIRS = {"r56_to_r20": ("resnet56", "resnet20"), "r110_to_r32": ("resnet110", "resnet32"),
          "r32x4_to_r8x4": ("resnet32x4", "resnet8x4"), "wrn40_2_to_wrn16_2": ("wrn_40_2", "wrn_16_2"),
          "wrn40_2_to_wrn40_1": ("wrn_40_2", "wrn_40_1"), "vgg13_to_vgg8": ("vgg13", "vgg8"),

@@ -3,10 +3,13 @@ teacher trains and exports, its student distils from it (KD at the benchmark's a
 both above chance (1 %), with per-class accuracy under the data's 100 class names, and the
 analysis sets them beside the published numbers."""
 import json
-import subprocess
 import sys
 
-from helpers import REPO, run_train
+import pytest
+
+from helpers import REPO, run_process, run_train
+
+pytestmark = pytest.mark.e2e
 
 # protocol=crd with its milestones inside the few epochs (they must lie in [1, trainer.epochs))
 TINY_CRD = ("protocol=crd", "data=fake_cifar100", "data.fake_train_size=5000", "data.fake_test_size=500",
@@ -25,8 +28,7 @@ def test_a_benchmark_pair_trains_distils_and_shows_beside_the_published_numbers(
     for result in results.values():
         assert result["test_acc_final"] > 0.02  # chance is 0.01; measured: teacher 0.13, student 0.10
         assert len(result["per_class_test_acc"]) == 100 and "grey_horizontal_p3" in result["per_class_test_acc"]
-    analysis = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "out")], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+    analysis = run_process([sys.executable, "-m", "analysis", str(tmp_path / "out")], cwd=REPO)
     assert analysis.returncode == 0, analysis.stderr[-3000:]
     table = analysis.stdout.split("vgg13→vgg8 on CIFAR-100: kdexp beside the published numbers")[1]
     kd_row = next(line for line in table.splitlines() if line.startswith("KD "))

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from helpers import CONF, REPO, compose_cfg, run_train
+from helpers import CONF, REPO, compose_cfg, run_process, run_train
 from job_record import job_args, recorded
 from kdexp import config as kdexp_config
 from kdexp.config import ConfigError, validate
@@ -38,7 +38,7 @@ def dry_run(out: Path, fake_root: Path, *overrides: str) -> subprocess.Completed
     Its jobs are recorded (_job_configs), as they write nothing into their run dirs."""
     record, env = job_args(_records(out))
     return run_train("-m", *overrides, "dry_run=true", f"paths.output_dir={out}", f"data.root={fake_root}",
-                     "data.verify_md5=false", *record, env=env, timeout=900)
+                     "data.verify_md5=false", *record, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def paper_v1_logit(tmp_path_factory, fake_root):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_the_single_multirun_command_expands_81_logit_jobs(paper_v1_logit):
     out, proc = paper_v1_logit
     configs = _job_configs(out)
@@ -65,11 +66,13 @@ def test_the_single_multirun_command_expands_81_logit_jobs(paper_v1_logit):
     assert not any(d.exists() for d in configs)
 
 
+@pytest.mark.e2e
 def test_dry_run_reports_the_missing_teacher_with_its_path(paper_v1_logit):
     out, proc = paper_v1_logit
     assert "resnet50_cifar_w64_seed0.pt: MISSING" in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_feature_grid_does_not_multiply_by_temperature(tmp_path, fake_root):
     proc = dry_run(tmp_path, fake_root, "experiment=paper_v1", "kd_grid=feature")
     assert proc.returncode == 2 and "dry run: 27 jobs would fail" in proc.stdout, proc.stderr[-3000:]
@@ -79,6 +82,7 @@ def test_feature_grid_does_not_multiply_by_temperature(tmp_path, fake_root):
     assert all("T" not in c["method"] and c["method"]["beta"] == 0.5 for c in configs)
 
 
+@pytest.mark.e2e
 def test_baselines_and_teachers_get_their_own_dirs(tmp_path, fake_root):
     proc = dry_run(tmp_path, fake_root, "experiment=baseline", "protocol=v1", "model=resnet18,resnet34", "seeds=paper")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,6 +93,7 @@ def test_baselines_and_teachers_get_their_own_dirs(tmp_path, fake_root):
         {"paper_v1/teacher/resnet34/seed0", "paper_v1/teacher/resnet50/seed0"}
 
 
+@pytest.mark.e2e
 def test_other_overrides_become_part_of_the_run_dir(tmp_path, fake_root):
     """execution=fast changes the numerics: its runs never share a dir with the reference's; an exact
     setting (execution.fused) does not name a dir."""
@@ -100,6 +105,7 @@ def test_other_overrides_become_part_of_the_run_dir(tmp_path, fake_root):
                     for e in ("fast", "reference") for n in (3, 5)]
 
 
+@pytest.mark.e2e
 def test_every_method_argument_names_the_run_dir_through_the_methods_run_tag(tmp_path, fake_root):
     """No `method.*` override is spelt out after the seed: the run tag names each non-default argument,
     whichever the method (exclude_keys lists them from the run's method node), in a multirun and a run."""
@@ -149,6 +155,7 @@ def test_a_method_run_tag_is_one_folder_too(monkeypatch):
     assert run_dir.parent.name.startswith("mine_note-_x~")
 
 
+@pytest.mark.e2e
 def test_a_dry_run_writes_nothing_and_no_dir_outside_the_outputs(tmp_path, fake_root):
     """A value that climbs out of the tree (`teacher.ckpt=../../...`) made its run dir, .hydra/ and
     train.log outside paths.output_dir; a dry run leaves no run dir, .hydra/ or train.log at all."""
@@ -194,6 +201,7 @@ def test_bad_values_give_one_specific_error(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.e2e
 def test_bad_input_exits_non_zero_without_a_result(tmp_path):
     proc = run_train("pair=r34_to_r18", "method=logit", "method.alpha=2", f"paths.output_dir={tmp_path}")
     assert proc.returncode == 2
@@ -205,6 +213,7 @@ def test_bad_input_exits_non_zero_without_a_result(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 @pytest.mark.parametrize("device, message", [("cuda", "no CUDA device is visible"),
                                              ("auto", "execution.compile=true needs a CUDA device")])
+@pytest.mark.e2e
 def test_settings_this_machine_cannot_run_exit_without_a_result(tmp_path, device, message):
     proc = run_train("experiment=baseline", f"trainer.device={device}", "execution.compile=true",
                      f"paths.output_dir={tmp_path}")
@@ -212,6 +221,7 @@ def test_settings_this_machine_cannot_run_exit_without_a_result(tmp_path, device
     assert not list(tmp_path.rglob("result.json"))
 
 
+@pytest.mark.e2e
 def test_an_unknown_group_option_is_one_line_with_the_nearest_option_and_writes_nothing(tmp_path):
     proc = run_train("-m", "method=logit,dkdd", f"paths.output_dir={tmp_path}")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -220,11 +230,11 @@ def test_an_unknown_group_option_is_one_line_with_the_nearest_option_and_writes_
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.e2e
 def test_the_installed_command_checks_its_config_too(tmp_path):
     """`kdexp-train` (pyproject's script) is the same entry point as `python -m kdexp.train`."""
     script = Path(sys.executable).with_name("kdexp-train")
-    proc = subprocess.run([str(script), "model=resnet19", f"paths.output_dir={tmp_path}"], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = run_process([str(script), "model=resnet19", f"paths.output_dir={tmp_path}"], cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.startswith("kdexp: invalid config: model=resnet19: "), proc.stderr
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO, TINY, compose_cfg, run_train, student_args, without_timing
+from helpers import HANG_S, REPO, TINY, communicate, compose_cfg, run_process, run_train, student_args, without_timing
 from job_record import job_args, recorded
 from kdexp.records import read_metrics, read_result
 
@@ -44,6 +44,7 @@ def method_runs(tmp_path_factory, teacher_run, fake_root):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.e2e
 def test_each_method_learns_above_chance(method_runs, name):
     result = read_result(method_runs[name])
     assert result["status"] == "completed" and result["method"] == name
@@ -51,6 +52,7 @@ def test_each_method_learns_above_chance(method_runs, name):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.e2e
 def test_result_and_metrics_carry_every_field(method_runs, name):
     run_dir = method_runs[name]
     rows = read_metrics(run_dir)
@@ -85,6 +87,7 @@ def test_result_and_metrics_carry_every_field(method_runs, name):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.e2e
 def test_same_seed_gives_identical_metrics(method_runs, tmp_path, teacher_run, fake_root):
     proc = run_train(*student_args(tmp_path, fake_root, *METHODS["feature"]), f"paths.teachers_dir={teacher_run}/teachers")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,6 +95,7 @@ def test_same_seed_gives_identical_metrics(method_runs, tmp_path, teacher_run, f
     assert without_timing(again) == without_timing(read_metrics(method_runs["feature"]))
 
 
+@pytest.mark.e2e
 def test_a_completed_run_is_skipped_not_retrained(method_runs, teacher_run, fake_root):
     """Resubmitted with a setting that is not part of the run dir's name (here trainer.progress),
     the run is skipped and keeps the result and the .hydra/ config that made it."""
@@ -106,20 +110,21 @@ def test_a_completed_run_is_skipped_not_retrained(method_runs, teacher_run, fake
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_identical_metrics(tmp_path, teacher_run, fake_root):
     args = student_args(tmp_path / "a", fake_root, *METHODS["logit"], "trainer.epochs=4",
                         f"paths.teachers_dir={teacher_run}/teachers")
     proc = subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = None
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_S
     while time.time() < deadline and proc.poll() is None:
         metrics = next((tmp_path / "a").rglob("metrics.jsonl"), None)
         if metrics and len(metrics.read_text().splitlines()) >= 2:
             proc.send_signal(signal.SIGTERM)  # what SLURM sends on preemption or at the time limit
             break
         time.sleep(0.05)
-    proc.wait(timeout=60)
+    communicate(proc)  # SIGTERM: it saves and exits
     assert metrics is not None and not (metrics.parent / "result.json").exists(), "run was not interrupted"
     resumed = run_train(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -134,6 +139,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, teacher_run, fake_roo
     assert read_result(metrics.parent)["test_acc_final"] == reference[-1]["test_acc"]
 
 
+@pytest.mark.e2e
 def test_nan_loss_fails_the_run_with_its_epoch_and_is_retried_only_when_asked(tmp_path, fake_root):
     args = (*TINY, f"data.root={fake_root}", f"paths.output_dir={tmp_path}", "experiment=baseline",
             "trainer.lr=1e30", "trainer.clip_norm=null")
@@ -154,6 +160,7 @@ def test_nan_loss_fails_the_run_with_its_epoch_and_is_retried_only_when_asked(tm
     assert retried.returncode == 1 and "loss became NaN/inf in epoch 1" in retried.stderr
 
 
+@pytest.mark.e2e
 def test_missing_teacher_fails_without_training_and_trains_once_it_exists(tmp_path, fake_root, teacher_run):
     proc = run_train(*student_args(tmp_path, fake_root, "method=logit"))
     assert proc.returncode != 0
@@ -168,10 +175,10 @@ def test_missing_teacher_fails_without_training_and_trains_once_it_exists(tmp_pa
     assert read_result(run_dir)["status"] == "completed"
 
 
+@pytest.mark.e2e
 def test_analysis_turns_real_runs_into_the_key_results_table(method_runs, teacher_run, tmp_path):
     roots = sorted({str(next(q for q in p.parents if q.name == "quickstart")) for p in method_runs.values()})
-    proc = subprocess.run([sys.executable, "-m", "analysis", *roots, str(teacher_run), "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-m", "analysis", *roots, str(teacher_run), "--out", str(tmp_path)], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     key = (tmp_path / "key_results.md").read_text()
     for name in ("none", "logit", "feature"):
@@ -181,6 +188,7 @@ def test_analysis_turns_real_runs_into_the_key_results_table(method_runs, teache
     assert (tmp_path / "report.html").stat().st_size > 10_000
 
 
+@pytest.mark.e2e
 def test_corrupt_last_checkpoint_is_a_clear_failure(tmp_path, fake_root):
     args = (*TINY, f"data.root={fake_root}", f"paths.output_dir={tmp_path}", "experiment=baseline", "dry_run=true")
     jobs = tmp_path.with_name(f"{tmp_path.name}.jobs")

@@ -128,6 +128,7 @@ def test_bf16_step_is_within_bf16_rounding_of_fp32(tmp_path, splits, teacher, me
     assert error(fast_grad) < 2 * error(rounded_grad)
 
 
+@pytest.mark.e2e
 def test_cached_logits_equal_a_live_teacher_on_the_training_batches(teacher, splits, cache):
     """Each batch's (index, dy, dx, flip) names its images' views: the lookup is the teacher's
     forward on batch.x, to float rounding (1e-5; the cache ran the teacher in other batches)."""
@@ -140,6 +141,7 @@ def test_cached_logits_equal_a_live_teacher_on_the_training_batches(teacher, spl
     torch.testing.assert_close(cache[7].reshape(162, 10), live, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_resized_views_are_cached_as_the_live_path_resizes_them(teacher, splits):
     """data.image_size: each view is resized after its crop and flip, in the cache as in training."""
     images, labels = splits.train_x[:4], splits.train_y[:4]
@@ -149,6 +151,7 @@ def test_resized_views_are_cached_as_the_live_path_resizes_them(teacher, splits)
         torch.testing.assert_close(teacher_cache.lookup(cache, batch), teacher(batch.x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, splits, teacher, cache):
     """Two epochs of Logit-KD: every metric equal to 1e-5 relative, accuracies and agreement exactly
     (on this CPU the runs are in fact bit-identical)."""
@@ -163,6 +166,7 @@ def test_short_logit_run_with_the_cache_matches_the_live_teacher(tmp_path, split
             assert rb[key] == (value if exact else pytest.approx(value, rel=1e-5, abs=1e-7)), key
 
 
+@pytest.mark.e2e
 def test_fast_path_is_deterministic(tmp_path, splits, teacher, cache):
     runs = [tiny_loop(tmp_path / str(i), splits, teacher, *FAST, "execution.teacher_cache=true", cache=cache)
             for i in range(2)]
@@ -175,6 +179,7 @@ def _stored_teacher(tmp_path, teacher):
     return path
 
 
+@pytest.mark.e2e
 def test_cache_file_is_keyed_built_once_and_shared(tmp_path, teacher, splits, monkeypatch, caplog):
     caplog.set_level("INFO", logger=teacher_cache.__name__)
     path = _stored_teacher(tmp_path, teacher)
@@ -210,6 +215,7 @@ def test_cache_file_is_keyed_built_once_and_shared(tmp_path, teacher, splits, mo
     assert len(builds) == 4 and len(list(path.parent.glob("*.logits-*.pt"))) == 4
 
 
+@pytest.mark.e2e
 def test_bench_runs_on_cpu_and_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--width", "4", "--steps", "2", "--warmup", "1", "--batch-size", "4",
@@ -254,6 +260,7 @@ def test_resumed_optimiser_state_takes_each_parameters_layout(kind, settings):
 
 
 @pytest.mark.parametrize("before, after", [((), FAST[1:]), (FAST[1:], ())])
+@pytest.mark.e2e
 def test_resume_with_another_optimiser_kernel_continues_the_same_run(tmp_path, splits, teacher, before, after):
     """A checkpoint written with(out) fused SGD, resumed with the other kernel (as
     when `auto` resolves differently on the next node), continues as the run would have (1e-5)."""

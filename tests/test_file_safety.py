@@ -50,6 +50,7 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_without_running(tmp_path, n
     assert "\n" not in message and str(path) in message and "posix.system" in message
 
 
+@pytest.mark.e2e
 def test_a_student_run_refuses_a_hostile_teacher_ckpt(tmp_path, fake_root):
     marker = tmp_path / "payload-ran"
     hostile = _hostile(tmp_path / "downloaded" / "ckpt_epoch_240.pth", marker)
@@ -60,6 +61,7 @@ def test_a_student_run_refuses_a_hostile_teacher_ckpt(tmp_path, fake_root):
     assert line.startswith(f"kdexp: refusing to load {hostile}: it holds posix.system") and "teacher.ckpt" in line
 
 
+@pytest.mark.e2e
 def test_a_dry_run_never_unpickles_a_hostile_file_at_the_teacher_export_path(tmp_path):
     marker = tmp_path / "payload-ran"
     args = (*TINY, "experiment=teacher", f"data.root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}")
@@ -78,6 +80,7 @@ def test_a_hostile_teacher_logit_cache_is_rebuilt_without_running(tmp_path, capl
     assert not marker.exists() and "refusing to load" in caplog.text
 
 
+@pytest.mark.e2e
 def test_kdexps_own_files_need_no_allowlist(teacher_run):
     """What kdexp writes (weights, optimizer and scheduler state, history, every RNG state; a
     teacher export's records) is tensors and plain values: torch's weights_only reads it with

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_process
 from launch import gpu_check
 
 # Installed here, missing on the GPU machine's image (the device tool's package list): what the
@@ -32,8 +32,8 @@ def _canonical(name: str) -> str:
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("wheelhouse")
-    subprocess.run([sys.executable, "-m", "launch.gpu_check", "--build-wheelhouse", "--wheelhouse", str(directory)],
-                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    run_process([sys.executable, "-m", "launch.gpu_check", "--build-wheelhouse", "--wheelhouse", str(directory)],
+                cwd=REPO, check=True)
     return directory
 
 
@@ -51,12 +51,13 @@ def machine_like_python(root: Path) -> Path:
     return root / "bin" / "python"
 
 
-def _check(python: Path | str, out: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+def _check(python: Path | str, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OUT")}
-    return subprocess.run([str(python), "-m", "launch.gpu_check", "--cpu-dry", "--out", str(out), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return run_process([str(python), "-m", "launch.gpu_check", "--cpu-dry", "--out", str(out), *args], cwd=REPO,
+                       env=env)
 
 
+@pytest.mark.e2e
 def test_dry_run_installs_what_the_machine_lacks_from_the_wheelhouse_and_runs_every_step(tmp_path, wheelhouse):
     python = machine_like_python(tmp_path / "venv")
     bare = subprocess.run([str(python), "-c", "import torch, pandas, pytest; import hydra"], capture_output=True,
@@ -84,9 +85,10 @@ def test_dry_run_installs_what_the_machine_lacks_from_the_wheelhouse_and_runs_ev
     assert (tmp_path / "out" / "gpu_check.log").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_a_step_over_its_budget_is_killed_and_recorded_and_the_next_runs(tmp_path):
     proc = _check(sys.executable, tmp_path, "--only", "check,packing", "--wheelhouse", str(tmp_path / "none"),
-                  "--budget", "install=300,check=1,packing=600", timeout=900)
+                  "--budget", "install=300,check=1,packing=600")
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert not steps["check"]["ok"] and steps["check"]["commands"][0]["timed_out"]
@@ -103,8 +105,7 @@ def test_torch_logs_count_recompiles_and_graph_breaks(tmp_path):
                       "    return y + 1\n"
                       "g = torch.compile(f, backend='eager', dynamic=False)\n"
                       "g(torch.randn(4)); g(torch.randn(4)); g(torch.randn(5))\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TORCH_LOGS": "recompiles,graph_breaks"})
+    proc = run_process([sys.executable, str(script)], env={**os.environ, "TORCH_LOGS": "recompiles,graph_breaks"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = gpu_check.torch_log_counts(proc.stderr)
     assert counts["graph_breaks"] >= 1 and counts["graph_breaks_at"] == [f"{script}:4"]

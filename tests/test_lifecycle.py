@@ -9,17 +9,18 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import QUICK, REPO, read_only, run_train
+from helpers import QUICK, REPO, communicate, read_only, run_process, run_train, wait_until
 from kdexp import checkpoint, runlock
 from kdexp.data.fake import write_fake_cifar
 from kdexp.models import build_model
 from kdexp.records import read_metrics, read_result
+
+pytestmark = pytest.mark.e2e  # every test starts `python -m kdexp.train`
 
 # Small generated data (250 training images after the val split): runs here test what happens
 # around training, not learning.
@@ -44,16 +45,6 @@ def _start(args: tuple, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], cwd=REPO, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _wait_for(condition, what: str, seconds: float = 120):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _only_line(stderr: str) -> str:
@@ -83,8 +74,7 @@ def test_train_it_first_command_trains_the_teacher_the_student_finds(tmp_path, d
     assert command == ("python -m kdexp.train experiment=teacher protocol=quickstart model=resnet18 "
                        "data.fake_train_size=400 data.fake_test_size=100 data.val_size=150 model.width=4")
     argv = shlex.split(command)
-    teacher = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env={**os.environ, **env}, capture_output=True,
-                             text=True, timeout=600)
+    teacher = run_process([sys.executable, *argv[1:]], cwd=REPO, env={**os.environ, **env})
     assert teacher.returncode == 0, teacher.stderr[-3000:]
     # the same run dir as the README's command with these data sizes: no other key in its name
     assert (tmp_path / "quickstart/teacher/resnet18/seed0/data.fake_test_size=100,data.fake_train_size=400,"
@@ -137,11 +127,11 @@ def test_two_runs_of_one_teacher_started_together_export_it_once(tmp_path, data_
         return all(epochs in stopped or proc.poll() is not None for epochs, proc in procs.items())
 
     try:
-        _wait_for(each_trains_or_ended, "both runs to train or end", 600)
+        wait_until(each_trains_or_ended, "both runs to train or end")
     finally:
         for epochs in stopped:
             procs[epochs].send_signal(signal.SIGCONT)
-    ended = {epochs: (proc.communicate(timeout=300)[1], proc.returncode) for epochs, proc in procs.items()}
+    ended = {epochs: (communicate(proc)[1], proc.returncode) for epochs, proc in procs.items()}
     [winner] = [epochs for epochs, (_, code) in ended.items() if code == 0]
     [loser] = set(procs) - {winner}
     stderr, code = ended[loser]
@@ -204,9 +194,9 @@ def contended(tmp_path_factory, data_dir):
     args = (*BASE, "experiment=baseline", "trainer.epochs=30", "trainer.max_steps_per_epoch=1")
     first = _start(args, env)
     try:
-        lock = _wait_for(lambda: next(out.rglob(runlock.LOCK_FILE), None), "the first start's lock")
+        lock = wait_until(lambda: next(out.rglob(runlock.LOCK_FILE), None), "the first start's lock")
         run_dir = lock.parent
-        _wait_for(lambda: runlock.holder(run_dir), "the lock to be held")
+        wait_until(lambda: runlock.holder(run_dir), "the lock to be held")
         first.send_signal(signal.SIGSTOP)  # it keeps its lock, and stops writing: the files stay still
         before = _files(run_dir)
         second = run_train(*args, "trainer.progress=true", env=env)  # same run dir, another config
@@ -254,10 +244,10 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path, data_dir):
     env = _env(data_dir, tmp_path)
     args = (*BASE, "experiment=baseline", "trainer.epochs=40", "trainer.max_steps_per_epoch=1")
     proc = _start(args, env)
-    metrics = _wait_for(lambda: next((m for m in tmp_path.rglob("metrics.jsonl") if m.read_text()), None),
+    metrics = wait_until(lambda: next((m for m in tmp_path.rglob("metrics.jsonl") if m.read_text()), None),
                         "a first epoch")
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = communicate(proc)
     assert proc.returncode == 130
     epoch = int(re.fullmatch(r"kdexp: interrupted after epoch (\d+); rerun the same command to resume",
                              _only_line(stderr)).group(1))

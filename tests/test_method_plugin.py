@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from helpers import REPO, compose_cfg, run_train, without_timing
+from helpers import REPO, compose_cfg, run_process, run_train, without_timing
 from kdexp.data import Splits, load_splits
 from kdexp.execution import Execution
 from kdexp.job import build_loop, seed_everything
@@ -106,6 +105,7 @@ def _loop(run_dir, splits, method):
     return build_loop(cfg, method, execution, splits, teacher, CPU, run_dir)
 
 
+@pytest.mark.e2e
 def test_a_schedule_reads_the_epoch_in_progress_also_after_a_resume(tmp_path, splits):
     """The epoch buffer is not saved (a buffer of the method, not its state): the loop sets it before
     every epoch, so a resumed run trains its remaining epochs with the same schedule, exactly."""
@@ -177,6 +177,7 @@ def toy_site(tmp_path_factory) -> dict:
     return {"KDEXP_SITE_DIR": str(site), "PYTHONPATH": str(site), "KDEXP_DATA": str(tmp_path_factory.mktemp("data"))}
 
 
+@pytest.mark.e2e
 def test_a_method_from_outside_the_package_trains_through_the_entry_point(tmp_path, toy_site):
     teacher = run_train(*SMALL, "experiment=teacher", f"paths.output_dir={tmp_path}", env=toy_site)
     assert teacher.returncode == 0, teacher.stderr[-3000:]
@@ -200,8 +201,8 @@ def _analyse(out: Path, env: dict) -> dict[str, str]:
     """`python -m analysis` on the runs, as a user runs it (the toy's module on PYTHONPATH): the
     markdown tables by name."""
     tables = out / "tables"
-    proc = subprocess.run([sys.executable, "-m", "analysis", str(out), "--out", str(tables), "--format", "md"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    proc = run_process([sys.executable, "-m", "analysis", str(out), "--out", str(tables), "--format", "md"],
+                       cwd=REPO, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {p.stem: p.read_text() for p in tables.glob("*.md")}
 
@@ -211,6 +212,7 @@ def _analyse(out: Path, env: dict) -> dict[str, str]:
                      "not be converted to Float"),
     ("+method.weight=1", "method.weight is not a kdexp setting: the settings under method are w, sharpen"),
 ])
+@pytest.mark.e2e
 def test_a_method_from_outside_the_package_is_typed_by_its_signature(tmp_path, toy_site, override, message):
     proc = run_train(*SMALL, "teacher=resnet18", "method=toy", override, f"paths.output_dir={tmp_path}",
                      env=toy_site)

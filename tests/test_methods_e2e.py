@@ -13,7 +13,7 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from helpers import QUICK, REPO, run_train, student_args, tiny_loop, without_timing
+from helpers import HANG_S, QUICK, REPO, communicate, run_train, student_args, tiny_loop, without_timing
 from kdexp.records import read_metrics, read_result
 
 # The quickstart's 3 epochs at width 4 (these methods learn there: 55-72 % measured); DKD runs 4
@@ -46,6 +46,7 @@ def runs(tmp_path_factory, teacher_run, fake_root) -> dict:
 
 
 @pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.e2e
 def test_new_method_learns_above_chance_under_its_own_identity(runs, name):
     run_dir = runs[name]
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
@@ -57,6 +58,7 @@ def test_new_method_learns_above_chance_under_its_own_identity(runs, name):
     assert PARTS[name] <= set(read_metrics(run_dir)[-1])
 
 
+@pytest.mark.e2e
 def test_dkd_weight_follows_the_epoch_in_progress(runs):
     """Epoch means of loss = CE + w * KD with w = min(epoch / 3, 1): the loop fills the method's epoch."""
     rows = read_metrics(runs["dkd"])
@@ -69,18 +71,19 @@ def run_until_killed(args: tuple[str, ...], folder, epochs: int) -> Path:
     `epochs` epochs are in its metrics; returns its run dir, checked unfinished."""
     proc = subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics, deadline = None, time.time() + 120
+    metrics, deadline = None, time.time() + HANG_S
     while time.time() < deadline and proc.poll() is None:
         metrics = next(folder.rglob("metrics.jsonl"), None)
         if metrics and len(metrics.read_text().splitlines()) >= epochs:
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
-    proc.wait(timeout=60)
+    communicate(proc)  # SIGTERM: it saves and exits
     assert metrics is not None and not (metrics.parent / "result.json").exists(), "run was not interrupted"
     return metrics.parent
 
 
+@pytest.mark.e2e
 def test_killed_dkd_run_resumes_to_identical_metrics(runs, tmp_path, teacher_run, fake_root):
     """Killed inside the warm-up, the resumed run sets the epoch again (the buffer is not saved)."""
     args = _args(tmp_path, fake_root, teacher_run, "dkd")
@@ -94,6 +97,7 @@ def test_killed_dkd_run_resumes_to_identical_metrics(runs, tmp_path, teacher_run
 
 @pytest.mark.parametrize("method, options", [("dkd", ("method.warmup=1",)), ("dist", ()),
                                              ("logit", ("method.standardize=true",))], ids=["dkd", "dist", "logit(std)"])
+@pytest.mark.e2e
 def test_teacher_logit_cache_trains_like_the_live_teacher(tmp_path, splits, teacher, cache, method, options):
     """Logit-only methods may replace the teacher by its cached logits: two epochs, every metric equal
     to 1e-5 relative (accuracies of 64 images thereby exactly)."""
@@ -110,6 +114,7 @@ def _set(row: dict) -> dict:
     return {key: value for key, value in row.items() if value is not None}
 
 
+@pytest.mark.e2e
 def test_label_smoothing_teachers_preset_distils_from_the_smoothed_teacher(tmp_path, fake_root):
     """experiment=label_smoothing_teachers: its students look up the teacher trained with
     trainer.label_smoothing=0.1 (an export of its own, `_ls0.1`), the dry run says how to train it,

@@ -46,6 +46,7 @@ def r34_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.e2e
 def test_the_teacher_fine_tunes_from_its_init_file_and_the_student_distils_from_it(tmp_path, r34_weights):
     teacher = run_train("experiment=teacher", "protocol=report", "model=resnet34", f"model.init={r34_weights}",
                         *SHORT, f"paths.output_dir={tmp_path}")
@@ -72,6 +73,7 @@ def test_the_teacher_fine_tunes_from_its_init_file_and_the_student_distils_from_
                                 "teacher": network_gflops("resnet34", 10, "imagenet", 64, 64)}
 
 
+@pytest.mark.e2e
 def test_at_224_pixels_with_early_stopping(tmp_path):
     """The report's input size, once, on a handful of images; a one-image val split cannot improve
     twice in a row, so patience 1 stops the run within its three epochs, and result.json says when."""
@@ -84,6 +86,7 @@ def test_at_224_pixels_with_early_stopping(tmp_path):
     assert result["stopped_early_epoch"] == result["epochs_completed"] in (2, 3)
 
 
+@pytest.mark.e2e
 def test_imagenet_init_offline_is_one_line_naming_the_file_and_the_dry_run_says_it_first(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9"}  # no internet, no cache
     args = ("experiment=teacher", "protocol=report", "model=resnet34", "model.init=imagenet", *SHORT,

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import REPO
+from helpers import REPO, run_process
 from kdexp import bench
 from kdexp.config import validate
 from kdexp.records import write_result
@@ -76,6 +75,7 @@ def v2(tmp_path_factory) -> Plan:
     return make_plan("v2", "local", out, "dry_run=true")
 
 
+@pytest.mark.e2e
 def test_v1_plan_has_three_stages_with_the_papers_run_counts(v1):
     assert v1.stages == ["teachers", "students", "analysis"]
     teachers = v1.stage_drivers("teachers")
@@ -92,11 +92,13 @@ def test_v1_plan_has_three_stages_with_the_papers_run_counts(v1):
     assert analysis.lines == [f"{sys.executable} -m analysis {v1.experiment_dir} --out {v1.experiment_dir}/report"]
 
 
+@pytest.mark.e2e
 def test_v1_plan_has_no_duplicated_runs(v1):
     dirs = [j.run_dir for d in v1.drivers for j in d.jobs]
     assert len(dirs) == len(set(dirs)) == 2 + 81 + 27 + 6
 
 
+@pytest.mark.e2e
 def test_temperature_never_multiplies_feature_runs(v1):
     feature = runs(v1, "feature-")
     assert not [o for j in feature for o in j.overrides if o.startswith("method.T")]
@@ -104,6 +106,7 @@ def test_temperature_never_multiplies_feature_runs(v1):
     assert len({(*pair_of(j), j.cfg.method.alpha, j.cfg.seed) for j in feature}) == 27
 
 
+@pytest.mark.e2e
 def test_v1_students_wait_for_their_teacher_and_teachers_get_the_teacher_launcher(v1):
     for pair, (teacher_arch, _) in pair_archs("paper_v1").items():
         teacher = f"teacher-{teacher_arch}"
@@ -118,6 +121,7 @@ def test_v1_students_wait_for_their_teacher_and_teachers_get_the_teacher_launche
                                                  f"paths.output_dir={v1.experiment_dir.parent} hydra/launcher=slurm_a100")
 
 
+@pytest.mark.e2e
 def test_v1_dry_run_prints_stages_commands_and_gpu_hours(v1):
     text = study.describe(v1, study.decide(v1, {}, set()))
     # launch.epoch_time's model (R18 5.7, R34 11.0, R50 19.0 s per epoch, the measured 6.4, 10, 18.6):
@@ -131,6 +135,7 @@ def test_v1_dry_run_prints_stages_commands_and_gpu_hours(v1):
     assert "--time=3-00:00:00" in text and ".study" in text
 
 
+@pytest.mark.e2e
 def test_v2_plan_selects_on_48_seed0_runs(v2):
     assert v2.stages == ["teachers", "selection", "select", "finals", "analysis"]
     teachers = [j for d in v2.stage_drivers("teachers") for j in d.jobs]
@@ -151,6 +156,7 @@ def test_v2_plan_selects_on_48_seed0_runs(v2):
                                         for g in PAPER_GRIDS} for p in pair_archs("paper_v2")}
 
 
+@pytest.mark.e2e
 def test_v2_finals_run_the_selected_cells_over_five_seeds(v2):
     finals = v2.stage_drivers("finals")
     assert len(finals) == 9 and sum(len(d.jobs) for d in finals) == 8 * 5 + 2 * 5
@@ -169,10 +175,10 @@ def test_v2_finals_run_the_selected_cells_over_five_seeds(v2):
     assert "total: 99 distinct training runs" in text  # 9 teachers + 48 + 40 + 10 - 8 reused seed-0 finals
 
 
+@pytest.mark.e2e
 def test_v2_finals_driver_multirun_writes_exactly_the_planned_run_dirs(v2):
     final = driver(v2, "final-feature-r50_to_r34")
-    proc = subprocess.run(["bash", "-c", "\n".join(["set -eo pipefail", *final.lines])], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_process(["bash", "-c", "\n".join(["set -eo pipefail", *final.lines])], cwd=REPO)
     # its teachers are not trained here: the dry run says so (exit 2); what matters is where its jobs write
     assert "multirun summary: 5 dry_run" in proc.stdout, proc.stderr[-3000:]
     would = re.findall(r"dry run: would train .* with (\{.*\}) for .*, into (\S+)", proc.stdout)
@@ -181,6 +187,7 @@ def test_v2_finals_driver_multirun_writes_exactly_the_planned_run_dirs(v2):
     assert not list(v2.experiment_dir.rglob(".hydra"))  # a dry run writes nothing into the tree
 
 
+@pytest.mark.e2e
 def test_v2_finals_are_redone_after_a_new_selection(v2):
     final = driver(v2, "final-logit-r34_to_r18")
     for job in final.jobs:
@@ -190,6 +197,7 @@ def test_v2_finals_are_redone_after_a_new_selection(v2):
     assert final.done() and decisions[final.name].action == "submit"
 
 
+@pytest.mark.e2e
 def test_v2_runs_any_kd_grid_and_selects_again_when_a_grid_is_new(tmp_path):
     """kd_grid=tsweep (method=logit, T swept at α 0.5): stages named by the grid, finals that compose
     the grid's preset (not a method of its name), and a selected.json from before the grid was added
@@ -213,6 +221,7 @@ def test_v2_runs_any_kd_grid_and_selects_again_when_a_grid_is_new(tmp_path):
     assert set(json.loads(manifest)["r34_to_r18"]) == {"tsweep"}
 
 
+@pytest.mark.e2e
 def test_a_dkd_grid_is_a_stage_of_the_study(tmp_path, cluster_site):
     """--grids names kd_grid presets: a DKD grid is one more students' driver, after its teacher."""
     plan = make_plan("quickstart", "slurm_local", tmp_path, grids=["smoke", "dkd"])
@@ -227,6 +236,7 @@ def test_a_dkd_grid_is_a_stage_of_the_study(tmp_path, cluster_site):
     assert "stage 2/3 students: 3 drivers, 22 training runs" in text and "dkd-quickstart: 16 runs" in text
 
 
+@pytest.mark.e2e
 def test_the_cifar100_benchmark_is_a_study_of_its_teachers_and_its_one_multirun(tmp_path, cluster_site):
     """--protocol cifar100: the benchmark's five teachers under its recipe, then experiment=cifar100_kd
     (8 pairs x {ce, logit, dkd} x 3 seeds), each student after the teachers it loads; --grids is refused."""
@@ -243,6 +253,7 @@ def test_the_cifar100_benchmark_is_a_study_of_its_teachers_and_its_one_multirun(
         make_plan("cifar100", "slurm_local", tmp_path, grids=["dkd"])
 
 
+@pytest.mark.e2e
 def test_the_cifar100_benchmark_is_estimated_per_network_and_the_limits_get_its_longest_run(tmp_path, cluster_site):
     plan = make_plan("cifar100", "slurm_local", tmp_path)
     text = study.describe(plan, study.decide(plan, {}, set()))
@@ -441,6 +452,7 @@ def test_select_refuses_an_incomplete_grid(tmp_path, capsys):
     assert not (tmp_path / "selected.json").exists()
 
 
+@pytest.mark.e2e
 def test_the_bench_estimates_the_study_the_planner_submits(v1):
     """kdexp.bench's study-hours estimate counts the runs and epochs of the v1 plan, no more, no less."""
     planned = Counter((j.cfg.model.arch, j.cfg.teacher.arch, validate(task_config(j.cfg)).name, j.cfg.trainer.epochs)

@@ -72,6 +72,7 @@ def test_keys_added_with_plus_are_refused_with_the_nearest_key(overrides, messag
     assert message in str(err.value)
 
 
+@pytest.mark.e2e
 def test_an_added_key_is_refused_before_anything_is_written(tmp_path):
     """Hydra's own hint for `trainer.epoch=3` is `+trainer.epoch=3`: it used to train the default
     epochs into a dir named `trainer.epoch=3`, a duplicate row for analysis."""
@@ -89,6 +90,7 @@ def test_wrong_types_are_refused_when_composing_naming_the_key(override, key):
     assert isinstance(err.value.__cause__, ValidationError) and err.value.__cause__.full_key == key
 
 
+@pytest.mark.e2e
 def test_a_non_number_temperature_names_its_key_and_writes_nothing(tmp_path):
     proc = run_train(*TINY, *KD, "method.T=abc", f"paths.output_dir={tmp_path}")
     assert proc.returncode == 2
@@ -128,6 +130,7 @@ def test_composed_config_survives_pickling():
     assert again == cfg and OmegaConf.get_type(again.method) is OmegaConf.get_type(cfg.method)
 
 
+@pytest.mark.e2e
 def test_a_site_config_with_a_misspelt_top_level_key_does_not_compose(tmp_path):
     """The root has a schema too: a typo in a _global_ config (a site's experiment) is an error, not
     a silently ignored setting."""

@@ -50,6 +50,7 @@ def assert_within_noise(a: list[float], b: list[float]) -> None:
 
 
 @pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.e2e
 def test_same_seed_gives_identical_metrics_on_the_gpu(tmp_path, fake_root, gpu_teacher, compile):
     args = ("teacher=resnet18", "teacher.width=16", "method=logit", gpu_teacher, "trainer.deterministic=true",
             f"execution.compile={compile}")
@@ -59,6 +60,7 @@ def test_same_seed_gives_identical_metrics_on_the_gpu(tmp_path, fake_root, gpu_t
     assert without_timing(first["metrics"]) == without_timing(second["metrics"])
 
 
+@pytest.mark.e2e
 def test_cached_and_live_teacher_reach_the_same_accuracy(tmp_path, fake_root, gpu_teacher):
     args = ("teacher=resnet18", "teacher.width=16", "method=logit", gpu_teacher)
     cached = _test_accs(tmp_path, "cached", fake_root, *args, "execution.teacher_cache=true")
@@ -66,6 +68,7 @@ def test_cached_and_live_teacher_reach_the_same_accuracy(tmp_path, fake_root, gp
     assert_within_noise(cached, live)
 
 
+@pytest.mark.e2e
 def test_fast_path_reaches_the_reference_loops_accuracy(tmp_path, fake_root):
     fast = _test_accs(tmp_path, "fast", fake_root, "experiment=baseline")
     reference = _test_accs(tmp_path, "reference", fake_root, "experiment=baseline", *REFERENCE)

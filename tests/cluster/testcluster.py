@@ -303,7 +303,7 @@ def _log_tail(d: Path, name: str, lines: int = 20) -> str:
     return f"(no log output from {name})"
 
 
-def _wait(d: Path, name: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
+def _wait(d: Path, name: str, ready: Callable[[], bool], timeout: float = 300.0) -> None:
     pid, ticks = _recorded(d)[name]
     deadline = time.monotonic() + timeout
     while not ready():
@@ -445,7 +445,7 @@ def status(dir: Path | str) -> dict[str, bool]:
     return {n: _alive(pid, ticks) for n, (pid, ticks) in _recorded(Path(dir).resolve()).items()}
 
 
-def cancel_all_jobs(info: ClusterInfo, timeout: float = 30.0) -> None:
+def cancel_all_jobs(info: ClusterInfo, timeout: float = 120.0) -> None:
     """scancel every job in the cluster and wait until the queue is empty."""
     env = info.env()
     ids = (_ok(["squeue", "-h", "-o", "%A"], env) or "").split()

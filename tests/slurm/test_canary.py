@@ -7,12 +7,11 @@ The passing canary: tests/slurm/test_study.py."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_process
 from slurm_helpers import sacct, wait_for
 from test_study import DRIVERS, canaries, study
 
@@ -43,7 +42,7 @@ def test_a_failing_canary_starts_no_training_job(slurm_cluster, tmp_path, fake_r
         rows = {job: state for job, state in sacct(since, "JobID,State")}
         done = set(ids) <= set(rows) and all(s not in ("PENDING", "RUNNING") for s in rows.values())
         return rows if done else None
-    states = wait_for(ended, "the drivers to be cancelled", 60)
+    states = wait_for(ended, "the drivers to be cancelled")
     assert states[canary] == "FAILED" and set(states) == set(ids), states
     assert all(states[job].startswith("CANCELLED") for job in drivers.values()), states
     assert not (exp / ".submitit").exists()
@@ -52,10 +51,9 @@ def test_a_failing_canary_starts_no_training_job(slurm_cluster, tmp_path, fake_r
 def test_launch_check_names_a_broken_setup_line(slurm_cluster, tmp_path):
     """The canary alone, on the launcher as a multirun's overrides leave it: a setup line that fails
     (a venv that moved) fails the job before kdexp.check starts; launch.check exits 1 with the log's line."""
-    proc = subprocess.run([sys.executable, "-m", "launch.check", "--cluster", "slurm_local", "--output-dir",
-                           str(tmp_path), "experiment=paper_v1",
-                           'hydra.launcher.setup=["source /nonexistent/activate"]'],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_process([sys.executable, "-m", "launch.check", "--cluster", "slurm_local", "--output-dir",
+                        str(tmp_path), "experiment=paper_v1", 'hydra.launcher.setup=["source /nonexistent/activate"]'],
+                       cwd=REPO)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     [canary] = canaries(tmp_path / "paper_v1")
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

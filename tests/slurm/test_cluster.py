@@ -23,7 +23,7 @@ def sbatch(*args: str) -> str:
     return out.strip().split(";")[0]
 
 
-def wait_sacct(job_id: str, state: str, count: int = 1, timeout: float = 30) -> list[str]:
+def wait_sacct(job_id: str, state: str, count: int = 1, timeout: float | None = None) -> list[str]:
     """Wait until sacct reports ``count`` records of job_id, all in ``state``."""
     def states():
         found = [row[0].split()[0] for row in sacct(job_id, "State")]  # "CANCELLED by 0"
@@ -31,7 +31,7 @@ def wait_sacct(job_id: str, state: str, count: int = 1, timeout: float = 30) -> 
     return wait_for(states, f"{count} x {state} for job {job_id} in sacct", timeout)
 
 
-def wait_queue(job_id: str, done: bool = False, timeout: float = 30) -> None:
+def wait_queue(job_id: str, done: bool = False, timeout: float | None = None) -> None:
     """Wait until every record of job_id runs, or with ``done`` until it left the queue.
     Faster than sacct, which lags a few seconds behind for array tasks."""
     def reached() -> bool:

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from helpers import HANG_S, REPO, TINY, run_train, student_args, without_timing
+from helpers import REPO, TINY, communicate, run_train, student_args, without_timing
 from slurm_helpers import ONE_THREAD, run_dirs, sacct, slurm_job_id, squeue_states, wait_for
 from kdexp.records import read_metrics, read_result
 
@@ -46,7 +46,7 @@ def test_grid_runs_one_slurm_array_task_per_job(tmp_path, fake_root, slurm_clust
         records = sacct(arrays.copy().pop(), "JobID,JobName,State")
         return records if len(records) == 4 and all(state == "COMPLETED" for *_, state in records) else None
 
-    records = wait_for(accounted, "4 COMPLETED array tasks in sacct", 30)
+    records = wait_for(accounted, "4 COMPLETED array tasks in sacct")
     assert {job for job, _, _ in records} == tasks
     assert {name for _, name, _ in records} == {"kdexp-test"}
 
@@ -100,7 +100,7 @@ def test_a_failed_run_is_a_failed_array_task_in_sacct(mixed):
         rows = dict(sacct(",".join(states.values()), "JobID,State"))
         return rows if len(rows) == 2 else None
 
-    rows = wait_for(accounted, "both array tasks in sacct", 30)
+    rows = wait_for(accounted, "both array tasks in sacct")
     assert {status: rows[job] for status, job in states.items()} == {"completed": "COMPLETED", "failed": "FAILED"}
 
 
@@ -133,12 +133,13 @@ def test_preempted_task_is_requeued_and_resumes_exactly(tmp_path, fake_root, slu
     job = slurm_job_id(run_dir)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before preempting
     # submitit requeues the job; SLURM holds a requeued job ~120 s (BeginTime): release it early
-    wait_for(lambda: "PENDING" in squeue_states(job), f"job {job} requeued", 60)
+    wait_for(lambda: "PENDING" in squeue_states(job), f"job {job} requeued")
     release_requeued(job)
-    output, _ = driver.communicate(timeout=180)
+    output, _ = communicate(driver)
     assert driver.returncode == 0, output[-3000:]
     assert "multirun summary: 1 completed" in output
-    assert straight.wait(timeout=180) == 0
+    communicate(straight)
+    assert straight.returncode == 0
     log = (run_dir / "train.log").read_text()
     assert f"resuming {run_dir} after epoch" in log, log[-2000:]
     assert read_metrics(run_dir)[-1]["epoch"] == 6
@@ -171,10 +172,10 @@ def test_scancel_of_one_task_ends_in_the_summary(tmp_path, fake_root, slurm_clus
             f"data.root={fake_root}", f"paths.output_dir={tmp_path}")
     driver = start_driver(*args)
     long_run = wait_for(lambda: next((d for d in run_dirs(tmp_path) if "epochs=300" in str(d)
-                                      and (d / "last.pt").exists()), None), "the long run's first epoch", 120)
+                                      and (d / "last.pt").exists()), None), "the long run's first epoch")
     job = slurm_job_id(long_run)
     subprocess.run(["scancel", job], check=True)
-    output, _ = driver.communicate(timeout=HANG_S)
+    output, _ = communicate(driver)
     assert driver.returncode == 1, output[-3000:]
     assert "multirun summary: 1 completed, 1 unfinished" in output
     [line] = [line for line in output.splitlines() if line.startswith("  unfinished: ")]
@@ -186,9 +187,9 @@ def test_scancel_of_one_task_ends_in_the_summary(tmp_path, fake_root, slurm_clus
 def test_ctrl_c_on_the_driver_leaves_the_jobs_running_and_says_so(tmp_path, fake_root, slurm_cluster):
     driver = start_driver(*TINY, "experiment=baseline", *LONG, "seed=0,1", f"data.root={fake_root}",
                           f"paths.output_dir={tmp_path}")
-    jobs = wait_for(lambda: running_jobs(tmp_path, 2), "both runs' first epoch", 120)
+    jobs = wait_for(lambda: running_jobs(tmp_path, 2), "both runs' first epoch")
     driver.send_signal(signal.SIGINT)
-    output, _ = driver.communicate(timeout=HANG_S)
+    output, _ = communicate(driver)
     assert driver.returncode == 130, output[-3000:]
     assert "multirun summary: 2 interrupted" in output
     [line] = [line for line in output.splitlines() if line.startswith("  interrupted: 2 jobs: ")]
@@ -202,7 +203,7 @@ def test_sbatch_refusing_the_array_is_the_summary_not_a_traceback(tmp_path, fake
     """The README's example site file names partition `gpu`, which the test cluster does not have."""
     driver = start_driver(*TINY, "experiment=baseline", "seed=0,1", f"data.root={fake_root}",
                           f"paths.output_dir={tmp_path}", "hydra.launcher.partition=gpu")
-    output, _ = driver.communicate(timeout=HANG_S)
+    output, _ = communicate(driver)
     assert driver.returncode == 2, output[-3000:]
     assert "multirun summary: 2 rejected" in output
     [line] = [line for line in output.splitlines() if line.startswith("  rejected (nothing written): 2 jobs: ")]
@@ -237,5 +238,5 @@ def test_runs_of_the_shared_launcher_share_one_gpu(tmp_path, fake_root, slurm_cl
         rows = sacct(array, "AllocTRES")
         return rows if len(rows) == 2 else None
 
-    for (tres,) in wait_for(accounted, "2 array tasks in sacct", 30):
+    for (tres,) in wait_for(accounted, "2 array tasks in sacct"):
         assert "gres/shard=1" in tres and "gres/gpu" not in tres, tres

@@ -43,7 +43,7 @@ from kdexp.records import kept_result
 from kdexp.teachers import resolve_teacher_path
 from launch import sbatch
 from launch.epoch_time import run_hours
-from launch.sweep import compose_job, expand, run_dir, task_config
+from launch.sweep import compose_job, compose_jobs, expand, run_dir, task_config
 
 STUDY_DIR = ".study"
 CANARY_DIR = "canary"
@@ -275,7 +275,8 @@ class _Ctx:
         launcher = self.teacher_launcher if teacher else self.cluster
         own = [*overrides, output_dir_override(self.output_dir), f"hydra/launcher={launcher}"]
         try:
-            jobs = [Job(o, compose_job(o)) for o in expand([*own, *self.extra, *cell])]
+            overrides = expand([*own, *self.extra, *cell])
+            jobs = [Job(o, cfg) for o, cfg in zip(overrides, compose_jobs(overrides))]
         except HydraException as err:
             raise PlanError(f"stage {stage} ({_first_job(own, cell) or name}): {_composition_error(err)}") from err
         for job in jobs:  # kdexp.train's own checks, so a bad value fails here and not on a GPU node

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from kdexp.config import validate
-from launch.sweep import compose_job, expand, hydra_session, run_dir, task_config
+from launch.sweep import compose_jobs, expand, hydra_session, run_dir, task_config
 
 pytestmark = pytest.mark.e2e  # composes every job of the 72-job multirun (a dry run of it, in process)
 
@@ -21,7 +21,7 @@ DKD_BETA = {"r56_to_r20": 2.0, "r110_to_r32": 2.0, "r32x4_to_r8x4": 8.0, "wrn40_
 @pytest.fixture(scope="module")
 def jobs():
     with hydra_session():
-        configs = [compose_job(overrides) for overrides in expand(["experiment=cifar100_kd"])]
+        configs = compose_jobs(expand(["experiment=cifar100_kd"]))
     return [(task_config(cfg), run_dir(cfg)) for cfg in configs]
 
 

@@ -16,12 +16,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 from torch import nn
 
 from kdexp import methods, runlock, schedules
 from kdexp.data import DATASETS
-from kdexp.models import ARCHS, STEMS, model_layout
+from kdexp.models import ARCHS, STEMS, TORCHVISION_RESNETS, model_layout
 from kdexp.pretrained import init_problem
 from kdexp.records import kept_result
 
@@ -47,19 +47,26 @@ DIR_NAME_MAX = 200  # + `~` and 8 hex digits: within the 255 bytes of a file nam
 
 @dataclass
 class ModelConfig:
+    """The network trained. `model=<arch>` (one option per kdexp.models.ARCHS entry, made in
+    register_configs) sets arch and the published network's width."""
     arch: str = "resnet18"
+    # cifar: 3x3/1 conv1, no max-pool (PyTorch default init, as the study); imagenet: 7x7/2 + max-pool.
+    # The CIFAR benchmark's networks (wrn, vgg, resnet8x4, ...) have only their own 32x32 input layer: cifar.
     stem: str = "cifar"
+    # base channels (torchvision ResNets: 64; tests use 4-16) or first-conv channels (the CIFAR
+    # benchmark's networks: their published value; other values scale every layer)
     width: int = 64
-    num_classes: int = 10
+    num_classes: int = 10  # model=<arch>: ${data.num_classes}, one output per class of the data
     init: Optional[str] = None  # initial weights: null (from scratch) | imagenet | a torchvision-format state_dict file
 
 
 @dataclass
 class TeacherConfig:
     """Which teacher a student distils from: its identity (arch ... label_smoothing) names the
-    checkpoint a teacher run with those settings exported."""
+    checkpoint a teacher run with those settings exported. `teacher=<arch>`: the published network
+    (register_configs), `teacher=none`: no teacher."""
     arch: Optional[str] = None
-    stem: str = "cifar"
+    stem: str = "cifar"  # teacher=<torchvision ResNet>: ${model.stem}, the student's unless set otherwise
     width: int = 64
     seed: int = 0  # the study distils from its seed-0 teacher
     init: Optional[str] = None  # the teacher run's model.init
@@ -180,6 +187,10 @@ def register_configs() -> None:
     schedules.register(cs)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="teacher", name="base_teacher", node=TeacherConfig)
+    for arch, spec in ARCHS.items():  # model=<arch>, teacher=<arch>: the published network of each
+        cs.store(group="model", name=arch, node=ModelConfig(arch, width=spec.reference_width,
+                                                             num_classes=II("data.num_classes")))
+        cs.store(group="teacher", name=arch, node=TeacherConfig(arch, stem=_teacher_stem(arch), width=spec.reference_width))
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="execution", name="base_execution", node=ExecutionConfig)
@@ -191,6 +202,12 @@ def register_configs() -> None:
                            ("kdexp.metadata_dir", hydra_metadata_dir), ("kdexp.log_handlers", job_log_handlers)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+def _teacher_stem(arch: str) -> str:
+    """A torchvision ResNet teacher has the student's stem unless set otherwise; the CIFAR
+    benchmark's networks have only their own 32x32 input layer."""
+    return II("model.stem") if arch in TORCHVISION_RESNETS else "cifar"
 
 
 def method_classes() -> list[type[methods.DistillationMethod]]:

@@ -80,7 +80,7 @@ class KDResNet(ResNet):
 @dataclass(frozen=True)
 class Arch:
     build: Callable[..., nn.Module]  # (num_classes, stem, width) -> the model
-    reference_width: int             # the published network's width (conf/model/<arch>.yaml's)
+    reference_width: int             # the published network's width (model=<arch>'s: kdexp.config.register_configs)
 
 
 ARCHS: dict[str, Arch] = {

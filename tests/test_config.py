@@ -1,5 +1,6 @@
 """The config tree: the 81-job grid expands exactly, runs never share a directory, and every bad
 input gives one specific message and a non-zero exit."""
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -9,13 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf, open_dict
 
 from helpers import CONF, REPO, compose_cfg, run_process, run_train
 from job_record import job_args, recorded
 from kdexp import config as kdexp_config
-from kdexp.config import ConfigError, validate
+from kdexp.config import ConfigError, register_configs, validate
 from kdexp.dry_run import DryRunStaysLocal
+from kdexp.models import ARCHS, TORCHVISION_RESNETS
 from kdexp.preflight import config_problem
 from kdexp.train import CONFIG_DIR
 
@@ -319,3 +322,27 @@ def test_a_misspelt_preset_is_refused_not_skipped(override):
     from hydra.errors import MissingConfigException
     with pytest.raises(MissingConfigException, match=override.split("=")[1]):
         compose_cfg(override)
+
+
+def test_every_architecture_is_a_model_and_a_teacher_option_made_from_the_registry():
+    """model=<arch> and teacher=<arch> come from kdexp.models.ARCHS (no YAML restates a width): the
+    published network's width; a torchvision ResNet teacher takes the student's stem."""
+    for arch, spec in ARCHS.items():
+        stem = ["model.stem=imagenet"] if arch in TORCHVISION_RESNETS else []
+        cfg = compose_cfg(f"model={arch}", f"teacher={arch}", *stem)
+        assert (cfg.model.arch, cfg.model.width, cfg.teacher.arch, cfg.teacher.width) == \
+            (arch, spec.reference_width, arch, spec.reference_width)
+        assert cfg.model.num_classes == cfg.data.num_classes
+        assert cfg.teacher.stem == ("imagenet" if arch in TORCHVISION_RESNETS else "cifar")
+
+
+def test_a_new_registry_entry_is_an_option_with_no_yaml(monkeypatch):
+    monkeypatch.setitem(ARCHS, "toy_net", dataclasses.replace(ARCHS["resnet20"], reference_width=8))
+    store = ConfigStore.instance()
+    try:
+        register_configs()
+        cfg = compose_cfg("model=toy_net", "teacher=toy_net")
+        assert (cfg.model.arch, cfg.model.width, cfg.teacher.width) == ("toy_net", 8, 8)
+    finally:
+        for group in ("model", "teacher"):
+            store.repo[group].pop("toy_net.yaml", None)

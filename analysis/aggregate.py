@@ -11,17 +11,18 @@ from typing import Any, Iterable
 import pandas as pd
 
 from kdexp.models import ARCHS
+from kdexp.run_record import NO_KD, TeacherId
 
 from .collect import KNOWN_CONFIG_KEYS
-from .methods import NO_KD
 from .rules import Rule
 from .stats import Comparison, compare, mean_std
 
 # What makes two runs the same configuration (their seeds then vary within a cell).
 # What a baseline must share with a distilled student to be its reference.
 STUDENT_CONTEXT = ("student", "stem", "width", "init", "label_smoothing", "image_size", "epochs", "val_size", "data")
-# Which teacher (kdexp.teachers' identity, with the data and image size of the student context).
-TEACHER_FIELDS = ("teacher", "teacher_stem", "teacher_width", "teacher_seed", "teacher_init", "teacher_label_smoothing")
+# Which teacher: its identity's columns (kdexp.run_record.TeacherId); its data and image size are the
+# student context's (a student's teacher is looked up on the student's data).
+TEACHER_FIELDS = tuple(TeacherId().columns())
 # What a pair's rows share; the method and its hyperparameters vary within a pair.
 PAIR_CONTEXT = TEACHER_FIELDS + STUDENT_CONTEXT
 # What makes two runs the same configuration (their seeds then vary within a cell).
@@ -260,13 +261,10 @@ class Experiment:
 
 def teacher_runs(cell: Cell, runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The completed teacher runs a student cell distilled from (any experiment: teachers are
-    usually trained in their own). Matches the teacher's identity as kdexp.teachers names it:
-    architecture, stem, width, seed, init, label smoothing, data and image size."""
-    return [r for r in runs if r["kind"] == "teacher" and r["student"] == cell["teacher"]
-            and r["stem"] == cell["teacher_stem"] and r["width"] == cell["teacher_width"]
-            and r["seed"] == cell["teacher_seed"] and r["init"] == cell["teacher_init"]
-            and r["label_smoothing"] == cell["teacher_label_smoothing"] and r["data"] == cell["data"]
-            and r["image_size"] == cell["image_size"]]
+    usually trained in their own): those on the cell's data that trained the teacher it names."""
+    named = TeacherId.of_row(cell, "student")
+    return [r for r in runs if r["kind"] == "teacher" and r["data"] == cell["data"]
+            and TeacherId.of_row(r, "trains") == named]
 
 
 def group_by_experiment(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -7,7 +7,6 @@ directory names. Runs that cannot be used stay in the frame with a `status` othe
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -17,35 +16,34 @@ import pandas as pd
 import yaml
 
 from kdexp import records
+from kdexp.execution import NUMERICS_KEYS, RESULT_NEUTRAL_KEYS
+from kdexp.records import CONFIG_FILE
+from kdexp.run_record import SCHEMA_VERSION, RunRecord, TeacherId
 
 from . import numerics, study_format
-from .schema import (COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, UNRECORDED, clipped_fraction, coerce_types, config_hash, empty_row,
-                     is_fraction, load_yaml, mark, one_line, set_method)
+from .schema import (COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, clipped_fraction, coerce_types, config_hash, empty_row,
+                     is_fraction, mark, method_of, one_line)
 
-CONFIG_FILE = Path(".hydra") / "config.yaml"
+V1 = 1  # the result.json written before the run record (RunRecord.from_v1 reads it)
 # kdexp.check's record: its dir is a canary (analysis/canary.py), never a run, and holds none.
 
-# Config keys that say where/how a run executed, not what it computed: they do not make two
-# runs different configurations (a run repeated on another machine is a duplicate).
-# The speed settings (the `execution` group, and the trainer.* keys that held them before it) are
-# how a run executed too; its numerics (reference | fast) is a column of its own, and a reference and
-# a fast run of one configuration are neither duplicates nor averaged together (_mark_duplicates,
-# aggregate.SPLIT_COLUMNS).
-ENV_KEY = re.compile(
-    r"^(paths\..*|hydra\..*|dry_run|retry_failed|export_teacher|teacher\.ckpt|data\.root|"
-    r"data\.download|data\.verify_md5|data\.num_workers|trainer\.device|trainer\.progress|"
-    r"execution|execution\..*|trainer\.(amp|channels_last|fused|compile|teacher_cache))$"
-)
+# Config keys that do not make two runs different configurations (a run repeated on another machine
+# is a duplicate): those that change no result, and those that change its numerics but not its
+# recipe (kdexp/execution.py: the numerics are a column of their own, and a reference and a fast run
+# of one configuration are neither duplicates nor averaged together: _mark_duplicates,
+# aggregate.SPLIT_COLUMNS); teacher.ckpt, whose teacher the identity columns and the recorded file
+# hash name; and Hydra's own.
+ENV_KEY = re.compile("^({})$".format("|".join(
+    rf"{re.escape(key)}(\..*)?" for key in (*RESULT_NEUTRAL_KEYS, *NUMERICS_KEYS, "teacher.ckpt", "hydra"))))
 
 # Config keys that already have a column; any other key that varies between otherwise equal
 # runs becomes an extra grouping column in the tables (see aggregate.extra_keys).
 # A method's arguments need no entry: its grid keys are the `hparams` column and a switch that
 # makes a variant is in its `kd` label, so neither varies within a cell.
 KNOWN_CONFIG_KEYS = frozenset({
-    "experiment_name", "protocol_name", "seed", "model.arch", "model.stem", "model.width",
-    "teacher.arch", "teacher.stem", "teacher.width", "teacher.seed", "teacher.init", "teacher.label_smoothing",
-    "model.init", "trainer.label_smoothing", "data.image_size", "method._target_", "trainer.epochs",
-    "data.name", "data.val_size",
+    "experiment_name", "protocol_name", "seed", "model.arch", "model.stem", "model.width", "model.init",
+    "trainer.label_smoothing", "data.image_size", "method._target_", "trainer.epochs", "data.name", "data.val_size",
+    *TeacherId.config_keys("student"),
 })
 
 
@@ -66,7 +64,9 @@ def collect(roots: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFr
             rows.append(read(run_dir))
     study_format.assign_teacher_kind(rows)
     _mark_duplicates(rows)
-    frame = pd.DataFrame.from_records([coerce_types(r) for r in rows], columns=COLUMNS)
+    # COLUMNS first, in their order; then what newer records hold besides (a number a later kdexp measures)
+    columns = list(dict.fromkeys([*COLUMNS, *(key for row in rows for key in row)]))
+    frame = pd.DataFrame.from_records([coerce_types(r) for r in rows], columns=columns)
     # Explicit dtypes: a column that is empty for every run would otherwise be `object`.
     frame[INT_COLUMNS] = frame[INT_COLUMNS].astype("Int64")
     frame[FLOAT_COLUMNS] = frame[FLOAT_COLUMNS].astype("float64")
@@ -113,50 +113,55 @@ def run_dir_kind(directory: Path) -> str | None:
 def read_kdexp_run(run_dir: Path) -> dict[str, Any]:
     row = empty_row(run_dir, "kdexp")
     try:
-        cfg = load_yaml(run_dir / CONFIG_FILE)
-        if not isinstance(cfg, dict):
-            raise ValueError("not a mapping")
-    except FileNotFoundError:
-        return mark(row, "corrupt", f"no {CONFIG_FILE}: the configuration is unknown")
-    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
-        return mark(row, "corrupt", f"{CONFIG_FILE} is not valid YAML ({one_line(err)})")
-    cfg = resolve_interpolations(cfg)
-    try:
         result = records.read_result(run_dir)
     except (ValueError, UnicodeDecodeError) as err:
         result, result_error = None, one_line(err)
     else:
-        result_error = (None if result is None or isinstance(result, dict)
-                        else f"{run_dir / records.RESULT_FILE} is not a JSON object")
-    unknown_method = _fill_config(row, cfg)
+        result_error = None
+    if result is not None and result.get("schema_version") == SCHEMA_VERSION:
+        record, unknown_method, dry_run = RunRecord.from_json(result), _unknown(result), False
+    else:
+        try:
+            cfg = resolve_interpolations(records.read_config(run_dir))
+        except FileNotFoundError:
+            return mark(row, "corrupt", f"no {CONFIG_FILE}: the configuration is unknown")
+        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
+            return mark(row, "corrupt", f"{CONFIG_FILE} is not valid YAML ({one_line(err)})")
+        v1 = result if result is not None and result.get("schema_version") == V1 else None
+        method, unknown_method = method_of(cfg.get("method") if isinstance(cfg.get("method"), dict) else {})
+        record, dry_run = RunRecord.from_v1(cfg, v1, method), cfg.get("dry_run") is True
+    _fill(row, record)
 
-    history, history_note = _read_metrics(run_dir)
+    history, history_note = records.read_history(run_dir)
     row["notes"] = history_note
     row["clipped_epoch_fraction"] = clipped_fraction(history, row["clip_norm"])
-    row["epochs_completed"] = len(history)
+    if result is None or "epochs_completed" not in result:
+        row["epochs_completed"] = len(history)
 
     if result_error:
         return mark(row, "corrupt", result_error)
     if result is None:
-        if cfg.get("dry_run") is True:
+        if dry_run:
             return mark(row, "incomplete", "dry run: composed and validated, never trained")
         return mark(row, "incomplete", _no_result(len(history)))
-    if result.get("schema_version") != records.SCHEMA_VERSION:
+    if result.get("schema_version") not in (V1, SCHEMA_VERSION):
         return mark(row, "corrupt",
                         f"unsupported {records.RESULT_FILE} schema_version {result.get('schema_version')!r}")
     row["finished_at"] = (run_dir / records.RESULT_FILE).stat().st_mtime
-    _fill_result(row, result)
     if result.get("status") == "failed":
         where = f" in epoch {result.get('failed_epoch')}" if result.get("failed_epoch") is not None else ""
         return mark(row, "failed", f"failed{where}: {result.get('error')}")
-    if result.get("status") != "completed":
-        return mark(row, "corrupt", f"unknown status {result.get('status')!r}")
     if not is_fraction(row["test_final"]):
         return mark(row, "corrupt", f"{records.RESULT_FILE} has no valid test_acc_final")
     if unknown_method:  # a finished run whose KD column and grid cell cannot be told
         return mark(row, "unknown method", unknown_method)
     row["status"] = "completed"
     return row
+
+
+def _unknown(result: dict) -> str | None:
+    """Why a v2 record holds no method identity (its class could not be told when it ran), or None."""
+    return None if isinstance(result.get("identity", {}).get("method"), dict) else "the record names no method"
 
 
 def _no_result(epochs_logged: int) -> str:
@@ -169,101 +174,24 @@ def _no_result(epochs_logged: int) -> str:
             "see its train.log)")
 
 
-def _fill_config(row: dict[str, Any], cfg: dict) -> str | None:
-    """The configuration columns; returns why the method is unknown, or None."""
-    model, teacher, method, trainer, data = (_node(cfg, key)
-                                             for key in ("model", "teacher", "method", "trainer", "data"))
-    row.update(
-        experiment=cfg.get("experiment_name"), protocol=cfg.get("protocol_name"),
-        student=model.get("arch"), stem=model.get("stem"), width=model.get("width"),
-        init=model.get("init", UNRECORDED["init"]),
-        label_smoothing=trainer.get("label_smoothing", UNRECORDED["label_smoothing"]),
-        image_size=data.get("image_size", UNRECORDED["image_size"]),
-        seed=cfg.get("seed"), epochs=trainer.get("epochs"), clip_norm=trainer.get("clip_norm", 1.0),
-        val_size=data.get("val_size", 0), data=data.get("name"),
-        # Provisional until result.json says: a run without a teacher may be a teacher or a baseline.
-        kind="student" if teacher.get("arch") else None,
-    )
-    if teacher.get("arch"):
-        row.update(teacher=teacher["arch"], teacher_stem=teacher.get("stem"),
-                   teacher_width=teacher.get("width"), teacher_seed=teacher.get("seed"),
-                   teacher_init=teacher.get("init", UNRECORDED["init"]),
-                   teacher_label_smoothing=teacher.get("label_smoothing", UNRECORDED["label_smoothing"]))
+def _fill(row: dict[str, Any], record: RunRecord) -> None:
+    """The record's columns, and those analysis derives from it: the pair, the numerics, and the
+    configuration that tells runs apart (without the keys that only say where it ran)."""
+    row.update(record.columns())
+    if row["teacher"]:
         row["pair"] = f"{row['teacher']}→{row['student']}"
-    unknown_method = set_method(row, method)
-    flat = {k: v for k, v in flatten(cfg).items() if not ENV_KEY.match(k)}
+    execution = record.cost.execution
+    row.update(precision=execution.get("precision"), numerics=numerics.of_execution(execution))
+    flat = {k: v for k, v in flatten(record.config).items() if not ENV_KEY.match(k)}
     row["config"] = flat
     row["config_hash"] = config_hash(flat)
-    return unknown_method
-
-
-def _node(cfg: dict, key: str) -> dict:
-    value = cfg.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _fill_result(row: dict[str, Any], result: dict) -> None:
-    if result.get("kind"):
-        row["kind"] = result["kind"]
-    fidelity, params, gflops = _node(result, "fidelity"), _node(result, "params"), _node(result, "gflops")
-    execution = _node(result, "execution")
-    row.update(
-        epochs_completed=result.get("epochs_completed", row["epochs_completed"]),
-        best_val_acc=result.get("best_val_acc"), best_val_epoch=result.get("best_val_epoch"),
-        test_at_best_val=result.get("test_acc_at_best_val"), test_final=result.get("test_acc_final"),
-        best_test=result.get("best_test_acc"), best_test_epoch=result.get("best_test_epoch"),
-        agreement=fidelity.get("agreement"), kl_t1=fidelity.get("kl_t1"), kl_t4=fidelity.get("kl_t4"),
-        teacher_test_acc=fidelity.get("teacher_test_acc"),
-        grad_norm_max=result.get("grad_norm_max"), proj_grad_norm_max=result.get("proj_grad_norm_max"),
-        clip_fraction=result.get("clip_fraction"), wall_seconds=result.get("wall_seconds"),
-        train_seconds=result.get("train_seconds"), images_per_s=result.get("images_per_s"),
-        device=result.get("device"), precision=execution.get("precision"),
-        numerics=numerics.of_execution(execution),
-        params_student=params.get("student"),
-        params_method=params.get("method"), params_teacher=params.get("teacher"),
-        gflops_student=gflops.get("student"), gflops_teacher=gflops.get("teacher"),
-        error=result.get("error"), failed_epoch=result.get("failed_epoch"),
-        kdexp_version=result.get("kdexp_version"), git_commit=result.get("git_commit"),
-        torch=result.get("torch"), cuda=result.get("cuda"),
-    )
-
-
-def _read_metrics(run_dir: Path) -> tuple[list[dict], str]:
-    """The per-epoch log up to its first unreadable line, and a note saying what was cut."""
-    path = run_dir / records.METRICS_FILE
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return [], ""
-    except UnicodeDecodeError:
-        return [], f"{records.METRICS_FILE} is not text; curves unavailable"
-    entries = [line for line in lines if line.strip()]
-    try:  # one decode of the whole log is several times faster than one per line
-        history = json.loads("[" + ",".join(entries) + "]")
-    except json.JSONDecodeError:
-        history = None
-    if history is not None and len(history) == len(entries) and all(isinstance(h, dict) for h in history):
-        return history, ""
-    history = []  # something is wrong: find the first bad line
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            return history, (f"{records.METRICS_FILE} line {number} is not valid JSON (truncated?); "
-                             f"curves use the {len(history)} epochs before it")
-        if not isinstance(entry, dict):
-            return history, f"{records.METRICS_FILE} line {number} is not a JSON object"
-        history.append(entry)
-    return history, ""
 
 
 def load_history(run_dir: str | Path, source: str) -> list[dict]:
     """Per-epoch history of one run (for curves); unreadable tails are already noted by collect."""
     if source == "study":
         return study_format.read_history(Path(run_dir))
-    return _read_metrics(Path(run_dir))[0]
+    return records.read_history(Path(run_dir))[0]
 
 
 _INTERPOLATION = re.compile(r"\$\{(\.*)([A-Za-z_][\w.]*)\}")

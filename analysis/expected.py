@@ -19,11 +19,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kdexp.records import MULTIRUN_FILE
+from kdexp.records import MULTIRUN_FILE, load_yaml
 
 from .aggregate import UNNAMED, run_records
 from .collect import ENV_KEY
-from .schema import load_yaml
 
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 ONE_CELL = "(its only cell: every swept key was set on the command line)"

@@ -1,7 +1,8 @@
-"""kdexp's CIFAR-100 benchmark runs beside the published numbers (`published_cifar100.yaml`).
+"""kdexp's benchmark runs beside the published numbers: CIFAR-100's (`published_cifar100.yaml`),
+ImageNet's (`published_imagenet.yaml`); a file `published_<data.name>.yaml` here is one benchmark.
 
 One table per benchmark pair that has kdexp runs: for the teacher, the student alone, and each
-published method (KD, CRD, DKD), kdexp's mean ± std under the analysis's selection rule, the
+published method (KD, CRD, DKD, DIST), kdexp's mean ± std under the analysis's selection rule, the
 published figure, and their difference; then kdexp's best test accuracy over epochs, which is the
 published numbers' own rule (a checkpoint chosen on the test set: optimistic for both), for the
 like-for-like line.
@@ -16,6 +17,8 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
+from kdexp.data import dataset
+
 from . import numerics
 from .aggregate import model_name
 from .rules import RULES, Rule, default_rule
@@ -23,17 +26,16 @@ from .stats import mean_std
 from .tables import DASH, Table, pct, slug
 
 PUBLISHED_FILE = Path(__file__).with_name("published_cifar100.yaml")
-# The published numbers are CIFAR-100's; its generated stand-in (same layout) is matched too, so a
-# test's tiny run shows in the table, with its data named in every row.
-DATASETS = ("cifar100", "fake_cifar100")
+PUBLISHED_PREFIX = "published_"  # published_<data.name>.yaml: the numbers of the benchmark on that data
 # The columns of collect()'s frame this module reads (analysis/schema.py), besides the rules' columns.
 FRAME_COLUMNS = ["status", "data", "kind", "teacher", "student", "width", "kd", "cell", "seed", "epochs", "val_size",
                  "numerics"]
 # A published entry's kdexp counterpart: the teacher's and the student's own runs, or the KD column
 # (collect's `kd`, the method's label) of distilled runs of the pair.
 OWN_RUNS = {"teacher": "teacher", "student": "baseline"}
-KD_COLUMN = {"kd": "logit", "crd": "crd", "dkd": "dkd"}
-ROW_NAMES = {"teacher": "teacher", "student": "student alone (CE)", "kd": "KD", "crd": "CRD", "dkd": "DKD"}
+KD_COLUMN = {"kd": "logit", "crd": "crd", "dkd": "dkd", "dist": "dist"}
+ROW_NAMES = {"teacher": "teacher", "student": "student alone (CE)", "kd": "KD", "crd": "CRD", "dkd": "DKD",
+             "dist": "DIST"}
 BEST_TEST = RULES["test"]
 
 
@@ -57,6 +59,29 @@ class PublishedPair:
         return f"{self.teacher}→{self.student}"
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark's published pairs and the data its runs are on: kdexp's `data.name` of the real
+    data, and its generated stand-in `fake_<name>` (same layout), matched too so that a test's tiny run
+    shows in the table, with its data named in every row."""
+    data: str
+    pairs: list[PublishedPair]
+
+    @property
+    def datasets(self) -> tuple[str, str]:
+        return self.data, f"fake_{self.data}"
+
+    @property
+    def title(self) -> str:
+        return dataset(self.data).layout.title
+
+
+def benchmarks() -> list[Benchmark]:
+    """Every `published_<data.name>.yaml` beside this module, in name order."""
+    return [Benchmark(path.stem.removeprefix(PUBLISHED_PREFIX), load_published(path))
+            for path in sorted(PUBLISHED_FILE.parent.glob(f"{PUBLISHED_PREFIX}*.yaml"))]
+
+
 def load_published(path: Path = PUBLISHED_FILE) -> list[PublishedPair]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     sources = {key: Source(key, s["citation"], s["verified"], RULES[s["selection"]], s["selection_evidence"])
@@ -66,21 +91,24 @@ def load_published(path: Path = PUBLISHED_FILE) -> list[PublishedPair]:
             for p in data["pairs"]]
 
 
-def literature_tables(frame: pd.DataFrame, rule: Rule | None = None,
-                      published: list[PublishedPair] | None = None) -> list[Table]:
-    """A table per published pair with completed CIFAR-100 runs in `frame` (collect()'s frame);
-    `rule`: kdexp's selection rule (None: `val` where every run has a validation split, else `final`)."""
-    published = load_published() if published is None else published
-    runs = _benchmark_runs(frame, rule)
+def literature_tables(frame: pd.DataFrame, rule: Rule | None = None) -> list[Table]:
+    """A table per published pair with completed runs on its benchmark's data in `frame` (collect()'s
+    frame); `rule`: kdexp's selection rule (None: `val` where every run of the benchmark has a
+    validation split, else `final`)."""
+    return [table for benchmark in benchmarks() for table in _benchmark_tables(benchmark, frame, rule)]
+
+
+def _benchmark_tables(benchmark: Benchmark, frame: pd.DataFrame, rule: Rule | None) -> list[Table]:
+    runs = _benchmark_runs(frame, benchmark)
     if not runs:
         return []
     rule = rule or default_rule(runs)
-    return [table for pair in published if (table := _pair_table(pair, runs, rule)) is not None]
+    return [table for pair in benchmark.pairs if (table := _pair_table(benchmark, pair, runs, rule)) is not None]
 
 
-def _benchmark_runs(frame: pd.DataFrame, rule: Rule | None) -> list[dict[str, Any]]:
+def _benchmark_runs(frame: pd.DataFrame, benchmark: Benchmark) -> list[dict[str, Any]]:
     columns = list(dict.fromkeys(FRAME_COLUMNS + [r.column for r in RULES.values()]))
-    used = frame.loc[(frame["status"] == "completed") & frame["data"].isin(DATASETS), columns]
+    used = frame.loc[(frame["status"] == "completed") & frame["data"].isin(benchmark.datasets), columns]
     return [{k: (None if _missing(v) else v) for k, v in row.items()} for row in used.to_dict("records")]
 
 
@@ -106,7 +134,7 @@ def _groups(runs: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]
     return dict(sorted(groups.items(), key=lambda item: tuple(str(k) for k in item[0])))
 
 
-def _pair_table(pair: PublishedPair, runs: list[dict[str, Any]], rule: Rule) -> Table | None:
+def _pair_table(benchmark: Benchmark, pair: PublishedPair, runs: list[dict[str, Any]], rule: Rule) -> Table | None:
     rows, sources, shown = [], {}, []
     for what, (value, source) in pair.accuracy.items():
         sources[source.key] = source
@@ -126,8 +154,8 @@ def _pair_table(pair: PublishedPair, runs: list[dict[str, Any]], rule: Rule) -> 
         return None
     columns = ["Run", "Network", "Cell", "Epochs", "Data", "Seeds", f"kdexp {rule.label}", "Published",
                "Δ (pp)", f"kdexp {BEST_TEST.label}", "Δ best test (pp)", "Published: source, rule"]
-    return Table(f"literature_{slug(pair.name)}", f"{pair.name} on CIFAR-100: kdexp beside the published numbers",
-                 columns, rows, _notes(rule, sources.values(), shown))
+    return Table(f"literature_{slug(pair.name)}", f"{pair.name} on {benchmark.title}: kdexp beside the published "
+                 f"numbers", columns, rows, _notes(benchmark, rule, sources.values(), shown))
 
 
 def _cite(source: Source) -> str:
@@ -143,7 +171,7 @@ def _delta(mean: float, published: float) -> str:
     return DASH if math.isnan(mean) else f"{100 * mean - published:+.2f}"
 
 
-def _notes(rule: Rule, sources: Iterable[Source], runs: list[dict[str, Any]]) -> list[str]:
+def _notes(benchmark: Benchmark, rule: Rule, sources: Iterable[Source], runs: list[dict[str, Any]]) -> list[str]:
     notes = [f"kdexp {rule.label}: mean ± sample std over seeds; selection rule `{rule.name}`: {rule.description}.",
              f"kdexp {BEST_TEST.label}: selection rule `{BEST_TEST.name}`, the published numbers' own rule, "
              f"for the like-for-like line: {BEST_TEST.description}.",
@@ -152,7 +180,7 @@ def _notes(rule: Rule, sources: Iterable[Source], runs: list[dict[str, Any]]) ->
               f"({s.selection.short}): {s.evidence}" for s in sources]
     if text := numerics.note(runs):
         notes.append(text)
-    if any(r["data"] != "cifar100" for r in runs):
-        notes.append("Rows on generated data (fake_cifar100) only show the table works: their accuracies "
+    if any(r["data"] != benchmark.data for r in runs):
+        notes.append(f"Rows on generated data ({benchmark.datasets[1]}) only show the table works: their accuracies "
                      "say nothing about the published ones.")
     return notes

@@ -12,40 +12,28 @@ import dataclasses
 import functools
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import MISSING
 
 from kdexp.methods.base import DistillationMethod
-
-NO_KD = "none"  # the KD column of runs whose method needs no teacher
+from kdexp.run_record import MethodId
 
 
 class UnknownMethod(Exception):
     """The class a config names cannot be used; the message says which and what to do."""
 
 
-@dataclass(frozen=True)
-class MethodIdentity:
-    name: str                  # the class's `name`: "logit"
-    kd: str                    # the KD column: "logit(std)", "feature(bugged)", "none"
-    hparams: dict[str, Any]    # the grid cell, in the grid's order: {"alpha": 0.5, "T": 4.0}
-    cell: str                  # the cell as tables show it: "α=0.5, T=4"
-    grid: dict[str, str]       # grid key -> display symbol: {"alpha": "α", "T": "T"}
-
-
-def identify(method_cfg: Mapping[str, Any]) -> MethodIdentity:
-    """The identity of a run's `method` node; UnknownMethod if its class cannot be used."""
+def identify(method_cfg: Mapping[str, Any]) -> MethodId:
+    """The identity of a run's `method` node, for the runs that do not record it (v1 result files,
+    the study's); UnknownMethod if its class cannot be used."""
     target = method_cfg.get("_target_")
     if not isinstance(target, str) or not target:
         raise UnknownMethod("the config has no method._target_ (the method's class), so its method is unknown")
     cls = method_class(target)
     cfg = {**_defaults(cls), **method_cfg}  # a run saved before an argument existed trained with its default
     try:
-        hparams = {key: _number(value) for key, value in cls.cell(cfg).items()}
-        kd = cls.label(cfg) if cls.needs_teacher else NO_KD
-        return MethodIdentity(cls.name, kd, hparams, cls.cell_label(cfg), dict(cls.grid))
+        return MethodId.of_class(cls, cfg)
     except Exception as err:  # a user's method may fail in any way: say whose code failed
         raise UnknownMethod(f"method._target_ {target}: reading its identity (label, cell) failed with "
                             f"{type(err).__name__}: {err}") from err
@@ -76,11 +64,3 @@ def method_class(target: str) -> type[DistillationMethod]:
 def _defaults(cls: type[DistillationMethod]) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls.Config)
             if f.default is not dataclasses.MISSING and f.default != MISSING}
-
-
-def _number(value: Any) -> Any:
-    """4 and 4.0 are one cell (a sweep typed `T=4` against a schema's 4.0); a list is a tuple, so a
-    cell's values can be grouped and sorted."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_number(v) for v in value)
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value

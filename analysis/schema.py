@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kdexp.run_record import MethodId, column_types
 
 from .methods import UnknownMethod, identify
 
@@ -15,42 +15,16 @@ from .methods import UnknownMethod, identify
 # tabulated (its KD column and grid cell come from the class).
 STATUSES = ("completed", "failed", "incomplete", "corrupt", "duplicate", "unknown method")
 
-COLUMNS = [
-    # identity and state
-    "source", "run_dir", "status", "reason", "notes", "experiment", "protocol", "kind",
-    # configuration
-    # a teacher is named by arch, stem, width, seed, init and label smoothing (kdexp.teachers); a
-    # network's init is null (from scratch), "imagenet" or a weights file
-    "pair", "teacher", "teacher_stem", "teacher_width", "teacher_seed", "teacher_init", "teacher_label_smoothing",
-    "student", "stem", "width", "init", "label_smoothing", "image_size",
-    # method: the class's name; kd: its KD column (label); hparams: its grid cell {key: value};
-    # cell: that cell as tables show it ("α=0.5, T=4"); grid: {key: display symbol} (methods.py)
-    "method", "kd", "hparams", "cell", "grid", "seed", "epochs", "val_size", "data",
-    "clip_norm",
-    # metrics (accuracies are fractions in [0, 1])
-    "epochs_completed", "best_val_acc", "best_val_epoch", "test_at_best_val", "test_final",
-    "best_test", "best_test_epoch", "agreement", "kl_t1", "kl_t4", "teacher_test_acc",
-    "grad_norm_max", "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction",
-    "wall_seconds", "train_seconds", "images_per_s", "device", "precision",
-    "numerics",  # reference | fast (analysis/numerics.py); null: not recorded
-    "params_student", "params_method", "params_teacher",
-    "gflops_student", "gflops_teacher",  # forward GFLOPs per image at the run's input size
-    "error", "failed_epoch", "kdexp_version", "git_commit", "torch", "cuda", "finished_at",
-    # provenance of the configuration itself
-    "config_hash", "config",
-]
-INT_COLUMNS = ["teacher_width", "teacher_seed", "width", "image_size", "seed", "epochs", "val_size",
-                "epochs_completed", "best_val_epoch", "best_test_epoch", "failed_epoch",
-                "params_student", "params_method", "params_teacher"]
-FLOAT_COLUMNS = ["teacher_label_smoothing", "label_smoothing", "clip_norm", "best_val_acc", "test_at_best_val", "test_final",
-                 "best_test", "agreement", "kl_t1", "kl_t4", "teacher_test_acc", "grad_norm_max",
-                 "proj_grad_norm_max", "clip_fraction", "clipped_epoch_fraction", "wall_seconds",
-                 "train_seconds", "images_per_s", "gflops_student", "gflops_teacher", "finished_at"]
-
-
-# What a run saved before these keys existed trained with (as kdexp.teachers.UNRECORDED says); the
-# study's runs too (CIFAR at 32 pixels, from scratch, no label smoothing).
-UNRECORDED = {"init": None, "label_smoothing": 0.0, "image_size": 32}
+# Every column a run record fills (kdexp.run_record: each field of it, under the column name it
+# declares), between those analysis adds: where the run is and what became of it, its pair, what it
+# derives from the record and the files beside it, and the configuration that tells runs apart.
+RECORD_COLUMNS = column_types()
+COLUMNS = ["source", "run_dir", "status", "reason", "notes", "pair", *RECORD_COLUMNS,
+           "clipped_epoch_fraction",  # of the epochs in metrics.jsonl, those whose gradient norm was clipped
+           "precision", "numerics",  # reference | fast (analysis/numerics.py); null: not recorded
+           "finished_at", "config_hash", "config"]
+INT_COLUMNS = [c for c, kind in RECORD_COLUMNS.items() if kind is int]
+FLOAT_COLUMNS = [c for c, kind in RECORD_COLUMNS.items() if kind is float] + ["clipped_epoch_fraction", "finished_at"]
 
 
 def coerce_types(row: dict[str, Any]) -> dict[str, Any]:
@@ -73,11 +47,6 @@ def is_fraction(value: Any) -> bool:
     return _is_number(value) and math.isfinite(value) and 0 <= value <= 1
 
 
-def load_yaml(path: Path) -> Any:
-    """A YAML file, with libyaml where PyYAML has it: ~10x faster, which matters at thousands of runs."""
-    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-
-
 def mark(row: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
     """The row of a run that is not averaged in, with its status and why."""
     row.update(status=status, reason=reason)
@@ -94,15 +63,12 @@ def empty_row(run_dir: Path, source: str) -> dict[str, Any]:
     return row
 
 
-def set_method(row: dict[str, Any], method_cfg: dict) -> str | None:
-    """The method columns from the class `method_cfg` names; None, or why the method is unknown."""
+def method_of(method_cfg: dict) -> tuple[MethodId | None, str | None]:
+    """The identity of the class `method_cfg` names, or None and why the method is unknown."""
     try:
-        identity = identify(method_cfg)
+        return identify(method_cfg), None
     except UnknownMethod as err:
-        return str(err)
-    row.update(method=identity.name, kd=identity.kd, hparams=identity.hparams, cell=identity.cell,
-               grid=identity.grid)
-    return None
+        return None, str(err)
 
 
 def clipped_fraction(history: list[dict], clip_norm: float | None) -> float | None:

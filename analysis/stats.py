@@ -9,6 +9,7 @@ on all seeds and says so. The CI, the p-value and the verdict always come from o
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import warnings
@@ -47,6 +48,18 @@ class TTest:
 UNDEFINED = TTest()
 
 
+POWER = 0.8  # the power the seed counts are stated at, at the test's two-sided level (1 - LEVEL)
+
+
+@dataclass(frozen=True)
+class Power:
+    """What the seeds of a paired comparison can tell apart, taking the paired differences as normal
+    and their observed std as the true one (statsmodels' one-sample t-test power, which a paired
+    t-test is on the differences)."""
+    detectable: float          # the smallest |Δ| these seeds detect with POWER (fraction)
+    seeds_needed: int | None   # the seeds the observed Δ needs for POWER; None: Δ is 0, no number will
+
+
 @dataclass(frozen=True)
 class Comparison:
     """a − b for two sets of per-seed accuracies (fractions)."""
@@ -59,6 +72,7 @@ class Comparison:
     result: TTest              # that test: the CI, p and verdict come from it
     welch: TTest               # Welch's test (the study's) on the same values, for reference
     level: float = LEVEL
+    power: Power | None = None  # for the paired test only
 
     @property
     def p(self) -> float:
@@ -118,12 +132,54 @@ def compare(a: Sequence[float], a_seeds: Sequence[int], b: Sequence[float], b_se
         a_vals, b_vals, only_a, only_b = list(a), list(b), (), ()
     delta = mean_std(a_vals)[0] - mean_std(b_vals)[0] if a_vals and b_vals else NAN
     welch = _welch(a_vals, b_vals, level)
-    test, result = "", UNDEFINED
-    if len(shared) >= 2 and not _constant([x - y for x, y in zip(a_vals, b_vals)]):
+    test, result, power = "", UNDEFINED, None
+    differences = [x - y for x, y in zip(a_vals, b_vals)] if shared else []
+    if len(shared) >= 2 and not _constant(differences):
         test, result = PAIRED, _paired(a_vals, b_vals, level)
+        power = paired_power(differences, 1 - level)
     elif welch is not UNDEFINED and len(shared) != 1:
         test, result = WELCH, welch
-    return Comparison(delta, shared, only_a, only_b, test, result, welch, level)
+    return Comparison(delta, shared, only_a, only_b, test, result, welch, level, power)
+
+
+def paired_power(differences: Sequence[float], alpha: float = 1 - LEVEL, power: float = POWER) -> Power:
+    """The Power of a two-sided paired t-test on `differences` (at least two, not all equal)."""
+    mean, std = mean_std(differences)
+    detectable = _effect_detected(len(differences), alpha, power) * std
+    return Power(detectable, None if mean == 0 else seeds_needed(abs(mean) / std, alpha, power))
+
+
+def seeds_needed(effect: float, alpha: float = 1 - LEVEL, power: float = POWER) -> int:
+    """The fewest seeds whose paired t-test detects a standardised effect (|mean| / std of the
+    differences) with `power`. statsmodels' root finder starts at 2 seeds, returns 2 where even 2 fall
+    short of large effects and NaN where its noncentral t overflows: its answer is checked, and
+    stepped up, against its own power function."""
+    if effect >= _effect_detected(2, alpha, power):
+        return 2
+    model = _power_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: the check below decides
+        guess = model.solve_power(effect_size=effect, nobs=None, alpha=alpha, power=power, alternative="two-sided")
+    seeds = max(2, math.ceil(guess)) if math.isfinite(guess) else 2
+    while model.power(effect_size=effect, nobs=seeds, alpha=alpha, alternative="two-sided") < power:
+        seeds += 1
+    return seeds
+
+
+@functools.cache
+def _effect_detected(seeds: int, alpha: float, power: float) -> float:
+    """The smallest standardised effect `seeds` paired seeds detect with `power`."""
+    return float(_power_model().solve_power(effect_size=None, nobs=seeds, alpha=alpha, power=power,
+                                            alternative="two-sided"))
+
+
+@functools.cache
+def _power_model():
+    from statsmodels.stats.power import TTestPower  # here: ~0.7 s of imports only tables with a Δ need
+    # imported now, not on its first non-convergence inside seeds_needed's filter: importing it adds
+    # filters that would override that one
+    import statsmodels.tools.sm_exceptions  # noqa: F401
+    return TTestPower()
 
 
 def _welch(a: Sequence[float], b: Sequence[float], level: float) -> TTest:

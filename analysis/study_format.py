@@ -10,8 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdexp.run_record import UNRECORDED
+
 from . import numerics
-from .schema import UNRECORDED, clipped_fraction, config_hash, empty_row, is_fraction, mark, one_line, set_method
+
+from .schema import clipped_fraction, config_hash, empty_row, is_fraction, mark, method_of, one_line
 
 RESULTS_FILE = "results.json"
 FIDELITY_FILE = "fidelity.json"
@@ -64,8 +67,10 @@ def read_study_run(run_dir: Path) -> dict[str, Any]:
     if kd_type not in STUDY_METHODS:
         return mark(row, "corrupt", f"{path}: unknown kd_type {kd_type!r} (the study has {', '.join(STUDY_METHODS)})")
     method = study_method(kd_type, data)
-    if unknown := set_method(row, method):
+    identity, unknown = method_of(method)
+    if unknown:
         return mark(row, "unknown method", unknown)
+    row.update(identity.columns())
     if kd_type == "feature":  # the logit runs log 0.0 here, which would read as a measurement
         row["proj_grad_norm_max"] = data.get("proj_grad_norm_max_overall")
     tests = [(h["test_acc"], h.get("epoch")) for h in history

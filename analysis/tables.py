@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from . import numerics
 from .aggregate import CELL_FIELDS, PAIR_CONTEXT, Cell, Experiment, kd_labels, sortable, teacher_runs
-from .stats import Comparison, compare, mean_std
+from .stats import LEVEL, POWER, Comparison, compare, mean_std
 
 DASH = "-"
 # Cell fields shown as a column only when they take more than one value in a table.
@@ -23,6 +23,9 @@ _OPTIONAL_COLUMNS = {"teacher_stem": "Teacher stem", "teacher_seed": "Teacher se
                      "label_smoothing": "Label smoothing", "image_size": "Image size", "epochs": "Epochs",
                      "val_size": "Val split", "data": "Data", "numerics": "Numerics"}
 STD_NOTE = "Values: mean ± sample std (ddof=1) over seeds, in %; a single seed shows the mean alone."
+COMPARED_SEEDS_NOTE = (" Each row's value is taken on the seeds its Δ compares (the reference row's: on those of "
+                       "the Δs against it), so a Δ is the difference of the two values it sits between; a row "
+                       "that ran other seeds too shows its value on all of them after it.")
 
 
 @dataclass
@@ -75,6 +78,19 @@ def stat_text(cell: Cell, column: str) -> str:
     return pct(mean, std)
 
 
+def compared_stat_text(cell: Cell, column: str, comps: Iterable[Comparison | None]) -> str:
+    """The cell's mean ± std on the seeds its Δ (`comps`: those it is a side of) compares, so a Δ is
+    the difference of the two means it sits between; where the cell ran other seeds too, its figure on
+    all of them follows (kept visible, never mixed in)."""
+    values, seeds = cell.values(column)
+    compared = sorted(set(seeds) & {s for comp in comps if comp is not None for s in comp.seeds})
+    every = pct(*mean_std(values))
+    if not compared or len(compared) == len(seeds):
+        return every
+    on = pct(*mean_std([v for v, s in zip(values, seeds) if s in compared]))
+    return f"{on} (seeds {', '.join(map(str, compared))}; all {len(seeds)} seeds: {every})"
+
+
 def verdict(comp: Comparison | None) -> str:
     if comp is None or comp.within_noise is None:
         return "n/a (needs ≥2 shared seeds)"
@@ -93,18 +109,56 @@ def unmatched_text(comp: Comparison | None, sides: tuple[str, str]) -> str:
 
 
 def comparison_headers(delta: str) -> list[str]:
-    return [f"{delta} (pp)", "95% CI (pp)", "Test, seeds compared", "p", "Verdict", "Seeds not compared",
-            "p (Welch, for reference)"]
+    return [f"{delta} (pp)", "95% CI (pp)", "Test, seeds compared", "p", "Verdict", "Detectable Δ (pp)",
+            "Seeds for Δ", "Seeds not compared", "p (Welch, for reference)"]
 
 
 def comparison_values(comp: Comparison | None, sides: tuple[str, str]) -> list[str]:
-    """The cells under `comparison_headers`: Δ, then the CI, p and verdict of one test, named with its seeds."""
+    """The cells under `comparison_headers`: Δ, then the CI, p and verdict of one test, named with its
+    seeds, and what those seeds can detect."""
     if comp is None:
-        return [DASH] * 7
-    return [pp(comp.delta), ci_text(comp.ci), comp.basis, p_text(comp.p), verdict(comp),
-            unmatched_text(comp, sides), p_text(comp.welch_p)]
+        return [DASH] * 9
+    return [pp(comp.delta), ci_text(comp.ci), comp.basis, p_text(comp.p), verdict(comp), detectable_text(comp),
+            seeds_needed_text(comp), unmatched_text(comp, sides), p_text(comp.welch_p)]
 
 
+def detectable_text(comp: Comparison | None) -> str:
+    """The smallest |Δ| the compared seeds detect (`±0.45`)."""
+    return DASH if comp is None or comp.power is None else f"±{100 * comp.power.detectable:.2f}"
+
+
+MANY_SEEDS = 1000  # beyond this a seed count says only that seeds will not tell
+
+
+def seeds_needed_text(comp: Comparison | None) -> str:
+    """The seeds the observed Δ needs to be detected (`14`; `> 1000`, `never` for a Δ of 0)."""
+    if comp is None or comp.power is None:
+        return DASH
+    needed = comp.power.seeds_needed
+    if needed is None:
+        return "never (Δ = 0)"
+    return f"> {MANY_SEEDS}" if needed > MANY_SEEDS else str(needed)
+
+
+def noise_answer(comp: Comparison) -> str:
+    """Whether a Δ exceeds seed noise, and if not, what it would take to tell: one phrase."""
+    if comp.within_noise is None:
+        return f"{pp(comp.delta)} pp, {comp.basis}: too few seeds to tell"
+    seeds = f"{comp.n} seeds"
+    if not comp.within_noise:
+        return f"{pp(comp.delta)} pp exceeds seed noise ({seeds})"
+    if comp.power is None:  # Welch's test: no paired power
+        return f"{pp(comp.delta)} pp within noise ({comp.basis})"
+    tell = ("no number of seeds tells a Δ of 0" if comp.power.seeds_needed is None
+            else f"this Δ needs {seeds_needed_text(comp)} seeds")
+    return f"{pp(comp.delta)} pp within noise ({seeds} detect {detectable_text(comp)} pp; {tell})"
+
+
+POWER_NOTE = (
+    f"Detectable Δ: the smallest |Δ| the compared seeds detect with {POWER:.0%} power at α = {1 - LEVEL:.2g} "
+    "(two-sided, paired t); Seeds for Δ: the seeds the observed Δ would need for that power. Both take "
+    "the paired differences as normal and their observed std as the true one (statsmodels' TTestPower "
+    "on the differences); '-' where there is no paired test.")
 COMPARISON_NOTE = (
     "Δ: on the seeds both sides ran, paired by seed (paired t-test; Welch's t-test where the paired "
     "differences are all equal); a seed only one side ran is listed under 'Seeds not compared', never "
@@ -112,7 +166,7 @@ COMPARISON_NOTE = (
     "p and the verdict come from the one test named beside them; 'within noise': that CI contains 0. "
     "p (Welch, for reference): Welch's t-test (scipy.stats.ttest_ind, unequal variances), the test the "
     "study reports, on the same seeds; where the test is 'paired t' it is not the verdict's test, so a "
-    "Welch p below 0.05 may stand beside 'within noise' and the reverse.")
+    "Welch p below 0.05 may stand beside 'within noise' and the reverse. " + POWER_NOTE)
 
 
 def delta_text(comp: Comparison | None) -> str:
@@ -222,8 +276,8 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
     headers = [_OPTIONAL_COLUMNS.get(f, f) for f in fields]
     methods = kd_labels(exp.of_kind("student"))
     columns = (["Teacher", "Student", "Stem"] + headers + ["Teacher (%)", "Baseline (%)", "Gap (pp)"]
-               + [f"{kd} {what}" for kd in methods for what in ("best", "Δ (pp)")] + ["Best method"])
-    rows, used_fidelity, unmatched, chosen_on = [], False, [], {}
+               + [f"{kd} {what}" for kd in methods for what in ("best", "Δ (pp)", "seeds for Δ")] + ["Best method"])
+    rows, used_fidelity, unmatched, chosen_on, answers = [], False, [], {}, []
     shown: list[Cell | None] = []
     teachers: list[dict[str, Any]] = []
     for cells in sorted(pairs.values(), key=lambda cs: cs[0].sort_key):
@@ -242,9 +296,12 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
                 chosen_on[f"{exp.pair_label(ref)} {kd}"] = exp.selection_seeds(cells, kd)
             if (text := unmatched_text(comps[kd], ("KD", "baseline"))) != DASH:
                 unmatched.append(f"{exp.pair_label(ref)} {kd}: {text}")
+        if told := [f"{kd} {noise_answer(comp)}" for kd, comp in comps.items() if comp is not None]:
+            answers.append(f"Beyond seed noise? {exp.pair_label(ref)}: {'; '.join(told)}.")
         rows.append([str(ref.teacher_name), ref.student_name, str(ref["stem"])] + _values(ref, fields) + [
             teacher_text, pct(base_mean, base_std), pp(gap)]
-            + [text for kd in methods for text in (config_text(best[kd]), delta_text(comps[kd]))]
+            + [text for kd in methods for text in (config_text(best[kd]), delta_text(comps[kd]),
+                                                   seeds_needed_text(comps[kd]))]
             + [_best_method(exp, base, best, comps)])
     notes = _rule_notes(exp, shown, teachers) + [
         f"All accuracies: {label}. Gap = teacher − baseline; Δ = best configuration − baseline "
@@ -256,6 +313,9 @@ def pair_summary(exp: Experiment, all_runs: list[dict[str, Any]]) -> Table | Non
         _best_config_note(exp, label), selection_seeds_note(chosen_on)]
     if unmatched:
         notes.append("Seeds not in Δ (run by one side only): " + "; ".join(unmatched) + ".")
+    notes += answers
+    if answers:
+        notes.append(POWER_NOTE)
     if used_fidelity:
         notes.append("† no teacher run found: the teacher's test accuracy recorded in the students' "
                      "fidelity data (teacher_test_acc), averaged over those runs.")
@@ -409,13 +469,14 @@ def sweeps(exp: Experiment) -> Table | None:
         return None
     shown = [c for c, *_ in found]
     fields, headers = _optional(shown, exp)
+    comps = [exp.versus_baseline(c) for c, *_ in found]
     rows = [[c.pair_name, str(c["stem"]), kd, fixed, swept] + _values(c, fields)
-            + [seeds_text(c.seeds), stat_text(c, exp.rule.column)]
-            + comparison_values(exp.versus_baseline(c), ("KD", "baseline")) for c, kd, fixed, swept in found]
+            + [seeds_text(c.seeds), compared_stat_text(c, exp.rule.column, [comp])]
+            + comparison_values(comp, ("KD", "baseline")) for (c, kd, fixed, swept), comp in zip(found, comps)]
     return Table("ablation_sweep", f"One hyperparameter swept, the others fixed: {exp.name}",
                  ["Pair", "Stem", "KD", "Fixed", "Swept"] + headers + ["Seeds", f"{exp.rule.label} (%)"]
                  + comparison_headers("Δ vs baseline"), rows,
-                 _rule_notes(exp, _with_baselines(exp, shown)) + [STD_NOTE, COMPARISON_NOTE])
+                 _rule_notes(exp, _with_baselines(exp, shown)) + [STD_NOTE + COMPARED_SEEDS_NOTE, COMPARISON_NOTE])
 
 
 def _ablation_groups(exp: Experiment, ignore: tuple[str, ...]) -> list[list[Cell]]:
@@ -434,20 +495,28 @@ def stem_ablation(exp: Experiment) -> Table | None:
     fields, headers = _optional(shown, exp, ("teacher_stem",))
     for group in groups:
         ref = next((c for c in group if c["stem"] == "cifar" and c["teacher_stem"] in (None, "cifar")), None)
-        for c in sorted(group, key=lambda c: (c["stem"] != "cifar", c["stem"], c["teacher_stem"] or "")):
-            comp = None
-            if ref is not None and c is not ref:
-                (a, sa), (b, sb) = exp.acc(c), exp.acc(ref)
-                comp = compare(a, sa, b, sb) if a and b else None
+        ordered = sorted(group, key=lambda c: (c["stem"] != "cifar", c["stem"], c["teacher_stem"] or ""))
+        comps = {id(c): _versus(exp, c, ref) for c in ordered}
+        for c in ordered:
+            sides = comps.values() if c is ref else [comps[id(c)]]
             rows.append([str(c["kind"]), c.pair_name, str(c["kd"]), *(num(c.hparams.get(k)) for k in keys),
                          str(c["stem"]), str(c["teacher_stem"] or DASH), *_values(c, fields), seeds_text(c.seeds),
-                         stat_text(c, exp.rule.column)] + comparison_values(comp, (str(c["stem"]), "cifar")))
+                         compared_stat_text(c, exp.rule.column, sides)]
+                        + comparison_values(comps[id(c)], (str(c["stem"]), "cifar")))
     if not rows:
         return None
     return Table("ablation_stem", f"CIFAR vs ImageNet stem: {exp.name}",
                  ["Kind", "Pair / model", "KD", *keys, "Stem", "Teacher stem", *headers, "Seeds",
                   f"{exp.rule.label} (%)"] + comparison_headers("Δ vs CIFAR stem"), rows,
-                 _rule_notes(exp, shown) + [STD_NOTE, COMPARISON_NOTE])
+                 _rule_notes(exp, shown) + [STD_NOTE + COMPARED_SEEDS_NOTE, COMPARISON_NOTE])
+
+
+def _versus(exp: Experiment, cell: Cell, ref: Cell | None) -> Comparison | None:
+    """cell − ref on the rule's accuracy (None: no reference, or the reference itself)."""
+    if ref is None or cell is ref:
+        return None
+    (a, sa), (b, sb) = exp.acc(cell), exp.acc(ref)
+    return compare(a, sa, b, sb) if a and b else None
 
 
 def variant_ablation(exp: Experiment) -> Table | None:
@@ -466,14 +535,13 @@ def variant_ablation(exp: Experiment) -> Table | None:
     fields, headers = _optional(shown, exp)
     rows = []
     for plain, variants in found:
+        comps = {id(c): _versus(exp, c, plain) for c in [plain, *variants]}
         for c in [plain, *variants]:
-            comp = None
-            if c is not plain:
-                (a, sa), (b, sb) = exp.acc(c), exp.acc(plain)
-                comp = compare(a, sa, b, sb) if a and b else None
+            comp = comps[id(c)]
             rows.append([c.pair_name, str(c["kd"]), *(num(c.hparams.get(k)) for k in keys), *_values(c, fields),
                          seeds_text(c.seeds),
-                         stat_text(c, exp.rule.column), _max_text(c, "grad_norm_max"),
+                         compared_stat_text(c, exp.rule.column, comps.values() if c is plain else [comp]),
+                         _max_text(c, "grad_norm_max"),
                          _max_text(c, "proj_grad_norm_max"), _mean_pct(c, "clip_fraction"),
                          _mean_pct(c, "clipped_epoch_fraction")]
                         + comparison_values(comp, ("variant", "plain")))
@@ -482,7 +550,7 @@ def variant_ablation(exp: Experiment) -> Table | None:
                   "Max pre-clip grad norm", "Max projection grad norm", "Clipped steps (%)",
                   "Epochs clipped (%)"] + comparison_headers("Δ variant − plain"), rows,
                  _rule_notes(exp, shown) + [
-                     STD_NOTE, "Each variant (`method(variant)`: a switch of the method, e.g. `feature(bugged)`: "
+                     STD_NOTE + COMPARED_SEEDS_NOTE, "Each variant (`method(variant)`: a switch of the method, e.g. `feature(bugged)`: "
                      "clip_projection=false, the study's v1 bug) against the plain method with the same "
                      "hyperparameters, on the row above it. " + COMPARISON_NOTE,
                      "Gradient norms: the largest over all steps and seeds (pre-clip norm of "

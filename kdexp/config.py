@@ -11,7 +11,7 @@ import pkgutil
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
@@ -19,11 +19,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from kdexp import methods, runlock, schedules
+from kdexp import methods, optimizers, runlock, schedules
 from kdexp.data import DATASETS
 from kdexp.models import ARCHS, STEMS, TORCHVISION_RESNETS, model_layout
 from kdexp.pretrained import init_problem
 from kdexp.records import kept_result
+from kdexp.trackers import tracker_classes
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,8 @@ class TrainerConfig:
     progress: bool = True
     label_smoothing: float = 0.0  # of every cross-entropy term (DistillationMethod.cross_entropy)
     early_stopping: Optional[int] = None  # patience: evaluations without a better val accuracy; null: off
+    sync_bn: bool = False  # several ranks: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
+    dist_timeout_s: float = 600.0  # several ranks: the longest wait in a collective before the run fails
 
 
 @dataclass
@@ -117,31 +120,6 @@ class ExecutionConfig:
     fused: Optional[bool] = None  # fused optimiser kernel
     compile: Optional[bool] = False  # torch.compile(mode="reduce-overhead"), CUDA graphs; CUDA only
     teacher_cache: Optional[bool] = None  # precomputed teacher logits for logit-only methods
-
-
-@dataclass
-class SGDConfig:
-    name: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-
-
-@dataclass
-class AdamConfig:
-    name: str = "adam"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # Adam's L2 penalty in the gradient
-
-
-@dataclass
-class AdamWConfig(AdamConfig):
-    name: str = "adamw"
-    weight_decay: float = 0.01  # decoupled weight decay
-
-
-OPTIMIZERS = {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig}  # optimizer=<name> -> schema
 
 
 @dataclass
@@ -175,8 +153,10 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     execution: ExecutionConfig = MISSING
     scheduler: Any = MISSING  # typed by the chosen schedule's schema (kdexp/schedules.py)
-    optimizer: Any = MISSING  # typed by the chosen optimiser's schema (OPTIMIZERS)
+    optimizer: Any = MISSING  # typed by the chosen optimiser's schema (kdexp/optimizers.py)
     paths: PathsConfig = MISSING
+    # the `logger` group's trackers by name, each typed by its class's schema (kdexp/trackers/); {}: none
+    logger: Dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:
@@ -194,10 +174,11 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="execution", name="base_execution", node=ExecutionConfig)
-    for name, schema in OPTIMIZERS.items():
-        cs.store(group="optimizer", name=f"base_{name}", node=schema)
+    optimizers.register(cs)
     for method in [*method_classes(), *site_method_classes()]:
         cs.store(group="method", name=f"base_{method.name}", node=method.Config)
+    for tracker in tracker_classes():
+        cs.store(group="logger", name=f"base_{tracker.name}", node=tracker.Config)
     for name, resolver in (("kdexp.run_label", run_label), ("kdexp.label_excluded_keys", label_excluded_keys),
                            ("kdexp.metadata_dir", hydra_metadata_dir), ("kdexp.log_handlers", job_log_handlers)):
         if not OmegaConf.has_resolver(name):
@@ -317,11 +298,28 @@ def method_tag(method_cfg: DictConfig) -> str:
 
 
 def label_excluded_keys(keys: list[str], *, _root_: DictConfig) -> list[str]:
-    """`hydra.job.config.override_dirname.exclude_keys`: `keys`, plus `method.<arg>` for every
-    argument of the run's method, whichever method it is: the method's run tag already names each
-    argument that differs from its default, so a `method.*` override in the dir name would say it
-    twice."""
-    return [*keys, *(f"method.{key}" for key in _root_.method)]
+    """`hydra.job.config.override_dirname.exclude_keys`: `keys`, plus every key that changes no result
+    (kdexp.execution.RESULT_NEUTRAL_KEYS, each with the keys under it: `logger.wandb.project`), plus
+    `method.<arg>` for every argument of the run's method, whichever method it is: the method's run
+    tag already names each argument that differs from its default, so a `method.*` override in the
+    dir name would say it twice."""
+    from kdexp.execution import RESULT_NEUTRAL_KEYS  # here: kdexp.execution imports this module
+    return [*keys, *(f"method.{key}" for key in _root_.method),
+            *(leaf for key in RESULT_NEUTRAL_KEYS for leaf in _key_and_keys_under(_root_, key))]
+
+
+def _key_and_keys_under(root: DictConfig, key: str) -> list[str]:
+    """`key` and the dotted keys of everything under it, read without resolving any value."""
+    node: Any = root
+    for part in key.split("."):
+        node = dict(node.items_ex(resolve=False)).get(part) if isinstance(node, DictConfig) else None
+    return [key, *_keys_under(node, key)]
+
+
+def _keys_under(node: Any, prefix: str) -> list[str]:
+    if not isinstance(node, DictConfig):
+        return []
+    return [k for child, value in node.items_ex(resolve=False) for k in (f"{prefix}.{child}", *_keys_under(value, f"{prefix}.{child}"))]
 
 
 def build_method(method_cfg: DictConfig) -> Any:
@@ -386,21 +384,6 @@ def _check_label_smoothing(key: str, value: float) -> None:
     _check(0 <= value < 1, f"{key}={value} must be in [0, 1) (0: plain cross-entropy)")
 
 
-def _check_optimizer(o: DictConfig) -> None:
-    _check(OmegaConf.get_type(o) is OPTIMIZERS.get(o.name), f"optimizer.name={o.name!r} does not name this "
-           f"optimizer group's settings: choose the optimiser with optimizer=<one of {list(OPTIMIZERS)}>")
-    _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
-    if o.name == "sgd":
-        _check(0 <= o.momentum < 1, f"optimizer.momentum={o.momentum} must be in [0, 1)")
-        _check(o.momentum > 0 or not o.nesterov,
-               "optimizer.nesterov=true needs optimizer.momentum > 0: use optimizer.nesterov=false for plain SGD")
-    else:
-        betas = list(o.betas)
-        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas),
-               f"optimizer.betas={betas} must be two values in [0, 1) (Adam's moment decay rates)")
-        _check(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
-
-
 def _check_data(d: DictConfig) -> None:
     _check(d.name in DATASETS, f"data.name={d.name!r} must be one of {list(DATASETS)} (data=<that name>)")
     _check(d.loader in ("tensor", "torch"), f"data.loader={d.loader!r} must be tensor or torch")
@@ -434,9 +417,17 @@ def _check_network(key: str, net: DictConfig, num_classes: int) -> nn.Module:
         raise ConfigError(f"{key}: {err}") from None
 
 
+def _check_logger(logger: DictConfig) -> None:
+    schemas = {tracker.Config: tracker.name for tracker in tracker_classes()}
+    for name, node in logger.items():
+        _check(schemas.get(OmegaConf.get_type(node)) == name, f"logger.{name} is not an experiment tracker: "
+               f"choose logger=none, logger=<one of {sorted(schemas.values())}> or a list, e.g. logger=[tensorboard,wandb]")
+
+
 def validate(cfg: DictConfig) -> Any:
     """Check the composed config; returns the (unbound) method so it is built only once."""
     check_known_keys(cfg)
+    _check_logger(cfg.logger)
     problem = experiment_name_problem(cfg.experiment_name)
     _check(problem is None, problem)
     m, t, tr = cfg.model, cfg.teacher, cfg.trainer
@@ -450,8 +441,8 @@ def validate(cfg: DictConfig) -> Any:
     _check(not tr.early_stopping or cfg.data.val_size > 0, f"trainer.early_stopping={tr.early_stopping} watches "
            f"the validation accuracy, but data.val_size=0 holds out none: set data.val_size (e.g. 5000) or "
            f"trainer.early_stopping=null")
-    _check_optimizer(cfg.optimizer)
     try:
+        optimizers.check(cfg.optimizer)
         schedules.check(cfg.scheduler, tr.epochs, tr.lr)
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -14,10 +14,24 @@ import dataclasses
 from typing import Callable
 
 import torch
-import torch._inductor.config
 
 from kdexp.config import CHANNELS_LAST_NEEDS_CUDA, COMPILE_NEEDS_CUDA, ConfigError
 from kdexp.methods import DistillationMethod
+
+
+# Config keys that say where and how a run executes and change none of its numbers: its run dir's
+# name leaves them out (kdexp.config.label_excluded_keys) and analysis does not tell runs apart by
+# them (analysis.collect). A key stands for itself and every key under it.
+RESULT_NEUTRAL_KEYS = ("paths", "data.root", "data.download", "data.verify_md5", "trainer.device", "trainer.progress",
+                       "trainer.dist_timeout_s", "execution.fused", "execution.channels_last",
+                       "execution.teacher_cache", "dry_run", "retry_failed", "export_teacher", "logger")
+# Keys that change a run's numbers but not its recipe: the execution profile (bf16, compiled kernels:
+# result.json's `execution`, which analysis reads as the numerics column) and, before that group
+# existed, the trainer.* keys that held it; data.num_workers, which deals loader=torch's random
+# augmentations out to its workers. Run dirs name them (a fast run never shares a reference run's
+# dir); analysis treats runs that differ only in them as one configuration.
+NUMERICS_KEYS = ("execution", "trainer.amp", "trainer.channels_last", "trainer.fused", "trainer.compile",
+                 "trainer.teacher_cache", "data.num_workers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +90,7 @@ class Execution:
     def compiled(fn: Callable, deterministic: bool) -> Callable:
         """`fn` as CUDA graphs; one fixed batch shape, so no dynamic-shape kernels."""
         if deterministic:
+            import torch._inductor.config  # here: ~1 s of imports that runs without compile never need
             torch._inductor.config.deterministic = True  # no on-device autotuning that changes numerics
         return torch.compile(fn, mode="reduce-overhead", dynamic=False)
 

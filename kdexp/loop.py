@@ -10,14 +10,17 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from kdexp import checkpoint
+from kdexp import checkpoint, distributed, optimizers
+from kdexp.config import TrainerConfig
 from kdexp.data.loaders import Batch, EvalBatches, TrainBatches
+from kdexp.distributed import World
 from kdexp.evaluation import accuracy, fidelity, per_class_accuracy, predict
 from kdexp.execution import Execution
 from kdexp.methods import DistillationMethod, ModelOutputs
@@ -53,23 +56,17 @@ def writing(path: Path) -> Iterator[None]:
         raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
-OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-
-
 def build_optimizer(student: nn.Module, method: nn.Module, optimizer: DictConfig, lr: float,
                     fused: bool = False) -> torch.optim.Optimizer:
-    """The `optimizer` group's optimiser (sgd | adam | adamw, its settings from the config) over the
-    student and the method's own parameters (same lr schedule and settings). Each group says
-    whether it is clipped: the clip then covers exactly the optimiser's parameters, so a method's
-    parameters cannot be forgotten by accident. `fused`: one kernel for the whole update instead
-    of PyTorch's default implementation."""
+    """The `optimizer` group's optimiser (kdexp/optimizers.py) over the student and the method's own
+    parameters (same lr schedule and settings). Each group says whether it is clipped: the clip then
+    covers exactly the optimiser's parameters, so a method's parameters cannot be forgotten by
+    accident. `fused`: one kernel for the whole update instead of PyTorch's default implementation."""
     groups = [{"params": list(student.parameters()), "clip": True, "name": "student"}]
     method_params = list(method.parameters())
     if method_params:
         groups.append({"params": method_params, "clip": method.clip_with_student, "name": "method"})
-    settings = {key: tuple(value) if isinstance(value, list) else value  # betas: a tuple, as torch keeps it
-                for key, value in OmegaConf.to_container(optimizer).items() if key != "name"}
-    return OPTIMIZER_CLASSES[optimizer.name](groups, lr=lr, **settings, fused=True if fused else None)
+    return optimizers.build_optimizer(groups, optimizer, lr, fused)
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -80,6 +77,32 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> 
               if p.grad is not None]
     method_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in method])) if method else None
     return norm, method_norm
+
+
+def predict_all(model: nn.Module, batches: EvalBatches, world: World) -> torch.Tensor:
+    """Logits for the whole split on every rank: each rank predicts its part (EvalBatches' shard)
+    and the parts are gathered, so each image counts once and every metric is the one-process one."""
+    return distributed.gather_rows(world, predict(model, batches), len(batches.labels))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, with_features: bool) -> ModelOutputs:
+    out = model(x, with_features=with_features)
+    return ModelOutputs(*out) if with_features else ModelOutputs(out)
+
+
+class StudentLosses(nn.Module):
+    """The student's forward and the method's loss parts as one module: what DDP wraps on several
+    ranks, so that the gradients of the student and of the method's own parameters (projections)
+    are both averaged over the ranks."""
+
+    def __init__(self, student: nn.Module, method: DistillationMethod):
+        super().__init__()
+        self.student, self.method = student, method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor,
+                teacher_out: ModelOutputs | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        student_out = _outputs(self.student, x, self.method.needs_features)
+        return self.method(student_out, teacher_out, y), student_out.logits
 
 
 @dataclass
@@ -104,16 +127,21 @@ class Loop:
     train: TrainBatches
     val: EvalBatches | None
     test: EvalBatches
-    trainer: object
+    trainer: TrainerConfig  # the config's trainer node (a DictConfig this schema types)
     run_dir: Path
     teacher_test_logits: torch.Tensor | None = None
     execution: Execution = field(default_factory=Execution)
     teacher_logits: torch.Tensor | None = None  # the teacher-logit cache: replaces the live teacher in training
     teacher_file: dict | None = None  # {"path", "sha256"} of the teacher checkpoint it distils from (None: no teacher)
     state: TrainState = field(default_factory=TrainState)
+    log_epoch: Callable[[dict], None] | None = None  # each metrics.jsonl line, once written: the job's trackers
+    world: World = field(default_factory=World)  # the ranks of this run; only rank 0 writes files
     _epoch: int | None = field(default=None, init=False, repr=False)  # the epoch being trained or checkpointed
 
     def __post_init__(self) -> None:
+        self._student_losses: nn.Module = StudentLosses(self.student, self.method)
+        if self.world.distributed:  # rank 0's weights on every rank now; gradients averaged in backward
+            self._student_losses = DistributedDataParallel(self._student_losses)
         self._compiled = self.execution.compiled(self.losses, self.trainer.deterministic) \
             if self.execution.compile else None
 
@@ -133,6 +161,8 @@ class Loop:
             self.scheduler.step()
             self.save()  # first: metrics.jsonl never shows an epoch that a resume would redo
             self._write_metrics()
+            if self.log_epoch is not None:
+                self.log_epoch(row)
             log.info(_epoch_line(row, self.trainer.epochs))
             if self.state.stopped_early_epoch is not None:
                 log.info("stopping early after epoch %d: no better val accuracy in %d evaluations since epoch %d",
@@ -176,6 +206,10 @@ class Loop:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        # over every rank's images: the same row on each rank (a NaN stops every rank in the same epoch)
+        for total in (*sums.values(), correct):
+            distributed.sum_over_ranks(self.world, total)
+        seen = int(distributed.sum_over_ranks(self.world, torch.tensor(seen, device=device)).item())
         losses = {name: (s / seen).item() for name, s in sums.items()}
         if not all(math.isfinite(v) for v in losses.values()):
             raise NonFiniteLossError(epoch, self.method.needs_teacher)
@@ -194,35 +228,32 @@ class Loop:
         """Forward, the method's loss parts, backward; returns parts and the student's logits."""
         cached = lookup(self.teacher_logits, batch) if self.teacher_logits is not None else None
         losses = self.losses
-        if self._compiled is not None and len(batch.y) == self.trainer.batch_size:
+        if self._compiled is not None and len(batch.y) * self.world.size == self.trainer.batch_size:
             # The epoch's last, partial batch runs eagerly: one step, instead of a second capture.
             torch.compiler.cudagraph_mark_step_begin()
             losses = self._compiled
         self.optimizer.zero_grad(set_to_none=True)
         parts, logits = losses(batch.x, batch.y, cached)
-        parts["loss"].backward()
+        (parts["loss"] * batch.loss_scale).backward()
         return parts, logits.detach()
 
     def losses(self, x: torch.Tensor, y: torch.Tensor,
                teacher_logits: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Forward both networks (the teacher only without cached logits) and the method's loss parts."""
         with self.execution.autocast(x.device):
-            teacher_out = ModelOutputs(teacher_logits) if teacher_logits is not None else self._forward(self.teacher, x)
-            student_out = self._forward(self.student, x)
-            parts = self.method(student_out, teacher_out, y)
-        return parts, student_out.logits
-
-    def _forward(self, model: nn.Module | None, x: torch.Tensor) -> ModelOutputs | None:
-        if model is None:
-            return None
-        out = model(x, with_features=self.method.needs_features)
-        return ModelOutputs(*out) if self.method.needs_features else ModelOutputs(out)
+            teacher_out = None
+            if teacher_logits is not None:
+                teacher_out = ModelOutputs(teacher_logits)
+            elif self.teacher is not None:
+                teacher_out = _outputs(self.teacher, x, self.method.needs_features)
+            return self._student_losses(x, y, teacher_out)
 
     def evaluate(self, epoch: int) -> dict:
         row: dict = {"val_acc": None}
+        distributed.broadcast_buffers(self.world, self.student)  # every rank evaluates rank 0's network
         if self.val is not None:
-            row["val_acc"] = accuracy(predict(self.student, self.val), self.val.labels)
-        test_logits = predict(self.student, self.test)
+            row["val_acc"] = accuracy(predict_all(self.student, self.val, self.world), self.val.labels)
+        test_logits = predict_all(self.student, self.test, self.world)
         row["test_acc"] = accuracy(test_logits, self.test.labels)
         if self.teacher_test_logits is not None:
             row.update(fidelity(test_logits, self.teacher_test_logits))
@@ -235,6 +266,8 @@ class Loop:
         return row
 
     def save(self) -> None:
+        if not self.world.is_main:
+            return
         path = self.run_dir / checkpoint.LAST
         with writing(path):
             checkpoint.save(path, {
@@ -244,13 +277,15 @@ class Loop:
             })
 
     def _write_metrics(self) -> None:
+        if not self.world.is_main:
+            return
         with writing(self.run_dir / METRICS_FILE):
             write_metrics(self.run_dir, self.state.history)
 
     def resume(self) -> bool:
-        """Continue from last.pt if the run dir has one; returns whether it did. Raises TeacherChanged
-        (before writing anything) when last.pt was trained from another teacher file, and
-        CheckpointError saying to delete it when it is damaged or does not fit this run."""
+        """Continue from last.pt if the run dir has one (every rank reads rank 0's); returns whether
+        it did. Raises TeacherChanged (before writing anything) when last.pt was trained from another
+        teacher file, and CheckpointError saying to delete it when it is damaged or does not fit this run."""
         path = self.run_dir / checkpoint.LAST
         if not path.exists():
             return False

@@ -35,3 +35,8 @@ class Outcome:
 
 def multirun_exit_code(codes: list[int]) -> int:
     return next((code for code in SEVERITY if code in codes), 0)
+
+
+class CannotStart(Exception):
+    """Found before training, with nothing written: a problem no config value fixes (a teacher
+    export dir that cannot be written)."""

@@ -14,13 +14,21 @@ from typing import List
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
 class CosineSchedule:
     name: str = "cosine"
     eta_min: float = 1e-4  # the lr the last epoch decays towards
+
+    def check(self, epochs: int, lr: float) -> None:
+        if not 0 <= self.eta_min <= lr:
+            raise ValueError(f"scheduler.eta_min={self.eta_min} must be in [0, trainer.lr={lr}]: "
+                             "the cosine schedule decays the learning rate from trainer.lr down to it")
+
+    def build(self, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.eta_min)
 
 
 @dataclass
@@ -29,8 +37,23 @@ class MultiStepSchedule:
     milestones: List[int] = MISSING  # epochs after which lr is multiplied by gamma
     gamma: float = 0.1
 
+    def check(self, epochs: int, lr: float) -> None:
+        milestones, gamma = list(self.milestones), self.gamma
+        if not milestones or any(a >= b for a, b in zip(milestones, milestones[1:])):
+            raise ValueError(f"scheduler.milestones={milestones} must be a non-empty, strictly increasing list of "
+                             "epochs (lr x gamma after each), e.g. scheduler.milestones=[150,180,210]")
+        if milestones[0] < 1 or milestones[-1] >= epochs:
+            raise ValueError(f"scheduler.milestones={milestones} must lie in [1, trainer.epochs={epochs}) (a milestone "
+                             f"at or after the last epoch never takes effect): e.g. scheduler.milestones=[{max(epochs // 2, 1)}] "
+                             f"for {epochs} epochs, or scheduler=cosine")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"scheduler.gamma={gamma} must be in (0, 1]: the factor lr is multiplied by at each milestone")
 
-SCHEMAS = {"cosine": CosineSchedule, "multistep": MultiStepSchedule}
+    def build(self, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(self.milestones), gamma=self.gamma)
+
+
+SCHEMAS = {schema.name: schema for schema in (CosineSchedule, MultiStepSchedule)}  # scheduler=<name>
 
 
 def register(cs: ConfigStore) -> None:
@@ -41,32 +64,21 @@ def register(cs: ConfigStore) -> None:
 
 def check(scheduler_cfg: DictConfig, epochs: int, lr: float) -> None:
     """Raise ValueError (one line: the key, what is wrong, what to do) for a schedule that cannot run."""
-    name = scheduler_cfg.name
-    if name not in SCHEMAS:
-        raise ValueError(f"scheduler.name={name!r} must be one of {sorted(SCHEMAS)} (scheduler=cosine or "
-                         "scheduler=multistep)")
-    if name == "cosine":
-        if not 0 <= scheduler_cfg.eta_min <= lr:
-            raise ValueError(f"scheduler.eta_min={scheduler_cfg.eta_min} must be in [0, trainer.lr={lr}]: "
-                             "the cosine schedule decays the learning rate from trainer.lr down to it")
-        return
-    milestones, gamma = list(scheduler_cfg.milestones), scheduler_cfg.gamma
-    if not milestones or any(a >= b for a, b in zip(milestones, milestones[1:])):
-        raise ValueError(f"scheduler.milestones={milestones} must be a non-empty, strictly increasing list of "
-                         "epochs (lr x gamma after each), e.g. scheduler.milestones=[150,180,210]")
-    if milestones[0] < 1 or milestones[-1] >= epochs:
-        raise ValueError(f"scheduler.milestones={milestones} must lie in [1, trainer.epochs={epochs}) (a milestone "
-                         f"at or after the last epoch never takes effect): e.g. scheduler.milestones=[{max(epochs // 2, 1)}] "
-                         f"for {epochs} epochs, or scheduler=cosine")
-    if not 0 < gamma <= 1:
-        raise ValueError(f"scheduler.gamma={gamma} must be in (0, 1]: the factor lr is multiplied by at each milestone")
+    _schedule(scheduler_cfg).check(epochs, lr)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: DictConfig,
                     epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The configured schedule over `epochs`, to be stepped once after every epoch."""
-    check(scheduler_cfg, epochs, optimizer.defaults["lr"])
-    if scheduler_cfg.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=scheduler_cfg.eta_min)
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(scheduler_cfg.milestones),
-                                                gamma=scheduler_cfg.gamma)
+    schedule = _schedule(scheduler_cfg)
+    schedule.check(epochs, optimizer.defaults["lr"])
+    return schedule.build(optimizer, epochs)
+
+
+def _schedule(scheduler_cfg: DictConfig) -> CosineSchedule | MultiStepSchedule:
+    """The settings as their schema's instance (the class `name` names)."""
+    name = scheduler_cfg.name
+    if name not in SCHEMAS:
+        raise ValueError(f"scheduler.name={name!r} must be one of {sorted(SCHEMAS)} (scheduler=cosine or "
+                         "scheduler=multistep)")
+    return SCHEMAS[name](**OmegaConf.to_container(scheduler_cfg, resolve=True))

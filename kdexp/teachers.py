@@ -1,12 +1,13 @@
 """Teachers: where a teacher's checkpoint lives, how it is exported, loaded, checked and frozen.
 
-A teacher is identified by (arch, stem, width, seed, init, label smoothing, data and its image
-size); its checkpoint path is derived from that identity under `paths.teachers_dir`, so every
+A teacher is identified by its `kdexp.run_record.TeacherId` (arch, stem, width, init, seed, label
+smoothing, data and its image size); its checkpoint path is derived from that identity under `paths.teachers_dir`, so every
 student finds the teacher its config names (an ImageNet-initialised or label-smoothed teacher never
 shares a file with a scratch, plain-CE one) and no run ever distils from a random network.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 from pathlib import Path
@@ -21,9 +22,8 @@ from kdexp import checkpoint
 from kdexp.config import register_configs
 from kdexp.data import data_identity, dataset, split_indices
 from kdexp.data.loaders import SIZE
-from kdexp.methods.base import fmt
 from kdexp.models import build_model, filled_on_load, state_dict_misfit
-from kdexp.pretrained import init_name
+from kdexp.run_record import TeacherId
 
 FORMAT = "kdexp-teacher-v1"
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 class TeacherError(RuntimeError):
     """Missing, unreadable, mismatched or wrongly trained teacher weights: always fatal."""
-
-
-# What an export made before kdexp recorded these was trained with.
-UNRECORDED = {"image_size": SIZE, "init": None, "label_smoothing": 0.0}
 
 
 def data_id(data: DictConfig) -> str:
@@ -52,12 +48,14 @@ def data_id(data: DictConfig) -> str:
     return f"{name}{size}{split}"
 
 
-def teacher_name(t: DictConfig) -> str:
-    """`resnet34_cifar_w64_seed0`, plus how it was trained when not from scratch with plain CE:
-    `resnet34_imagenet_w64_seed0_init-imagenet_ls0.1`."""
-    init = f"_init-{init_name(t.init)}" if t.init else ""
-    smoothing = f"_ls{fmt(t.label_smoothing)}" if t.label_smoothing else ""
-    return f"{t.arch}_{t.stem}_w{t.width}_seed{t.seed}{init}{smoothing}"
+def teacher_id(cfg: DictConfig) -> TeacherId:
+    """The teacher a student config names."""
+    return TeacherId.of_config(cfg, "student", data_id(cfg.data))
+
+
+def trained_teacher_id(cfg: DictConfig) -> TeacherId:
+    """The teacher a teacher run's config trains."""
+    return TeacherId.of_config(cfg, "trains", data_id(cfg.data))
 
 
 def resolve_teacher_path(cfg: DictConfig) -> Path:
@@ -68,11 +66,24 @@ def resolve_teacher_path(cfg: DictConfig) -> Path:
 
 def derived_teacher_path(cfg: DictConfig) -> Path:
     """Where this config's teacher lives by its identity (ignoring teacher.ckpt)."""
-    return Path(cfg.paths.teachers_dir) / data_id(cfg.data) / f"{teacher_name(cfg.teacher)}.pt"
+    return teacher_id(cfg).path(cfg.paths.teachers_dir)
+
+
+def resolve_teacher_export_path(cfg: DictConfig) -> Path:
+    """Where this teacher run's weights go: the path students of the same identity look up."""
+    return trained_teacher_id(cfg).path(cfg.paths.teachers_dir)
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    """The train config as the command line `overrides` compose it (inside a Hydra app or not)."""
+    """The train config as the command line `overrides` compose it (inside a Hydra app or not).
+    Read only: a multirun's dry run asks for the same few teachers once per job, and each composition
+    costs ~0.3 s, so each is made once per process."""
+    return _composed(tuple(overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    overrides = list(overrides)
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
     register_configs()
@@ -85,16 +96,15 @@ def train_command(cfg: DictConfig) -> str:
     protocol and model, plus only the overrides whose default there differs from what this student
     needs, so the teacher lands exactly at the path the student looks up (and no other key ends up in
     its run dir's name)."""
-    t, d, paths = cfg.teacher, cfg.data, cfg.paths
-    overrides = ["experiment=teacher", f"protocol={cfg.protocol_name}", f"model={t.arch}"]
+    d, paths, teacher = cfg.data, cfg.paths, teacher_id(cfg)
+    overrides = ["experiment=teacher", f"protocol={cfg.protocol_name}", f"model={teacher.arch}"]
     # in this order: a later key's default may follow from an earlier one (the generated data's root
     # from its sizes, teachers_dir from output_dir)
     needed = [("data.name", d.name, f"data={d.name}"), ("paths.output_dir", paths.output_dir, None),
               ("paths.teachers_dir", paths.teachers_dir, None),
               ("data.fake_train_size", d.fake_train_size, None), ("data.fake_test_size", d.fake_test_size, None),
               ("data.root", d.root, None), ("data.val_size", d.val_size, None), ("data.split_seed", d.split_seed, None),
-              ("data.image_size", d.image_size, None), ("model.stem", t.stem, None), ("model.width", t.width, None),
-              ("model.init", t.init, None), ("trainer.label_smoothing", t.label_smoothing, None), ("seed", t.seed, None)]
+              *((key, value, None) for key, value in teacher.overrides())]
     composed = _compose(overrides)
     for key, want, override in needed:
         if OmegaConf.select(composed, key) != want:
@@ -103,16 +113,15 @@ def train_command(cfg: DictConfig) -> str:
     return "python -m kdexp.train " + " ".join(shlex.quote(o) for o in overrides)
 
 
-def export_teacher(model: nn.Module, path: Path, seed: int, data: DictConfig, identity: dict, test_acc: float,
-                   run_dir: str, init: dict | None = None, label_smoothing: float = 0.0) -> None:
-    """Write the teacher checkpoint students load: weights, architecture, how it was trained (`init`:
-    its initial weights as `kdexp.pretrained.initialise` records them; the CE's label smoothing)
-    and the data identity (`kdexp.data.data_identity`) and image size it was trained on."""
+def export_teacher(model: nn.Module, path: Path, teacher: TeacherId, data_identity: dict, test_acc: float,
+                   run_dir: str, init: dict | None = None) -> None:
+    """Write the teacher checkpoint students load: weights, the teacher's identity as it records itself
+    (architecture, how it was trained, the data and image size), the data identity
+    (`kdexp.data.data_identity`) and its initial weights' hash (`init`: as `kdexp.pretrained.initialise`
+    records them)."""
     checkpoint.save(path, {
-        "format": FORMAT, "arch": model.arch, "stem": model.stem, "width": model.width,
-        "num_classes": model.num_classes, "image_size": data.image_size, "seed": seed,
-        "init": init_name(init["init"]) if init else None, "init_sha256": init["sha256"] if init else None,
-        "label_smoothing": label_smoothing, "data": data_id(data), "data_identity": identity,
+        "format": FORMAT, **teacher.recorded(), "num_classes": model.num_classes,
+        "init_sha256": init["sha256"] if init else None, "data_identity": data_identity,
         "test_acc": test_acc, "run_dir": run_dir, "state_dict": model.state_dict(),
     })
 
@@ -152,10 +161,9 @@ def load_teacher(cfg: DictConfig, device: torch.device, images: int) -> FrozenTe
                            f"again (a completed teacher run re-exports without retraining): "
                            f"{train_command(cfg)}") from None
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        expected = {"arch": t.arch, "stem": t.stem, "width": t.width, "num_classes": cfg.model.num_classes,
-                    "image_size": cfg.data.image_size, "init": init_name(t.init), "label_smoothing": t.label_smoothing}
-        recorded = {**UNRECORDED, **state}
-        wrong = {k: (recorded[k], v) for k, v in expected.items() if recorded[k] != v}
+        wrong = teacher_id(cfg).mismatches(state)
+        if state.get("num_classes") != cfg.model.num_classes:  # the student's classes, not the teacher's identity
+            wrong["num_classes"] = (state.get("num_classes"), cfg.model.num_classes)
         if wrong:
             details = ", ".join(f"{k}: checkpoint has {have!r}, config asks {want!r}" for k, (have, want) in wrong.items())
             raise TeacherError(f"teacher checkpoint {path} does not match teacher config ({details}); "

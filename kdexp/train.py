@@ -4,7 +4,11 @@ or a distilled student, depending only on the composed config.
 Whatever goes wrong ends as one line on stderr (`kdexp: ...`) and an exit code (kdexp/outcome.py);
 the traceback goes to the run's train.log (Hydra's job log; a dry run writes none), and to the
 terminal too with HYDRA_FULL_ERROR=1. In a multirun the other jobs go on and the summary lists
-every job's outcome."""
+every job's outcome.
+
+On several ranks (torchrun, or a SLURM launcher with tasks_per_node > 1; kdexp/distributed.py) each
+rank runs this, and only rank 0 writes into the run dir: the others make no .hydra/ nor train.log,
+record no outcome and log only warnings, to the terminal."""
 from __future__ import annotations
 
 import logging
@@ -18,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kdexp import job, runlock
+from kdexp import distributed, job, runlock
 from kdexp.checkpoint import CheckpointError
 from kdexp.config import ConfigError, register_configs
 from kdexp.data import DataError
@@ -33,30 +37,45 @@ register_configs()
 log = logging.getLogger("kdexp")
 EXPECTED = (DataError, TeacherError, NonFiniteLossError, CheckpointError)  # their message says it all
 JOB_FILES = {".hydra", "train.log", runlock.LOCK_FILE}  # what a start leaves before it writes anything
+NO_METADATA = "hydra.output_subdir=null"  # the override that keeps a rank other than 0 out of the run dir
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    outcome = _outcome(cfg, run_dir)
+    rank = distributed.from_env().rank
+    if rank:
+        _log_to_terminal_only()
+    outcome = _outcome(cfg, run_dir, rank)
     multirun = hc.mode == RunMode.MULTIRUN
     if outcome.reason and not (multirun and outcome.status == "dry_run"):  # the summary counts those
-        print(f"kdexp: {outcome.reason}", file=sys.stderr, flush=True)
-    record_outcome(run_dir, outcome)
+        print(f"kdexp{f' (rank {rank})' if rank else ''}: {outcome.reason}", file=sys.stderr, flush=True)
+    if not rank:  # rank 0's outcome is the run's
+        record_outcome(run_dir, outcome)
     if outcome.exit_code and (not multirun or outcome.status == "interrupted"):  # Ctrl-C stops the sweep too
         sys.exit(outcome.exit_code)
     return outcome.status
 
 
-def _outcome(cfg: DictConfig, run_dir: Path) -> Outcome:
+def _log_to_terminal_only() -> None:
+    """A rank other than 0: no train.log (the run's log is rank 0's; the file handler opens on the
+    first line, so none is made), and warnings only, not every rank's copy of each epoch line."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _outcome(cfg: DictConfig, run_dir: Path, rank: int = 0) -> Outcome:
     try:
         outcome = job.run(cfg, run_dir)
         if outcome.status == "failed":  # a skipped failed run: its log says so too
             _log_to_file(outcome.reason)
         return outcome
     except (ConfigError, job.CannotStart) as err:  # bad input, nothing written: one clear line
-        _forget(run_dir, cfg.paths.output_dir)
+        if not rank:
+            _forget(run_dir, cfg.paths.output_dir)
         prefix = "invalid config: " if isinstance(err, ConfigError) else ""
         return Outcome("rejected", f"{prefix}{err}")
     except runlock.RunLocked as err:  # says nothing to train.log: it is the other process's log
@@ -119,9 +138,15 @@ def cli() -> None:
     """`python -m kdexp.train` / `kdexp-train`: a config that cannot be composed is rejected (one
     line, exit 2) before Hydra starts, as every other bad input is."""
     problem = config_problem(sys.argv[1:], CONFIG_DIR, "train")
+    try:
+        rank = distributed.from_env().rank
+    except ConfigError as err:
+        problem = problem or str(err)
     if problem:
         print(f"kdexp: invalid config: {problem}", file=sys.stderr, flush=True)
         sys.exit(Outcome("rejected", problem).exit_code)
+    if rank:  # Hydra then writes no .hydra/ into the run dir: rank 0 writes it
+        sys.argv.append(NO_METADATA)
     main()
 
 

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from kdexp.config import ConfigError, method_tag, validate
-from kdexp.job import resolve_teacher_export_path
+from kdexp.teachers import resolve_teacher_export_path
 from kdexp.records import kept_result
 from kdexp.teachers import resolve_teacher_path
 from launch import sbatch
@@ -408,6 +408,12 @@ def _cifar100(ctx: _Ctx) -> list[Driver]:
     return [*_teachers(ctx, exp), ctx.train("benchmark", "students", [f"experiment={exp.name}"])]
 
 
+def _imagenet(ctx: _Ctx) -> list[Driver]:
+    """The ImageNet benchmark: experiment=imagenet_kd's one multirun (R34 -> R18 x {CE, KD, DKD, DIST} x
+    seeds). No teacher stage: its teacher is torchvision's weights file, evaluated, never trained."""
+    return [ctx.train("benchmark", "students", ["experiment=imagenet_kd"])]
+
+
 def _final(ctx: _Ctx, protocol: str, pair: str, grid: str, selected: Path, cell: list[str] | None,
            selection: Driver) -> Driver:
     """The selected cell of `grid` (the kd_grid preset: the cell's overrides replace its sweep) x five
@@ -454,4 +460,5 @@ PROTOCOLS = {
     "v2": Protocol(("teachers", "selection", "select", "finals", "analysis"), ("logit", "feature"), _v2),
     "quickstart": Protocol(("teachers", "students", "analysis"), ("smoke",), _quickstart),
     "cifar100": Protocol(("teachers", "students", "analysis"), (), _cifar100),
+    "imagenet": Protocol(("students", "analysis"), (), _imagenet),
 }

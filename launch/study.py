@@ -1,7 +1,7 @@
 """Submit the whole study to SLURM as a chain of stage drivers after a canary job, and return
 once the canary has passed.
 
-    python -m launch.study --cluster slurm_a100|mysite [--protocol v1|v2|quickstart|cifar100] [--grids logit,feature,dkd]
+    python -m launch.study --cluster slurm_a100|mysite [--protocol v1|v2|quickstart|cifar100|imagenet] [--grids logit,feature,dkd]
                            [--dry-run] [--skip-check] [--no-wait] [--output-dir DIR] [--driver-sbatch=OPTION ...]
                            [HYDRA_OVERRIDE ...]
 
@@ -79,7 +79,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from kdexp.data import DataError
-from kdexp.job import CannotStart, resolve_teacher_export_path
+from kdexp.job import CannotStart
+from kdexp.teachers import resolve_teacher_export_path
 from kdexp.job import check_data_on_disk  # the job dry run's data check
 from kdexp.preflight import config_file_problem
 from kdexp.records import atomic_write_json, read_result

@@ -18,6 +18,7 @@ from job_record import job_args, recorded
 from kdexp import config as kdexp_config
 from kdexp.config import ConfigError, register_configs, validate
 from kdexp.dry_run import DryRunStaysLocal
+from kdexp.execution import RESULT_NEUTRAL_KEYS
 from kdexp.models import ARCHS, TORCHVISION_RESNETS
 from kdexp.preflight import config_problem
 from kdexp.train import CONFIG_DIR
@@ -132,6 +133,18 @@ def _run_dir(*overrides: str) -> Path:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=/out", *overrides], return_hydra_config=True)
     return Path(os.path.normpath(cfg.hydra.run.dir))
+
+
+def test_the_keys_that_change_no_result_name_no_dir_and_each_exists():
+    """kdexp.execution.RESULT_NEUTRAL_KEYS is the one list: each key (and every key under it) stays out
+    of the run dir's name, and names a key of the config (a renamed key would silently drop out)."""
+    cfg = compose_cfg()
+    for key in RESULT_NEUTRAL_KEYS:
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+    neutral = ["paths.data_dir=/d", "data.download=true", "trainer.progress=false", "execution.fused=true",
+               "export_teacher=false", "logger=tensorboard", "logger.tensorboard.dir=tb"]
+    assert _run_dir("experiment=baseline", *neutral) == _run_dir("experiment=baseline")
+    assert _run_dir("experiment=baseline", "execution=fast").name == "execution=fast"  # numerics: named
 
 
 @pytest.mark.parametrize("override", ["teacher.ckpt=../../../../../../../../x", "teacher.ckpt=/data/r34.pt",

@@ -233,7 +233,7 @@ def test_make_quickstart_distils_from_the_teacher_it_trains_on_the_baselines_see
     """`make quickstart` runs its steps as make targets, two at a time (Makefile): the teacher's
     command must export where the distillation commands look, and the per-seed distillation commands
     must cover exactly the baselines' seeds (a seed missing on one side would leave its pair unmatched)."""
-    from kdexp.job import resolve_teacher_export_path
+    from kdexp.teachers import resolve_teacher_export_path
     from kdexp.teachers import derived_teacher_path
 
     dry = subprocess.run(["make", "--no-print-directory", "-n", "quickstart-runs"], cwd=REPO, capture_output=True,

@@ -16,7 +16,7 @@ import torch
 
 from helpers import QUICK, TINY, compose_cfg, run_train, student_args
 from kdexp import checkpoint, teacher_cache
-from kdexp.job import resolve_teacher_export_path
+from kdexp.teachers import resolve_teacher_export_path
 from kdexp.records import RESULT_FILE, kept_result, read_result
 
 

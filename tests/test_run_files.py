@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import TINY, compose_cfg, tiny_loop
-from kdexp import checkpoint, job, runlock, train
+from kdexp import checkpoint, job, runlock, teachers, train
 from kdexp.data import data_identity, load_data
 from kdexp.data.fake import write_fake_cifar
 from kdexp.loop import Loop
@@ -91,7 +91,7 @@ def test_a_claimed_export_refuses_a_start_and_fails_a_dry_run_before_anything_is
     run_dir, other = _run_dir(tmp_path), tmp_path / "other"
     other.mkdir()
     cfg = _cfg(small_root, tmp_path, "experiment=teacher", "trainer.epochs=1")
-    export = job.resolve_teacher_export_path(cfg)
+    export = teachers.resolve_teacher_export_path(cfg)
     _claim(export, other)
     with runlock.hold(other):
         with pytest.raises(job.CannotStart) as refused:
@@ -114,7 +114,7 @@ def test_an_export_checked_again_at_export_time_fails_the_loser_and_keeps_its_we
     run_dir, other = _run_dir(tmp_path), tmp_path / "other"
     other.mkdir()
     cfg = _cfg(small_root, tmp_path, "experiment=teacher", "trainer.epochs=1")
-    export = job.resolve_teacher_export_path(cfg)
+    export = teachers.resolve_teacher_export_path(cfg)
     fit = Loop.fit
 
     def fit_then_rival(self: Loop):
@@ -149,11 +149,12 @@ def _export_a_teacher(cfg, seed: int) -> Path:
     splits = load_data(d)
     identity = data_identity(d.name, len(splits.train_x) + len(splits.val_x), d.val_size, d.split_seed)
     torch.manual_seed(seed)
-    export_teacher(build_model(t.arch, cfg.model.num_classes, t.stem, t.width), path, t.seed, d, identity, 0.1,
-                   "elsewhere")
+    export_teacher(build_model(t.arch, cfg.model.num_classes, t.stem, t.width), path, teachers.teacher_id(cfg),
+                   identity, 0.1, "elsewhere")
     return path.resolve()
 
 
+@pytest.mark.e2e
 def test_a_resume_with_another_teacher_file_is_refused_and_an_unrecorded_one_resumes(tmp_path, small_root, monkeypatch,
                                                                                      caplog):
     """Interrupted after epoch 1, the student is started again with another paths.teachers_dir (not in
@@ -287,7 +288,7 @@ def test_a_start_removes_the_half_written_files_a_killed_process_of_its_own_left
     removes its own run dir's temp files, and its export's (holding the claim), never another export's."""
     run_dir = _run_dir(tmp_path)
     cfg = _cfg(small_root, tmp_path, "experiment=teacher", "trainer.epochs=1")
-    export = job.resolve_teacher_export_path(cfg)
+    export = teachers.resolve_teacher_export_path(cfg)
     export.parent.mkdir(parents=True)
     ours = [run_dir / ".result.json.k1ll3d.tmp", run_dir / ".last.pt.k1ll3d.tmp", export.parent / f".{export.name}.k1ll3d.tmp"]
     theirs = export.parent / ".another_teacher.pt.l1v3.tmp"

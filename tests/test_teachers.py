@@ -10,9 +10,11 @@ from kdexp.checkpoint import load, save
 from kdexp.config import build_method
 from kdexp.data import Splits, data_identity
 from kdexp.execution import Execution
-from kdexp.job import build_loop, resolve_teacher_export_path
+from kdexp.job import build_loop
 from kdexp.models import build_model, filled_on_load, state_dict_misfit
-from kdexp.teachers import FrozenTeacher, TeacherError, export_teacher, load_teacher, resolve_teacher_path, train_command
+from kdexp.run_record import TeacherId
+from kdexp.teachers import (FrozenTeacher, TeacherError, data_id, export_teacher, load_teacher,
+                            resolve_teacher_export_path, resolve_teacher_path, train_command)
 
 IMAGES = 50_000  # CIFAR-10's training set, before the val split
 
@@ -24,7 +26,13 @@ def _cfg(tmp_path, *extra):
 def _export(model, cfg, path=None, val_size=5000, split_seed=1234):
     """Export `model` as a teacher trained on CIFAR-10 with the given split (default: v2's)."""
     identity = data_identity("cifar10", IMAGES, val_size, split_seed)
-    export_teacher(model, path or resolve_teacher_path(cfg), 0, cfg.data, identity, 0.5, "somewhere")
+    export_teacher(model, path or resolve_teacher_path(cfg), _identity_of(model, cfg), identity, 0.5, "somewhere")
+
+
+def _identity_of(model, cfg, **how) -> TeacherId:
+    """The identity of `model` trained with seed 0 on `cfg`'s data (`how`: its init, label smoothing)."""
+    return TeacherId(arch=model.arch, stem=model.stem, width=model.width, seed=0, data=data_id(cfg.data),
+                     image_size=cfg.data.image_size, **how)
 
 
 def _load(cfg):
@@ -232,8 +240,9 @@ def test_teacher_that_saw_the_students_validation_images_is_refused(tmp_path, va
 
 def test_teacher_trained_on_another_dataset_is_refused(tmp_path):
     cfg = _cfg(tmp_path)
-    export_teacher(build_model("resnet34", width=4), resolve_teacher_path(cfg), 0, cfg.data,
-                   data_identity("fake", 2000, 200, 1234), 0.5, "x")
+    model = build_model("resnet34", width=4)
+    export_teacher(model, resolve_teacher_path(cfg), _identity_of(model, cfg), data_identity("fake", 2000, 200, 1234),
+                   0.5, "x")
     with pytest.raises(TeacherError, match=r"was trained on fake \(2000 images"):
         _load(cfg)
 
@@ -286,8 +295,9 @@ def test_a_teacher_trained_otherwise_than_asked_is_refused(tmp_path, asked, comp
 def test_a_teacher_records_how_it_was_trained(tmp_path):
     cfg = _cfg(tmp_path, "teacher.init=imagenet", "teacher.label_smoothing=0.1", "data.image_size=64")
     init = {"init": "imagenet", "file": "/hub/resnet34-b627a593.pth", "sha256": "b627a593" + "0" * 56}
-    export_teacher(build_model("resnet34", width=4), resolve_teacher_path(cfg), 0, cfg.data,
-                   data_identity("cifar10", IMAGES, 5000, 1234), 0.5, "somewhere", init, 0.1)
+    model = build_model("resnet34", width=4)
+    export_teacher(model, resolve_teacher_path(cfg), _identity_of(model, cfg, init="imagenet", label_smoothing=0.1),
+                   data_identity("cifar10", IMAGES, 5000, 1234), 0.5, "somewhere", init)
     state = load(resolve_teacher_path(cfg))
     assert (state["init"], state["init_sha256"], state["label_smoothing"], state["image_size"]) == \
         ("imagenet", init["sha256"], 0.1, 64)
@@ -316,3 +326,10 @@ def test_teachers_on_generated_cifar100_of_different_sizes_never_share_a_path(tm
     fake = resolve_teacher_path(compose_cfg("data=fake", "data.fake_train_size=3000", "data.fake_test_size=1000",
                                             "pair=r34_to_r18", "method=logit", f"paths.output_dir={tmp_path}"))
     assert "/fake3000x1000_" in str(fake)  # data=fake's teachers stay where they were
+
+
+def test_the_records_default_image_size_is_the_one_kdexp_trains_at():
+    """kdexp.run_record reads files without torch, so it states CIFAR's size itself: the loaders' size."""
+    from kdexp.data.loaders import SIZE
+    from kdexp.run_record import UNRECORDED
+    assert UNRECORDED["image_size"] == SIZE

@@ -43,7 +43,8 @@ KD = ("pair=r34_to_r18", "method=logit")
     (["trainer.max_steps_per_epoch=0"], "trainer.max_steps_per_epoch=0 must be > 0, or null"),
     (["data.eval_batch_size=0"], "data.eval_batch_size=0 must be > 0"),
     (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
-    (["data.name=cifar1000"], "data.name='cifar1000' must be one of ['cifar10', 'fake', 'cifar100', 'fake_cifar100']"),
+    (["data.name=cifar1000"], "data.name='cifar1000' must be one of ['cifar10', 'fake', 'cifar100', 'fake_cifar100', "
+     "'imagenet', 'fake_imagenet']"),
     (["data=fake", "data.fake_train_size=0"], "data.fake_train_size=0 must be > 0"),
     (["model.num_classes=100"], "model.num_classes=100 must be data.num_classes=10"),
     (["data=fake", "data.num_classes=5", "model.num_classes=10"], "model.num_classes=10 must be data.num_classes=5"),

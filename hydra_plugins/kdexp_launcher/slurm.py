@@ -4,7 +4,10 @@ built on it). Hydra takes launchers only from the `hydra_plugins` namespace pack
 
 On a node (`__call__`): a job whose run did not succeed (failed, rejected, locked, interrupted)
 raises once kdexp has recorded its outcome, so its array task ends FAILED in `sacct` rather than
-COMPLETED, and `afterok` dependencies do not start after it.
+COMPLETED, and `afterok` dependencies do not start after it. A job of several tasks (tasks_per_node or
+nodes > 1, e.g. slurm_a100_x8) is one run on as many ranks: each task exports submitit's
+TorchDistributedEnvironment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for
+kdexp.distributed, and the tasks other than rank 0 write nothing into the run dir (no .hydra/).
 
 In the driver (`launch`): hydra-submitit-launcher stops at the first job that did not succeed with
 submitit's 40-line report, leaving the other jobs uncollected and no summary. Here every job is
@@ -22,7 +25,9 @@ summary (kdexp.summary) lists each job and the exit code is the worst job's:
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,8 +48,20 @@ class RunDidNotSucceed(Exception):
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
-    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        job_return = super().__call__(*args, **kwargs)
+    def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> JobReturn:
+        import submitit
+
+        from kdexp.train import NO_METADATA
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # one run on several ranks; every task sees the node's GPUs, picks LOCAL_RANK's
+            # submitit's own port lies among Linux's ephemeral ports (32768-60999), where any connection
+            # on the node may hold it; every task derives the same one from the job id
+            os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(env.job_id.encode()) % 12000))
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            if env.global_rank:
+                sweep_overrides = [*sweep_overrides, NO_METADATA]
+        job_return = super().__call__(sweep_overrides, *args, **kwargs)
         status = job_return.return_value  # kdexp.train.main's: the outcome's status (raises what Hydra caught)
         if EXIT_CODES.get(status, 0):
             raise RunDidNotSucceed(f"kdexp: this run's outcome is {status!r} (exit code {EXIT_CODES[status]}): "
@@ -90,6 +107,9 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         executor.update_parameters(**{key if key in shared else f"{self._EXECUTOR}_{key}": value
                                       for key, value in self.params.items()
                                       if key not in ("submitit_folder", "max_num_timeout")})
+        if self.params["tasks_per_node"] * self.params["nodes"] > 1:  # one run on several ranks: a task that
+            # exits with an error ends the others (after SLURM's KillWait: rank 0 records the failure first)
+            executor.update_parameters(**{f"{self._EXECUTOR}_srun_args": ["--kill-on-bad-exit=1"]})
         return executor
 
 

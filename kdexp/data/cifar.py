@@ -65,6 +65,11 @@ class Splits:
     classes: tuple[str, ...] = CLASSES  # the class names, in label order (the data's meta file)
     layout: Layout = CIFAR10_LAYOUT
 
+    @property
+    def images(self) -> int:
+        """The training images before the val split: what split indices refer to."""
+        return len(self.train_x) + len(self.val_x)
+
 
 class _UncheckedMd5:
     """Mixed into torchvision's CIFAR10/CIFAR100: its integrity check can skip the md5 (for

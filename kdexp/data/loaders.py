@@ -27,6 +27,22 @@ from kdexp.data.cifar import CIFAR10_LAYOUT, CLASSES, Layout
 
 PAD = 4
 SIZE = 32  # the stored images' side, and the crop's
+Shard = tuple[int, int]  # (rank, world size): one rank's part of a run on several (kdexp/distributed.py)
+
+
+def shard_slice(size: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s part of `size` items shared by `world` ranks: contiguous, in rank order,
+    size // world items or one more, so the parts hold every item exactly once (a global batch of B
+    divisible by the world: slices of B // world)."""
+    return slice(size * rank // world, size * (rank + 1) // world)
+
+
+def shard_problem(batch_size: int, world: int) -> str | None:
+    """Why `world` ranks cannot share global batches of `batch_size` (None: they can)."""
+    if batch_size % world:
+        return (f"trainer.batch_size={batch_size} must be divisible by the {world} ranks (WORLD_SIZE): each "
+                f"rank takes an equal part of every global batch")
+    return None
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -89,21 +105,33 @@ class Batch:
     dy: torch.Tensor | None = None
     dx: torch.Tensor | None = None
     flip: torch.Tensor | None = None
+    # this shard's size x ranks / the global batch's: scaling the shard's mean loss by it makes the
+    # ranks' averaged gradient the global batch's mean (1 except in an uneven last batch)
+    loss_scale: float = 1.0
 
 
 class TrainBatches:
-    """Shuffled, augmented training batches; the last partial batch is kept (as DataLoader does)."""
+    """Shuffled, augmented training batches; the last partial batch is kept (as DataLoader does).
+    With `shard` (rank, world: several ranks) every rank draws the same global order and takes its
+    slice of each global batch of `batch_size` (shard_slice), so the images of a step do not depend
+    on the number of ranks; a last batch of fewer images than ranks is dropped (a rank cannot take
+    an empty part)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
                  device: torch.device, max_steps: int | None = None, channels_last: bool = False,
-                 image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT):
+                 image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT, shard: Shard | None = None):
+        problem = shard_problem(batch_size, shard[1]) if shard else None
+        if problem:
+            raise ValueError(problem)
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.max_steps, self.channels_last, self.image_size = max_steps, channels_last, image_size
         self.layout = layout  # its normalisation
+        self.rank, self.ranks = shard or (0, 1)
 
     def __len__(self) -> int:
-        steps = -(-len(self.images) // self.batch_size)
+        full, rest = divmod(len(self.images), self.batch_size)
+        steps = full + (rest >= self.ranks)
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
@@ -113,10 +141,17 @@ class TrainBatches:
         offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g).to(self.device)
         flips = torch.randint(0, 2, (n,), generator=g).bool().to(self.device)
         for step in range(len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx, scale = self._part(order[step * self.batch_size:(step + 1) * self.batch_size])
             dy, dx, flip = offsets[idx, 0], offsets[idx, 1], flips[idx]
             x = augment(self.images[idx], dy, dx, flip, self.channels_last, self.image_size, self.layout)
-            yield Batch(x, self.labels[idx], idx, dy, dx, flip)
+            yield Batch(x, self.labels[idx], idx, dy, dx, flip, scale)
+
+    def _part(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's images of a global batch, and their Batch.loss_scale."""
+        if self.ranks == 1:
+            return batch, 1.0
+        part = batch[shard_slice(len(batch), self.rank, self.ranks)]
+        return part, len(part) * self.ranks / len(batch)
 
 
 class _PILDataset(Dataset):
@@ -172,9 +207,12 @@ def _seed_numpy_in_worker(worker_id: int) -> None:
 def build_train_batches(loader: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                         seed: int, device: torch.device, max_steps: int | None = None,
                         channels_last: bool = False, image_size: int = SIZE, num_workers: int = 0,
-                        layout: Layout = CIFAR10_LAYOUT) -> TrainBatches:
+                        layout: Layout = CIFAR10_LAYOUT, shard: Shard | None = None) -> TrainBatches:
+    """`shard`: this rank's part of every global batch (data.loader=tensor only, for data held in
+    memory: kdexp.distributed.check)."""
     if loader == "tensor":
-        return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last, image_size, layout)
+        return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last, image_size, layout,
+                            shard)
     if loader == "torch":
         return TorchLoaderBatches(images, labels, batch_size, seed, device, max_steps, channels_last,
                                   image_size, num_workers, layout)
@@ -182,12 +220,16 @@ def build_train_batches(loader: str, images: torch.Tensor, labels: torch.Tensor,
 
 
 class EvalBatches:
-    """Fixed-order, un-augmented batches of one split (val or test); `classes` names its labels."""
+    """Fixed-order, un-augmented batches of one split (val or test); `classes` names its labels.
+    With `shard` (rank, world: several ranks) it yields only this rank's part of the split
+    (shard_slice: each image on exactly one rank, no padding); `labels` stays the whole split's, which
+    the predictions gathered from every rank (kdexp.distributed.gather_rows) are scored against."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
                  channels_last: bool = False, image_size: int = SIZE, layout: Layout = CIFAR10_LAYOUT,
-                 classes: tuple[str, ...] = CLASSES):
-        self.images, self.labels = images.to(device), labels.to(device)
+                 classes: tuple[str, ...] = CLASSES, shard: Shard | None = None):
+        part = shard_slice(len(images), *shard) if shard else slice(None)
+        self.images, self.labels = images[part].to(device), labels.to(device)
         self.batch_size, self.channels_last, self.image_size = batch_size, channels_last, image_size
         self.layout, self.classes = layout, classes  # its normalisation; its labels' names
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from runtree import RunTree  # noqa: E402
 
-from analysis import collect  # noqa: E402
+from analysis.collect import collect  # noqa: E402
 from analysis.expected import problem_cells  # noqa: E402
 
 

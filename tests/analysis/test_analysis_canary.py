@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 
-from analysis import canary, collect
+from analysis import canary
+from analysis.collect import collect
 from analysis.__main__ import main
 from analysis.pipeline import analyse
 from runtree import tree  # noqa: F401 (fixtures)

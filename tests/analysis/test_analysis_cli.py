@@ -3,7 +3,6 @@ through `main` (a real process for the read-only case, where a traceback must no
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from analysis.__main__ import main
+from helpers import run_process
 from runtree import tree  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,8 +105,7 @@ def unwritable_dir(tmp_path: Path) -> Path:
 def test_out_in_a_read_only_dir_is_one_line(tree, tmp_path):
     tree.kdexp(acc=0.95)
     out = unwritable_dir(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "analysis", str(tree.root), "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-m", "analysis", str(tree.root), "--out", str(out)], cwd=REPO)
     assert proc.returncode == 1 and proc.stdout == ""  # checked before any table is printed
     line = one_line(proc)
     assert line.startswith(f"error: --out {out}: ") and line.endswith("); choose a writable directory")

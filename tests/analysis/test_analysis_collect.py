@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import collect
+from analysis.collect import collect
 from analysis.schema import COLUMNS, STATUSES
 from runtree import tree  # noqa: F401 (fixtures)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from analysis import collect
+from analysis.collect import collect
 from analysis.__main__ import main
 from analysis.expected import expand, normalise, problem_cells
 from helpers import run_train
@@ -172,6 +172,7 @@ def test_a_failed_job_with_every_swept_key_pinned_names_its_cell_and_experiment(
             "set on the command line)") in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_a_real_multirun_with_a_pinned_seed(tmp_path):
     # The quickstart grid sweeps seed 0,1; `seed=0` on the command line pins it. Both jobs fail at once
     # for want of their teacher (no training), leaving two job dirs.

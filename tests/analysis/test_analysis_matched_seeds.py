@@ -3,7 +3,7 @@ grid ran, and every Δ is taken on the seeds both sides ran, the others listed. 
 from __future__ import annotations
 
 
-from analysis import collect
+from analysis.collect import collect
 from analysis.aggregate import model_name
 from analysis.pipeline import analyse
 from runtree import tree  # noqa: F401 (fixtures)

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from analysis import collect
+from analysis.collect import collect
 from analysis.__main__ import main
 from analysis.figures import make_figures
 from analysis.pipeline import analyse

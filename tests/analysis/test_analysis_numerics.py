@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis import collect
+from analysis.collect import collect
 from analysis.expected import problem_cells
 from analysis.pipeline import analyse
 from runtree import tree  # noqa: F401 (fixtures)

@@ -121,7 +121,7 @@ def test_ctrl_c_while_writing_leaves_the_earlier_report_whole(analysis, tree, tm
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("analysis.__main__.write_report", interrupted)  # after every table and figure
+    monkeypatch.setattr("analysis.cli.write_report", interrupted)  # after every table and figure
     proc = analysis(tree.root, "--out", out)
     assert proc.returncode == 130
     assert one_line(proc) == f"interrupted: no report written, {out} left as it was"

@@ -6,12 +6,12 @@ import contextlib
 import io
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from analysis.__main__ import main
+from helpers import run_process
 from runtree import module_tree, tree  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -108,7 +108,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars", "--window-size=1300,2400",
            f"--screenshot={shot}", (out / "report.html").as_uri()]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    run_process(cmd, check=True, errors="replace")
     from PIL import Image
 
     image = Image.open(shot).convert("L")

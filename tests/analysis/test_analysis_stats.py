@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 from scipy.stats import t as t_dist
 
-from analysis.stats import compare, mean_std
+from analysis.stats import PAIRED, compare, mean_std, paired_power, seeds_needed
 
 
 def test_mean_and_sample_std():
@@ -106,3 +107,50 @@ def test_one_constant_side_is_still_a_welch_test():
     _, t, df, p, ci = welch_by_hand([0.957, 0.914], [1.0, 1.0])
     assert (comp.welch.t, comp.welch.df, comp.welch_p) == pytest.approx((t, df, p), rel=1e-9)
     assert comp.paired  # the differences vary, so the paired test is defined too
+
+
+# --- power: what the seeds can detect (statsmodels), checked against the noncentral t by hand ---
+
+def _power_by_hand(n: int, effect: float, alpha: float = 0.05) -> float:
+    """Two-sided one-sample (= paired) t-test power from its definition: T = (Z + δ) / √(W/ν) with
+    Z ~ N(0, 1), W ~ χ²(ν), ν = n − 1, δ = effect·√n, and P(|T| > c) = E_W[Φ(δ − c√(W/ν)) + Φ(−δ − c√(W/ν))],
+    integrated numerically (scipy's noncentral t gives NaN far out)."""
+    from scipy import integrate
+    from scipy import stats as sps
+    df, shift = n - 1, effect * math.sqrt(n)
+    crit = sps.t.ppf(1 - alpha / 2, df)
+
+    def rejected(w: float) -> float:
+        scale = crit * math.sqrt(w / df)
+        return (sps.norm.cdf(shift - scale) + sps.norm.cdf(-shift - scale)) * sps.chi2.pdf(w, df)
+
+    return integrate.quad(rejected, 0, math.inf, limit=200)[0]
+
+
+@pytest.mark.parametrize("differences", [[0.001, 0.002, 0.003], [0.004, -0.001, 0.002, 0.001, 0.003],
+                                         [0.0005, 0.0011, -0.0002, 0.0009, 0.0001, 0.0004, 0.0007, 0.0003, 0.0008, 0.0010]])
+def test_the_detectable_delta_and_the_seeds_a_delta_needs_match_the_noncentral_t(differences):
+    from scipy.optimize import brentq
+    n, mean, std = len(differences), statistics.mean(differences), statistics.stdev(differences)
+    power = paired_power(differences)
+    effect = brentq(lambda d: _power_by_hand(n, d) - 0.8, 1e-6, 12)  # 3 seeds need d ≈ 3.1
+    assert power.detectable == pytest.approx(effect * std, rel=1e-4)
+    needed = next(k for k in range(2, 100_000) if _power_by_hand(k, abs(mean) / std) >= 0.8)
+    assert power.seeds_needed == needed
+
+
+@pytest.mark.parametrize("effect, seeds", [(10.0, 3), (11.6, 2), (50.0, 2), (1.0, 10), (0.3, 90)])
+def test_seeds_needed_where_statsmodels_root_finder_falls_short(effect, seeds):
+    """At d=10 statsmodels' solver stops at its lower bound, 2 seeds, whose power is 0.73; at d=50 it
+    returns NaN. Both are checked against the power they must reach."""
+    assert seeds_needed(effect) == seeds
+    assert _power_by_hand(seeds, effect) >= 0.8 and (seeds == 2 or _power_by_hand(seeds - 1, effect) < 0.8)
+
+
+def test_a_comparison_carries_the_power_of_its_paired_test_only():
+    paired = compare([0.95, 0.951, 0.949, 0.952, 0.948], [0, 1, 2, 3, 4], [0.948, 0.9495, 0.9485, 0.95, 0.9475],
+                     [0, 1, 2, 3, 4])
+    assert paired.test == PAIRED and paired.power.seeds_needed == 5
+    unpaired = compare([0.95, 0.951], [0, 1], [0.948, 0.949], [2, 3])
+    assert unpaired.test == "Welch" and unpaired.power is None
+    assert compare([0.95, 0.96], [0, 1], [0.94, 0.95], [0, 1]).power is None  # constant differences: Welch

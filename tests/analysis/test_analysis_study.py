@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from analysis import collect
+from analysis.collect import collect
 from analysis.__main__ import main
 from analysis.pipeline import analyse
 from analysis.render import csv_text

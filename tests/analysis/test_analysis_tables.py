@@ -6,8 +6,9 @@ import math
 import pytest
 from scipy.stats import t as t_dist
 
-from analysis import collect
+from analysis.collect import collect
 from analysis.pipeline import analyse
+from analysis.stats import mean_std, paired_power
 from runtree import tree  # noqa: F401 (fixtures)
 
 SEEDS = (0, 1, 2)
@@ -99,6 +100,22 @@ def test_pair_summary_gap_deltas_and_best_configuration(tree):
     assert row["feature best"] == "α=0.5, β=0.5 (n=3)"
     assert row["feature Δ (pp)"] == "+0.05 (within noise)"
     assert row["Best method"] == "logit"
+
+
+def test_each_pair_says_whether_its_deltas_exceed_seed_noise_and_what_would_tell(tree):
+    """The study's question, one line per pair: logit's +0.20 is beyond noise; feature's +0.05 is within
+    it, with the Δ its 3 seeds detect and the seeds +0.05 would need (paired_power, checked against the
+    noncentral t in test_analysis_stats)."""
+    exp = build(tree)
+    tab = table(analyse(collect(tree.root)), exp, "pairs")
+    differences = [k - b for k, b in zip(FEATURE_A5["acc"], BASE["acc"])]
+    power = paired_power(differences)
+    row = row_of(tab, "resnet34", "resnet18")
+    assert row["feature seeds for Δ"] == str(power.seeds_needed)
+    (answer,) = [n for n in tab.notes if n.startswith("Beyond seed noise? resnet34→resnet18:")]
+    assert "logit +0.20 pp exceeds seed noise (3 seeds)" in answer
+    assert (f"feature +0.05 pp within noise (3 seeds detect ±{100 * power.detectable:.2f} pp; this Δ needs "
+            f"{power.seeds_needed} seeds)") in answer
 
 
 def test_significance_values_by_hand(tree):
@@ -231,6 +248,24 @@ def test_stem_ablation(tree):
     assert imagenet["Test, seeds compared"] == "paired t, seeds 0, 1, 2"
     _, p, _ = paired_by_hand([0.876, 0.8771, 0.8782], [0.947, 0.948, 0.949])
     assert imagenet["p"] == f"{p:.3f}".replace("0.000", "<0.001") == "<0.001"
+
+
+def test_an_ablation_row_shows_its_value_on_the_seeds_its_delta_compares(tree):
+    """The study's stem ablation: the CIFAR stem ran 5 seeds, the ImageNet stem 3; Δ compares seeds
+    0-2, so the CIFAR row's value is on those three (its 5-seed figure follows, kept visible) and Δ is
+    the difference of the two values beside it."""
+    cifar = (0.9470, 0.9480, 0.9490, 0.9600, 0.9610)
+    for seed, acc in enumerate(cifar):
+        tree.kdexp(acc=acc, seed=seed)
+    for seed in (0, 1, 2):
+        tree.kdexp(acc=(0.9460, 0.9472, 0.9480)[seed], seed=seed, stem="imagenet")
+    rows = [dict(zip(r.columns, row)) for r in [table(analyse(collect(tree.root)), "exp", "ablation_stem")]
+            for row in r.rows]
+    on_three, on_five = mean_std(cifar[:3]), mean_std(cifar)
+    assert rows[0]["test@best-val (%)"] == (f"{100 * on_three[0]:.2f} ± {100 * on_three[1]:.2f} (seeds 0, 1, 2; "
+                                            f"all 5 seeds: {100 * on_five[0]:.2f} ± {100 * on_five[1]:.2f})")
+    assert rows[1]["test@best-val (%)"] == "94.71 ± 0.10"  # all of its seeds are compared
+    assert rows[1]["Δ vs CIFAR stem (pp)"] == f"{100 * (mean_std([0.9460, 0.9472, 0.9480])[0] - on_three[0]):+.2f}"
 
 
 def test_clip_ablation_with_gradient_norms(tree):

@@ -1,0 +1,195 @@
+"""One run on several processes (torch.distributed data parallelism): which rank this process is,
+the process group's life, and the few collectives kdexp needs.
+
+The ranks come from the environment that `torchrun` or submitit's TorchDistributedEnvironment (kdexp's
+SLURM launcher, tasks_per_node > 1) exports: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+Without WORLD_SIZE (or with 1) a run is one process and nothing here communicates.
+
+Rank 0 is the run: it holds the run dir's lock and writes every file; the other ranks compute their
+shard of each step and of each evaluation and write nothing. A rank that fails leaves its reason in
+the rendezvous store before it exits, so that rank 0's failure result names it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from datetime import timedelta
+from typing import Iterator, Mapping, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kdexp.config import ConfigError
+from kdexp.data.datasets import dataset
+from kdexp.data.loaders import Shard, shard_problem, shard_slice
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of one run (the defaults: a run of one process)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # this node's GPU for this rank
+    store: dist.Store | None = dataclasses.field(default=None, compare=False, repr=False)  # while the group is up
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def shard(self) -> Shard | None:
+        """What the loaders take (kdexp.data.loaders.shard_slice): None for one process."""
+        return (self.rank, self.size) if self.distributed else None
+
+
+def from_env(env: Mapping[str, str] = os.environ) -> World:
+    """This process's place in the run, as torchrun or submitit exports it; one process without WORLD_SIZE."""
+    size = _env_int(env, "WORLD_SIZE", 1)
+    if size < 1:
+        raise ConfigError(f"WORLD_SIZE={size} must be >= 1 (the number of processes of this run)")
+    if size == 1:
+        return World()
+    rank = _env_int(env, "RANK", None)
+    if not 0 <= rank < size:
+        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={size})")
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if not env.get(key):
+            raise ConfigError(f"{key} is not set, but WORLD_SIZE={size}: start the ranks with torchrun or "
+                              f"a launcher with tasks_per_node > 1, which set it")
+    return World(rank, size, _env_int(env, "LOCAL_RANK", rank))
+
+
+def _env_int(env: Mapping[str, str], key: str, default: int | None) -> int:
+    value = env.get(key)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} must be an integer (set by torchrun or the SLURM launcher)") from None
+
+
+@contextlib.contextmanager
+def process_group(world: World, timeout_s: float) -> Iterator[World]:
+    """The process group of a run on several ranks, up for the block: gloo for CPU tensors, NCCL for
+    CUDA ones. Every collective waits at most `timeout_s` (trainer.dist_timeout_s), so a rank that died
+    or raised fails the others instead of hanging them. Yields `world` with its store."""
+    if not world.distributed:
+        yield world
+        return
+    if timeout_s <= 0:
+        raise ConfigError(f"trainer.dist_timeout_s={timeout_s} must be > 0 (seconds a rank waits for the others)")
+    timeout = timedelta(seconds=timeout_s)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_gpu(world))  # NCCL's objects go to this rank's GPU, not GPU 0
+    # torchrun's agent already serves the store on MASTER_PORT; otherwise rank 0 serves it
+    serves = world.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    server = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size, serves,
+                           timeout=timeout)
+    # torchrun's store outlives a restart of the ranks: each attempt keeps its keys apart
+    store = dist.PrefixStore(f"kdexp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", server)
+    dist.init_process_group(store=store, rank=world.rank, world_size=world.size, timeout=timeout)
+    try:
+        yield dataclasses.replace(world, store=store)
+        dist.barrier()  # rank 0, which serves the store, leaves last
+    finally:
+        dist.destroy_process_group()
+
+
+def local_device(device: torch.device, world: World) -> torch.device:
+    """The device this rank trains on: its own GPU of the node (LOCAL_RANK) when the run uses CUDA."""
+    if world.distributed and device.type == "cuda":
+        return torch.device("cuda", _gpu(world))
+    return device
+
+
+def _gpu(world: World) -> int:
+    """LOCAL_RANK's GPU of the node's, or the only one that a task bound to one GPU sees."""
+    return world.local_rank if torch.cuda.device_count() > 1 else 0
+
+
+def from_main(world: World, value: T) -> T:
+    """Rank 0's `value` on every rank (a decision only rank 0 may take, such as reading the run dir)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_over_ranks(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the ranks, in place."""
+    if world.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_rows(world: World, part: torch.Tensor, n: int) -> torch.Tensor:
+    """The n rows of which each rank holds its `shard(n)`, concatenated in rank order: every row
+    exactly once (the padding that all_gather's equal sizes need is dropped)."""
+    if not world.distributed:
+        return part
+    longest = -(-n // world.size)
+    padded = part.new_zeros((longest, *part.shape[1:]))
+    padded[:len(part)] = part
+    parts = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(parts, padded)
+    sizes = [len(range(n)[shard_slice(n, r, world.size)]) for r in range(world.size)]
+    return torch.cat([p[:size] for p, size in zip(parts, sizes)])
+
+
+def broadcast_buffers(world: World, module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank: with per-rank statistics each
+    rank's last step updated its own, and every rank evaluates the network rank 0 saves."""
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def report_failure(world: World, err: BaseException) -> None:
+    """A failing rank's reason, left for rank 0 in the order the ranks failed (best effort: rank 0
+    and its store may be gone)."""
+    if world.is_main or world.store is None:
+        return
+    with contextlib.suppress(Exception):
+        order = world.store.add(_FAILURES, 1)
+        world.store.set(f"{_FAILURES}/{order}", f"rank {world.rank}: {type(err).__name__}: {err}")
+
+
+def failure_reason(world: World, err: BaseException) -> str:
+    """What the failure result says: `err`, or on several ranks the rank that failed first and why.
+    A rank's exit breaks the collective that the others wait in, so their errors come later: rank 0
+    names the first reported failure, its own error when no other rank reported one first."""
+    own = f"{type(err).__name__}: {err}"
+    if world.store is None:
+        return own
+    with contextlib.suppress(Exception):  # a store that went away with its rank
+        if world.store.check([f"{_FAILURES}/1"]):
+            return world.store.get(f"{_FAILURES}/1").decode()
+    return f"rank 0: {own}"
+
+
+_FAILURES = "kdexp/failures"
+
+
+def check(world: World, trainer, data, device: torch.device) -> None:
+    """Settings that a run on several ranks cannot take: ConfigError, one line naming the key."""
+    if not world.distributed:
+        return
+    problem = shard_problem(trainer.batch_size, world.size)
+    if problem:
+        raise ConfigError(problem)
+    if trainer.sync_bn and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn=true needs CUDA (SyncBatchNorm does not run on the CPU): use "
+                          "trainer.sync_bn=false on the CPU")
+    if data.loader != "tensor" and not dataset(data.name).in_folders:  # image folders shard their own loader
+        raise ConfigError(f"data.loader={data.loader} runs on one process: use data.loader=tensor on several ranks")

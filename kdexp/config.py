@@ -313,13 +313,9 @@ def _key_and_keys_under(root: DictConfig, key: str) -> list[str]:
     node: Any = root
     for part in key.split("."):
         node = dict(node.items_ex(resolve=False)).get(part) if isinstance(node, DictConfig) else None
-    return [key, *_keys_under(node, key)]
-
-
-def _keys_under(node: Any, prefix: str) -> list[str]:
     if not isinstance(node, DictConfig):
-        return []
-    return [k for child, value in node.items_ex(resolve=False) for k in (f"{prefix}.{child}", *_keys_under(value, f"{prefix}.{child}"))]
+        return [key]
+    return [key, *(f"{key}.{k}" for child in node for k in _key_and_keys_under(node, child))]
 
 
 def build_method(method_cfg: DictConfig) -> Any:
@@ -393,6 +389,9 @@ def _check_data(d: DictConfig) -> None:
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0 (0 = load in the main process)")
     _check(d.num_classes >= 2, f"data.num_classes={d.num_classes} must be >= 2")
     dataset = DATASETS[d.name]
+    _check(d.loader == "torch" or not dataset.in_folders,
+           f"data.loader={d.loader} holds the images in memory, but {dataset.layout.title} is read from its files "
+           f"by DataLoader workers: use data.loader=torch")
     _check(dataset.generated or d.num_classes == dataset.layout.num_classes,
            f"data.num_classes={d.num_classes} must be {dataset.layout.num_classes}: "
            f"{dataset.layout.title} has {dataset.layout.num_classes} classes")

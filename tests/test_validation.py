@@ -43,6 +43,7 @@ KD = ("pair=r34_to_r18", "method=logit")
     (["trainer.max_steps_per_epoch=0"], "trainer.max_steps_per_epoch=0 must be > 0, or null"),
     (["data.eval_batch_size=0"], "data.eval_batch_size=0 must be > 0"),
     (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+    (["data=fake_imagenet", "data.loader=tensor"], "data.loader=tensor holds the images in memory, but"),
     (["data.name=cifar1000"], "data.name='cifar1000' must be one of ['cifar10', 'fake', 'cifar100', 'fake_cifar100', "
      "'imagenet', 'fake_imagenet']"),
     (["data=fake", "data.fake_train_size=0"], "data.fake_train_size=0 must be > 0"),

@@ -83,10 +83,7 @@ def build_batches(cfg: DictConfig, splits: Splits | FolderSplits, device: torch.
     """(train, val or None without a validation split, test) batches of the loaded `splits`, as `cfg`
     (data, trainer, seed) asks; `shard=(rank, world)`: this rank's part of each (kdexp.data.loaders)."""
     d, tr = cfg.data, cfg.trainer
-    if isinstance(splits, FolderSplits):
-        if d.loader != "torch":
-            raise ValueError(f"data.loader={d.loader}: {splits.layout.title} is read from files by DataLoader "
-                             f"workers (data.loader=torch), not held in memory")
+    if isinstance(splits, FolderSplits):  # data.loader=torch (kdexp.config._check_data)
         return build_folder_batches(splits, tr.batch_size, d.eval_batch_size, cfg.seed, device,
                                     tr.max_steps_per_epoch, channels_last, d.image_size, d.num_workers, shard)
     test = EvalBatches(splits.test_x, splits.test_y, d.eval_batch_size, device, channels_last, d.image_size,

@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -154,8 +155,26 @@ def live_state(job_id: str) -> str | None:
     return f"{state} {where}" if where.startswith("(") else f"{state} on {where}"  # (a reason) or the nodes
 
 
-def final_state(job_id: str) -> str | None:
-    """How an ended job ended (`FAILED`, `TIMEOUT`, ...) by SLURM's accounting; None where it has none."""
+# Accounting states of a job that has not ended: what sacct can still show for a moment after the job
+# left the queue, before slurmdbd has its end.
+LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING")
+
+
+def final_state(job_id: str, wait_s: float = 30.0) -> str | None:
+    """How an ended job ended (`FAILED`, `TIMEOUT`, ...) by SLURM's accounting; None where it has none.
+    Accounting lags the queue: a job gone from squeue may still read PENDING in sacct, so a live state
+    is asked again, once a second for up to `wait_s`, and never reported as the end."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = _accounted_state(job_id)
+        if state not in LIVE_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(1)
+
+
+def _accounted_state(job_id: str) -> str | None:
     try:
         proc = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
     except OSError:  # no sacct here

@@ -6,6 +6,7 @@ dry run as by the submission, before anything is written. An output dir of any p
 reaches the jobs' Hydra overrides intact. What the real sbatch reads: tests/slurm/test_sbatch_quoting.py."""
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -134,3 +135,25 @@ def test_an_output_dir_of_any_printable_name_reaches_every_job_intact(tmp_path, 
     assert plan.experiment_dir == out / "quickstart"
     study.check_scripts(plan, [])
     assert f"--output={plan.study_dir}/analysis-%j.out" in directives(study.driver_script(plan, plan.drivers[-1], []))
+
+
+def _sacct_answering(tmp_path: Path, *states: str) -> dict[str, str]:
+    """PATH with a `sacct` that prints `states` one per call, then the last one again: slurmdbd's
+    accounting catching up with a job that already left the queue (a race the test cluster shows at times)."""
+    answers = tmp_path / "answers"
+    answers.write_text("\n".join(states) + "\n")
+    fake = tmp_path / "bin" / "sacct"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nhead -n 1 {answers}\n[ $(wc -l < {answers}) -gt 1 ] && sed -i 1d {answers}\nexit 0\n")
+    fake.chmod(0o755)
+    return {"PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_a_job_accounting_still_shows_pending_is_asked_again_until_it_ended(tmp_path, monkeypatch):
+    """launch.check said `canary job 6 PENDING before kdexp.check finished` for a job that had failed:
+    sacct read before slurmdbd recorded the end. A live state is never reported as how a job ended."""
+    monkeypatch.setenv("PATH", _sacct_answering(tmp_path, "PENDING", "PENDING", "FAILED")["PATH"])
+    assert sbatch.final_state("6", wait_s=10) == "FAILED"
+    (tmp_path / "never").mkdir()
+    monkeypatch.setenv("PATH", _sacct_answering(tmp_path / "never", "RUNNING")["PATH"])
+    assert sbatch.final_state("6", wait_s=1) is None  # the caller says "ended"

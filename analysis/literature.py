@@ -2,10 +2,10 @@
 ImageNet's (`published_imagenet.yaml`); a file `published_<data.name>.yaml` here is one benchmark.
 
 One table per benchmark pair that has kdexp runs: for the teacher, the student alone, and each
-published method (KD, CRD, DKD, DIST), kdexp's mean ± std under the analysis's selection rule, the
-published figure, and their difference; then kdexp's best test accuracy over epochs, which is the
-published numbers' own rule (a checkpoint chosen on the test set: optimistic for both), for the
-like-for-like line.
+published method (KD, CRD, DKD, DIST, CTKD, MLKD, and those with logit standardisation), kdexp's
+mean ± std under the analysis's selection rule, the published figure, and their difference; then
+kdexp's best test accuracy over epochs, which is the published numbers' own rule (a checkpoint
+chosen on the test set: optimistic for both), for the like-for-like line.
 """
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ PUBLISHED_PREFIX = "published_"  # published_<data.name>.yaml: the numbers of th
 FRAME_COLUMNS = ["status", "data", "kind", "teacher", "student", "width", "kd", "cell", "seed", "epochs", "val_size",
                  "numerics"]
 # A published entry's kdexp counterpart: the teacher's and the student's own runs, or the KD column
-# (collect's `kd`, the method's label) of distilled runs of the pair.
+# (collect's `kd`, the method's label) of distilled runs of the pair, which is the entry's own key
+# (`crd`, `dkd(std)`) except for KD's.
 OWN_RUNS = {"teacher": "teacher", "student": "baseline"}
-KD_COLUMN = {"kd": "logit", "crd": "crd", "dkd": "dkd", "dist": "dist"}
+KD_COLUMN = {"kd": "logit"}
 ROW_NAMES = {"teacher": "teacher", "student": "student alone (CE)", "kd": "KD", "crd": "CRD", "dkd": "DKD",
-             "dist": "DIST"}
+             "dist": "DIST", "ctkd": "CTKD", "mlkd": "MLKD", "logit(std)": "KD+LS", "ctkd(std)": "CTKD+LS",
+             "dkd(std)": "DKD+LS", "mlkd(std)": "MLKD+LS"}
 BEST_TEST = RULES["test"]
 
 
@@ -121,7 +123,7 @@ def _matches(pair: PublishedPair, what: str, run: dict[str, Any]) -> bool:
         network = pair.teacher if what == "teacher" else pair.student
         return run["kind"] == OWN_RUNS[what] and run["student"] == network
     return (run["kind"] == "student" and run["teacher"] == pair.teacher and run["student"] == pair.student
-            and run["kd"] == KD_COLUMN.get(what))
+            and run["kd"] == KD_COLUMN.get(what, what))
 
 
 def _groups(runs: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:

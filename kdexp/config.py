@@ -21,6 +21,7 @@ from torch import nn
 
 from kdexp import methods, optimizers, runlock, schedules
 from kdexp.data import DATASETS
+from kdexp.data.strong_view import STRONG_VIEWS
 from kdexp.models import ARCHS, STEMS, TORCHVISION_RESNETS, model_layout
 from kdexp.pretrained import init_problem
 from kdexp.records import kept_result
@@ -90,6 +91,7 @@ class DataConfig:
     fake_test_size: int = 500
     num_classes: int = 10
     image_size: int = 32  # inputs are resized to it after augmentation (every loader, evaluation too)
+    strong_view: Optional[str] = None  # a second, strongly augmented training view (kdexp.data.strong_view)
 
 
 @dataclass
@@ -180,9 +182,19 @@ def register_configs() -> None:
     for tracker in tracker_classes():
         cs.store(group="logger", name=f"base_{tracker.name}", node=tracker.Config)
     for name, resolver in (("kdexp.run_label", run_label), ("kdexp.label_excluded_keys", label_excluded_keys),
-                           ("kdexp.metadata_dir", hydra_metadata_dir), ("kdexp.log_handlers", job_log_handlers)):
+                           ("kdexp.metadata_dir", hydra_metadata_dir), ("kdexp.log_handlers", job_log_handlers),
+                           ("kdexp.cpus_per_rank", cpus_per_rank)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+MIN_CPUS_PER_RANK = 4  # what a GPU fed from memory (data.loader=tensor, no workers) is given
+
+
+def cpus_per_rank(num_workers: int) -> int:
+    """The CPUs a SLURM launcher asks for per GPU: one per DataLoader worker (`data.num_workers`) plus
+    the process that drives the GPU, at least MIN_CPUS_PER_RANK: ImageNet's 11 workers get 12."""
+    return max(MIN_CPUS_PER_RANK, int(num_workers) + 1)
 
 
 def _teacher_stem(arch: str) -> str:
@@ -397,9 +409,26 @@ def _check_data(d: DictConfig) -> None:
            f"{dataset.layout.title} has {dataset.layout.num_classes} classes")
     _check(d.image_size >= 1, f"data.image_size={d.image_size} must be a positive number of pixels "
            f"(32: CIFAR's own size, 224: ImageNet's)")
+    _check(d.strong_view in (None, *STRONG_VIEWS), f"data.strong_view={d.strong_view!r} must be null or one of "
+           f"{list(STRONG_VIEWS)}")
+    _check(not d.strong_view or d.loader == "torch", f"data.strong_view={d.strong_view} is made by PIL transforms "
+           f"in DataLoader workers, which data.loader=tensor does not run: set data.loader=torch")
+    _check(not d.strong_view or not dataset.in_folders, f"data.strong_view={d.strong_view} is implemented for the "
+           f"CIFAR layouts only, not {dataset.layout.title}: set data.strong_view=null")
     if dataset.generated:
         for key in ("fake_train_size", "fake_test_size"):
             _check(d[key] > 0, f"data.{key}={d[key]} must be > 0")
+
+
+def _check_strong_view(method: Any, d: DictConfig) -> None:
+    """A method that trains on a second, strongly augmented view (`needs_strong_view`: MLKD) has one made,
+    and no other method has one made for nothing."""
+    if method.needs_strong_view:
+        _check(d.strong_view is not None, f"method={method.name} trains on a strongly augmented second view of "
+               f"each batch: set data.strong_view=randaugment" + ("" if d.loader == "torch" else " data.loader=torch"))
+    else:
+        _check(d.strong_view is None, f"data.strong_view={d.strong_view} makes a second view that method="
+               f"{method.name} does not read: set data.strong_view=null")
 
 
 def _check_network(key: str, net: DictConfig, num_classes: int) -> nn.Module:
@@ -457,7 +486,7 @@ def validate(cfg: DictConfig) -> Any:
                f"use teacher=none (or a KD method such as method=logit)")
     if cfg.execution.teacher_cache:
         why = "has no teacher" if not method.needs_teacher else \
-            "needs teacher features" if method.needs_features else "runs its teacher live"
+            "reads its teacher live (stage outputs, tapped modules, a second view, or its own choice)"
         _check(method.can_use_teacher_cache(), f"execution.teacher_cache=true caches teacher logits, but "
                f"method={method.name} {why}: use execution.teacher_cache=null")
         _check(cfg.data.loader == "tensor", "execution.teacher_cache=true looks logits up by each image's crop and "
@@ -467,4 +496,5 @@ def validate(cfg: DictConfig) -> Any:
                f"stage by stage, so teacher and student need the same stages at the same resolutions: "
                f"{t.arch} ({t.stem} stem) has stage strides {teacher.stage_strides}, {m.arch} ({m.stem} stem) "
                f"{student.stage_strides}")
+    _check_strong_view(method, cfg.data)
     return method

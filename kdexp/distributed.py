@@ -23,7 +23,7 @@ from torch import nn
 
 from kdexp.config import ConfigError
 from kdexp.data.datasets import dataset
-from kdexp.data.loaders import Shard, shard_problem, shard_slice
+from kdexp.data.loaders import Shard, shard_problem
 
 T = TypeVar("T")
 
@@ -133,18 +133,22 @@ def sum_over_ranks(world: World, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def gather_rows(world: World, part: torch.Tensor, n: int) -> torch.Tensor:
-    """The n rows of which each rank holds its `shard(n)`, concatenated in rank order: every row
-    exactly once (the padding that all_gather's equal sizes need is dropped)."""
-    if not world.distributed:
+def gather_rows(part: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `part` (any number per rank), concatenated in rank order, on every rank
+    (the padding all_gather's equal sizes need is dropped); `part` itself on one process. The default
+    process group's ranks (World's), so code that holds no World (a method's forward inside DDP)
+    gathers too. No gradient flows through it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return part
-    longest = -(-n // world.size)
+    size = torch.tensor([len(part)], device=part.device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes).item())
     padded = part.new_zeros((longest, *part.shape[1:]))
     padded[:len(part)] = part
-    parts = [torch.empty_like(padded) for _ in range(world.size)]
+    parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    sizes = [len(range(n)[shard_slice(n, r, world.size)]) for r in range(world.size)]
-    return torch.cat([p[:size] for p, size in zip(parts, sizes)])
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
 
 
 def broadcast_buffers(world: World, module: nn.Module) -> None:

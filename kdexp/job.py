@@ -134,8 +134,8 @@ def _start(cfg: DictConfig, method, run_dir: Path, world: World) -> Outcome:
         if not world.is_main:  # rank 0 records the run's failure, naming this rank
             raise
         epoch = loop.failed_epoch() if loop else None
-        failure = {**_identity(cfg, method), "status": "failed", "error": distributed.failure_reason(world, err),
-                   "failed_epoch": epoch, "wall_seconds": time.time() - started, **_provenance()}
+        failure = _record(cfg, method, status="failed", error=distributed.failure_reason(world, err),
+                          failed_epoch=epoch, cost=Cost(wall_seconds=time.time() - started))
         _record_failure(run_dir, failure)
         tracking.finish(failure)
         raise
@@ -265,27 +265,28 @@ def build_loop(cfg: DictConfig, method, execution: Execution, splits: Splits | F
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student = execution.prepare(student)
     method.bind(student, teacher)
+    if method.needs_indices:
+        method.bind_training_set(splits.train_y)
     method.label_smoothing = cfg.trainer.label_smoothing
     execution.prepare(method.to(device))
     optimizer = build_optimizer(student, method, cfg.optimizer, cfg.trainer.lr, execution.fused)
     train, val, test = build_batches(cfg, splits, device, execution.channels_last, world.shard)
-    teacher_test_logits = predict_all(teacher, test, world) if teacher is not None else None
+    teacher_test_logits = predict_all(teacher, test) if teacher is not None else None
     return Loop(student, method, teacher, optimizer, build_scheduler(optimizer, cfg.scheduler, cfg.trainer.epochs), train, val, test,
                 cfg.trainer, run_dir, teacher_test_logits=teacher_test_logits, execution=execution,
                 teacher_logits=teacher_logits, teacher_file=teacher_file, world=world)
 
 
-def _identity(cfg: DictConfig, method) -> dict:
-    return {"kind": run_role(cfg), "method": method.name, "epochs": cfg.trainer.epochs}
+def _record(cfg: DictConfig, method, **measured) -> dict:
+    """The ended run's record (kdexp.run_record.RunRecord), as result.json holds it: completed or failed."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = RunRecord.of_config(config, run_role(cfg), MethodId.of_class(type(method), config["method"]),
+                                 data_id(cfg.data), provenance=Provenance(**_provenance()), **measured)
+    return record.to_json()
 
 
 def _result(cfg: DictConfig, method, loop: Loop, state, started: float) -> dict:
-    """The completed run's record (kdexp.run_record.RunRecord), as result.json holds it."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    record = RunRecord.of_config(config, run_role(cfg), MethodId.of_class(type(method), config["method"]),
-                                 data_id(cfg.data), status="completed", metrics=_metrics(loop, state),
-                                 cost=_cost(cfg, loop, started), provenance=Provenance(**_provenance()))
-    return record.to_json()
+    return _record(cfg, method, status="completed", metrics=_metrics(loop, state), cost=_cost(cfg, loop, started))
 
 
 def _metrics(loop: Loop, state) -> Metrics:

@@ -25,6 +25,7 @@ from kdexp.evaluation import accuracy, fidelity, per_class_accuracy, predict
 from kdexp.execution import Execution
 from kdexp.methods import DistillationMethod, ModelOutputs
 from kdexp.records import METRICS_FILE, write_metrics
+from kdexp.taps import TapRecorder
 from kdexp.teacher_cache import lookup
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,32 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> 
     return norm, method_norm
 
 
-def predict_all(model: nn.Module, batches: EvalBatches, world: World) -> torch.Tensor:
+def predict_all(model: nn.Module, batches: EvalBatches) -> torch.Tensor:
     """Logits for the whole split on every rank: each rank predicts its part (EvalBatches' shard)
     and the parts are gathered, so each image counts once and every metric is the one-process one."""
-    return distributed.gather_rows(world, predict(model, batches), len(batches.labels))
+    return distributed.gather_rows(predict(model, batches))
 
 
-def _outputs(model: nn.Module, x: torch.Tensor, with_features: bool) -> ModelOutputs:
-    out = model(x, with_features=with_features)
-    return ModelOutputs(*out) if with_features else ModelOutputs(out)
+class NetworkOutputs:
+    """One network's outputs as its method reads them: logits, and what the method declares it
+    needs (stage outputs, tapped modules, the strong view's outputs)."""
+
+    def __init__(self, model: nn.Module, method: DistillationMethod, role: str):
+        # the network itself, whose module names a method's taps use (FrozenTeacher wraps it as `.model`)
+        network = getattr(model, "model", model) if role == "teacher" else model
+        self.model, self.with_features = model, method.needs_features
+        self.recorder = TapRecorder(network, method.taps(network, role), role)
+
+    def __call__(self, x: torch.Tensor, x_strong: torch.Tensor | None = None) -> ModelOutputs:
+        out = self._one_view(x)
+        if x_strong is not None:
+            out.strong = self._one_view(x_strong)
+        return out
+
+    def _one_view(self, x: torch.Tensor) -> ModelOutputs:
+        with self.recorder.recording() as taps:
+            out = self.model(x, with_features=self.with_features)
+        return ModelOutputs(*out, taps=taps) if self.with_features else ModelOutputs(out, taps=taps)
 
 
 class StudentLosses(nn.Module):
@@ -98,11 +116,14 @@ class StudentLosses(nn.Module):
     def __init__(self, student: nn.Module, method: DistillationMethod):
         super().__init__()
         self.student, self.method = student, method
+        self._outputs = NetworkOutputs(student, method, "student")
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor,
-                teacher_out: ModelOutputs | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        student_out = _outputs(self.student, x, self.method.needs_features)
-        return self.method(student_out, teacher_out, y), student_out.logits
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_out: ModelOutputs | None,
+                x_strong: torch.Tensor | None = None,
+                indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        student_out = self._outputs(x, x_strong)
+        extra = {"indices": indices} if self.method.needs_indices else {}
+        return self.method(student_out, teacher_out, y, **extra), student_out.logits
 
 
 @dataclass
@@ -141,9 +162,14 @@ class Loop:
     def __post_init__(self) -> None:
         self._student_losses: nn.Module = StudentLosses(self.student, self.method)
         if self.world.distributed:  # rank 0's weights on every rank now; gradients averaged in backward
-            self._student_losses = DistributedDataParallel(self._student_losses)
+            # No buffer broadcast each step: training reads no running statistic, evaluation and last.pt
+            # take rank 0's (`evaluate`, `save`), and a method's buffers are its own to keep in step
+            # (CRD's memory banks, 1.3 GB on ImageNet, are updated from every rank's embeddings).
+            self._student_losses = DistributedDataParallel(self._student_losses, broadcast_buffers=False)
         self._compiled = self.execution.compiled(self.losses, self.trainer.deterministic) \
             if self.execution.compile else None
+        self._teacher_outputs = NetworkOutputs(self.teacher, self.method, "teacher") \
+            if self.teacher is not None else None
 
     def fit(self) -> TrainState:
         if self.state.stopped_early_epoch is not None:  # resumed after it stopped: it is done
@@ -226,34 +252,42 @@ class Loop:
 
     def step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Forward, the method's loss parts, backward; returns parts and the student's logits."""
-        cached = lookup(self.teacher_logits, batch) if self.teacher_logits is not None else None
         losses = self.losses
         if self._compiled is not None and len(batch.y) * self.world.size == self.trainer.batch_size:
             # The epoch's last, partial batch runs eagerly: one step, instead of a second capture.
             torch.compiler.cudagraph_mark_step_begin()
             losses = self._compiled
         self.optimizer.zero_grad(set_to_none=True)
-        parts, logits = losses(batch.x, batch.y, cached)
+        parts, logits = losses(*self.inputs(batch))
         (parts["loss"] * batch.loss_scale).backward()
         return parts, logits.detach()
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor,
-               teacher_logits: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor | None, ...]:
+        """`losses`' arguments from a batch: images, labels, the cached teacher logits of their views
+        (with a cache), and what the method declares it reads (a strong view, indices)."""
+        cached = lookup(self.teacher_logits, batch) if self.teacher_logits is not None else None
+        x_strong = batch.x_strong if self.method.needs_strong_view else None
+        indices = batch.index if self.method.needs_indices else None
+        return batch.x, batch.y, cached, x_strong, indices
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+               x_strong: torch.Tensor | None = None,
+               indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Forward both networks (the teacher only without cached logits) and the method's loss parts."""
         with self.execution.autocast(x.device):
             teacher_out = None
             if teacher_logits is not None:
                 teacher_out = ModelOutputs(teacher_logits)
-            elif self.teacher is not None:
-                teacher_out = _outputs(self.teacher, x, self.method.needs_features)
-            return self._student_losses(x, y, teacher_out)
+            elif self._teacher_outputs is not None:
+                teacher_out = self._teacher_outputs(x, x_strong)
+            return self._student_losses(x, y, teacher_out, x_strong, indices)
 
     def evaluate(self, epoch: int) -> dict:
         row: dict = {"val_acc": None}
         distributed.broadcast_buffers(self.world, self.student)  # every rank evaluates rank 0's network
         if self.val is not None:
-            row["val_acc"] = accuracy(predict_all(self.student, self.val, self.world), self.val.labels)
-        test_logits = predict_all(self.student, self.test, self.world)
+            row["val_acc"] = accuracy(predict_all(self.student, self.val), self.val.labels)
+        test_logits = predict_all(self.student, self.test)
         row["test_acc"] = accuracy(test_logits, self.test.labels)
         if self.teacher_test_logits is not None:
             row.update(fidelity(test_logits, self.teacher_test_logits))

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from scipy.optimize import least_squares
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -137,12 +138,14 @@ def _network(node: DictConfig, num_classes: int, image_size: int) -> Network:
 
 def epoch_seconds(cfg: DictConfig) -> float:
     """Modelled A100 seconds of one epoch of the run `cfg` (a composed kdexp.train config): its
-    student's training steps, its teacher's forward passes, and its evaluations (every
-    trainer.eval_every epochs, averaged over epochs)."""
+    student's training steps, its teacher's forward passes (both on each of the method's views of
+    an image: MLKD's strong view doubles them), and its evaluations (every trainer.eval_every epochs,
+    averaged over epochs). A method's own work (CRD's memory bank) is not modelled."""
     d, tr = cfg.data, cfg.trainer
     train_images, eval_images = split_sizes(d)
     if tr.max_steps_per_epoch:
         train_images = min(train_images, tr.max_steps_per_epoch * tr.batch_size)
+    train_images *= 2 if get_class(cfg.method._target_).needs_strong_view else 1
     teacher = _network(cfg.teacher, d.num_classes, d.image_size) if cfg.teacher.arch else None
     return _epoch_seconds(a100(), _network(cfg.model, d.num_classes, d.image_size), teacher, tr.batch_size,
                           d.eval_batch_size, train_images, eval_images, tr.eval_every)

@@ -403,7 +403,7 @@ def _quickstart(ctx: _Ctx) -> list[Driver]:
 
 def _cifar100(ctx: _Ctx) -> list[Driver]:
     """The CIFAR-100 benchmark: its teachers, then experiment=cifar100_kd's one multirun (its pairs x
-    {CE baseline, KD, DKD} x seeds: the methods are the experiment's own sweep, not kd_grid presets)."""
+    its methods x seeds: the methods are the experiment's own sweep, not kd_grid presets)."""
     exp = read_experiment("cifar100_kd")
     return [*_teachers(ctx, exp), ctx.train("benchmark", "students", [f"experiment={exp.name}"])]
 

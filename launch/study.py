@@ -34,7 +34,7 @@ they are queued.
                     baselines R18/R34 x 5 seeds
                   5 analysis
   cifar100:       1 teachers (resnet56, resnet110, resnet32x4, wrn_40_2, vgg13; protocol=crd)
-                  2 students: experiment=cifar100_kd, one driver (8 pairs x {ce, logit, dkd} x 3 seeds)
+                  2 students: experiment=cifar100_kd, one driver (8 pairs x its methods x 3 seeds)
                   3 analysis (beside the published numbers)
 The pairs, seeds and protocol come from the experiment preset (conf/experiment/paper_v1.yaml,
 paper_v2.yaml, quickstart.yaml), the cells from the kd_grid presets: --grids names any of them

@@ -359,3 +359,16 @@ def test_a_new_registry_entry_is_an_option_with_no_yaml(monkeypatch):
     finally:
         for group in ("model", "teacher"):
             store.repo[group].pop("toy_net.yaml", None)
+
+
+@pytest.mark.parametrize("overrides, cpus", [
+    (["hydra/launcher=slurm_a100"], 4),                                   # CIFAR in memory, no loader workers
+    (["hydra/launcher=slurm_a100", "experiment=imagenet_kd"], 12),        # 11 JPEG workers + the GPU's process
+    (["hydra/launcher=slurm_a100", "data.num_workers=7"], 8),
+    (["hydra/launcher=slurm_a100_x8", "experiment=imagenet_kd"], 12),     # per rank
+    (["hydra/launcher=slurm_a100", "experiment=imagenet_kd", "hydra.launcher.cpus_per_task=16"], 16),
+])
+def test_a_slurm_job_asks_for_a_cpu_per_loader_worker_and_one_for_the_gpu(overrides, cpus):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.launcher.cpus_per_task == cpus

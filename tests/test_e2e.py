@@ -11,8 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import HANG_S, REPO, TINY, communicate, compose_cfg, run_process, run_train, student_args, without_timing
+from analysis.collect import collect
 from job_record import job_args, recorded
 from kdexp.records import read_metrics, read_result
+from kdexp.run_record import SCHEMA_VERSION, RunRecord
 
 # Width 8: a width-4 Feature-KD student barely moves in 3 epochs (measured: 22% vs 45% at width 8).
 METHODS = {
@@ -148,6 +150,11 @@ def test_nan_loss_fails_the_run_with_its_epoch_and_is_retried_only_when_asked(tm
     result = read_result(next(tmp_path.rglob("result.json")).parent)
     assert result["status"] == "failed" and result["failed_epoch"] == 1
     assert "NonFiniteLossError" in result["error"]
+    record = RunRecord.from_json(result)  # the typed record a completed run writes, with what failed
+    assert result["schema_version"] == SCHEMA_VERSION and record.identity.network.arch == "resnet18"
+    assert record.config["trainer"]["lr"] == 1e30 and record.provenance.torch and record.cost.wall_seconds > 0
+    (status,) = collect(tmp_path)["status"]
+    assert status == "failed"
     assert proc.stderr.strip().splitlines() == [  # one line, and no "check the teacher" for a baseline
         "kdexp: loss became NaN/inf in epoch 1; lower trainer.lr"], proc.stderr
     run_dir = next(tmp_path.rglob("result.json")).parent

@@ -10,9 +10,11 @@ the grid presets would be rejected for want of their `pair`; and every preset's 
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
-from helpers import REPO
+from helpers import REPO, compose_cfg
 from kdexp import job
+from kdexp.methods.logit import LogitKD
 from launch.sweep import compose_job, expand, hydra_session, run_dir, task_config
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -35,3 +37,13 @@ def test_each_preset_expands_and_its_jobs_dry_run(preset, tmp_path, fake_root):
             # a missing teacher (none is trained here) is a dry run's finding, not a rejection
             assert outcome.status == "dry_run", (preset, overrides, outcome.reason)
             assert where.is_relative_to(tmp_path) and not where.exists()  # listed, nothing written
+
+
+def test_logit_standardization_runs_method_logit_std_at_the_config_its_runs_were_made_with():
+    """experiment=logit_standardization now picks method=logit_std (the LS authors' defaults in one
+    home); its method config, and so its run tag and label, are those of its earlier runs."""
+    cfg = compose_cfg("experiment=logit_standardization", "pair=r34_to_r18")
+    assert OmegaConf.to_container(cfg.method) == {"_target_": "kdexp.methods.logit.LogitKD", "alpha": None, "T": 2.0,
+                                                  "standardize": True, "kd_weight": 9.0, "ce_weight": 0.1}
+    assert LogitKD.run_tag(cfg.method) == "logit_anull_T2_standardize-true_kd_weight-9_ce_weight-0.1"
+    assert LogitKD.label(cfg.method) == "logit(std)"

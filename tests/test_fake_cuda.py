@@ -122,23 +122,34 @@ def loop_on(device: torch.device, mode: contextlib.AbstractContextManager, case:
         if case.method.needs_teacher else None
     method = case.method()
     method.bind(student, teacher)
+    if method.needs_indices:
+        method.bind_training_set(splits.train_y)
     execution.prepare(method)
     with mode:
         for module in (student, teacher, method):
             if module is not None:
                 module.to(device)
         optimizer = build_optimizer(student, method, cfg.optimizer, cfg.trainer.lr, execution.fused)
-        train = TrainBatches(splits.train_x, splits.train_y, BATCH, cfg.seed, device, 1, execution.channels_last)
+        batches = StrongViewBatches if method.needs_strong_view else TrainBatches
+        train = batches(splits.train_x, splits.train_y, BATCH, cfg.seed, device, 1, execution.channels_last)
         views = (len(splits.train_x), teacher_cache.OFFSETS, teacher_cache.OFFSETS, 2, cfg.model.num_classes)
         cache = torch.zeros(views, dtype=execution.amp or torch.float32, device=device) if case.cached else None
     return Loop(student, method, teacher, optimizer, scheduler=None, train=train, val=None, test=None,
                 trainer=cfg.trainer, run_dir=None, execution=execution, teacher_logits=cache)
 
 
+class StrongViewBatches(TrainBatches):
+    """Batches that also carry a second view, as the DataLoader path's strong augmentation
+    (data.strong_view) delivers it: a tensor of the images' shape, device and layout."""
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        for batch in super().epoch(epoch):
+            yield dataclasses.replace(batch, x_strong=batch.x.flip(3))
+
+
 def step_forward(loop: Loop, batch: Batch, losses: Callable | None = None):
-    """Loop.step up to its backward: the cache lookup, then the loss parts."""
-    cached = teacher_cache.lookup(loop.teacher_logits, batch) if loop.teacher_logits is not None else None
-    return (losses or loop.losses)(batch.x, batch.y, cached)
+    """Loop.step up to its backward: the inputs from the batch (cache lookup included), then the loss parts."""
+    return (losses or loop.losses)(*loop.inputs(batch))
 
 
 def assert_on(device: torch.device, parts: dict[str, torch.Tensor], logits: torch.Tensor,

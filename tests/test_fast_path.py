@@ -72,11 +72,11 @@ def test_fast_on_the_cpu_is_bf16_without_compile():
     (["execution.compile=true", "trainer.device=cpu"], "execution.compile=true needs a CUDA device"),
     (["execution.amp=fp16"], "execution.amp='fp16' must be one of"),
     (["execution.channels_last=true", "trainer.device=cpu"], "execution.channels_last=true needs a CUDA device"),
-    (["pair=r34_to_r18", "method=feature", "execution.teacher_cache=true"], "method=feature needs teacher features"),
+    (["pair=r34_to_r18", "method=feature", "execution.teacher_cache=true"], "method=feature reads its teacher live"),
     (["execution.teacher_cache=true"], "method=ce has no teacher"),
     (["pair=r34_to_r18", "method=logit", "execution.teacher_cache=true", "data.loader=torch"], "data.loader=tensor"),
     (["pair=r34_to_r18", "method=logit", f"method._target_={__name__}.LiveTeacherKD", "execution.teacher_cache=true"],
-     "method=logit runs its teacher live"),
+     "method=logit reads its teacher live"),
 ])
 def test_fast_options_that_cannot_apply_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from helpers import REPO, compose_cfg, run_process, run_train, without_timing
+from kdexp import checkpoint
 from kdexp.data import Splits, load_splits
 from kdexp.execution import Execution
 from kdexp.job import build_loop, seed_everything
@@ -141,9 +142,10 @@ def test_reading_the_epoch_compiles_one_graph_for_every_epoch():
 # A method written outside the package, as a user writes one: a module on PYTHONPATH and a YAML in
 # the site dir that starts from the schema kdexp makes from the class (base_<name>).
 TOY_MODULE = '''
+import torch
 import torch.nn.functional as F
 
-from kdexp.methods import DistillationMethod
+from kdexp.methods import DistillationMethod, classifier_input
 
 
 class ToyKD(DistillationMethod):
@@ -161,8 +163,36 @@ class ToyKD(DistillationMethod):
         power = 2.0 if self.sharpen else 1.0
         kd = F.mse_loss((power * student.logits).softmax(1), (power * teacher.logits.detach()).softmax(1))
         return {"loss": ce + self.w * kd, "ce": ce, "kd": kd}
+
+
+class RelationKD(DistillationMethod):
+    """CE plus w times the distance between the student's and the teacher's batch similarity
+    matrices of their penultimate embeddings, a module output no stage exposes; counts how often it
+    saw each training image (by index) in a buffer, which last.pt keeps."""
+
+    name = "relation"
+    grid = {"w": "w"}
+    needs_indices = True
+
+    def __init__(self, w: float = 1.0):
+        super().__init__()
+        self.w = w
+
+    def taps(self, network, role):
+        return {"embedding": classifier_input(network)}
+
+    def bind_training_set(self, labels):
+        self.register_buffer("seen", torch.zeros(len(labels)))
+
+    def forward(self, student, teacher, targets, indices):
+        self.seen[indices] += 1
+        ce = self.cross_entropy(student.logits, targets)
+        s, t = (F.normalize(out.taps["embedding"], dim=1) for out in (student, teacher))
+        kd = F.mse_loss(s @ s.T, (t @ t.T).detach())
+        return {"loss": ce + self.w * kd, "ce": ce, "kd": kd}
 '''
 TOY_YAML = "defaults: [base_toy, _self_]\n_target_: toykd.ToyKD\nw: 0.5\n"
+RELATION_YAML = "defaults: [base_relation, _self_]\n_target_: toykd.RelationKD\nw: 1.0\n"
 SMALL = ("protocol=quickstart", "data.fake_train_size=400", "data.fake_test_size=100", "data.val_size=100",
          "model.width=4", "trainer.progress=false", "trainer.epochs=2", "trainer.max_steps_per_epoch=3")
 
@@ -174,6 +204,7 @@ def toy_site(tmp_path_factory) -> dict:
     (site / "toykd.py").write_text(TOY_MODULE)
     (site / "method").mkdir()
     (site / "method" / "toy.yaml").write_text(TOY_YAML)
+    (site / "method" / "relation.yaml").write_text(RELATION_YAML)
     return {"KDEXP_SITE_DIR": str(site), "PYTHONPATH": str(site), "KDEXP_DATA": str(tmp_path_factory.mktemp("data"))}
 
 
@@ -195,6 +226,15 @@ def test_a_method_from_outside_the_package_trains_through_the_entry_point(tmp_pa
     assert re.search(r"\| resnet18\(w4\) +\| resnet18\(w4\) +\| toy +\| 0\.3 +\|", tables["key_results"]), \
         tables["key_results"]  # its KD column and its grid key's own column
     assert "w=0.3 (n=1)" in tables["pairs"]  # its cell label, from the class's grid
+
+    # A method reading the penultimate embedding of both networks by module name, and image indices
+    relation = run_train(*SMALL, "teacher=resnet18", "teacher.width=4", "method=relation",
+                         f"paths.output_dir={tmp_path}", env=toy_site)
+    assert relation.returncode == 0, relation.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.rglob("result.json") if "relation_w1" in str(p)]
+    assert read_result(run_dir)["status"] == "completed" and "loss_kd" in read_metrics(run_dir)[-1]
+    seen = checkpoint.load(run_dir / checkpoint.LAST)["method"]["seen"]
+    assert len(seen) == 300 and seen.max() <= 2 and seen.sum() == 2 * 3 * 32  # 2 epochs of 3 steps of 32 images
 
 
 def _analyse(out: Path, env: dict) -> dict[str, str]:

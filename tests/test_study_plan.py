@@ -239,16 +239,16 @@ def test_a_dkd_grid_is_a_stage_of_the_study(tmp_path, cluster_site):
 @pytest.mark.e2e
 def test_the_cifar100_benchmark_is_a_study_of_its_teachers_and_its_one_multirun(tmp_path, cluster_site):
     """--protocol cifar100: the benchmark's five teachers under its recipe, then experiment=cifar100_kd
-    (8 pairs x {ce, logit, dkd} x 3 seeds), each student after the teachers it loads; --grids is refused."""
+    (8 pairs x its 10 methods x 3 seeds), each student after the teachers it loads; --grids is refused."""
     plan = make_plan("cifar100", "slurm_local", tmp_path)
     teachers = {d.name for d in plan.drivers if d.stage == "teachers"}
     assert teachers == {f"teacher-{a}" for a in ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13")}
     assert all(j.cfg.hydra.runtime.choices.protocol == "crd" for d in plan.drivers for j in d.jobs)
     benchmark = driver(plan, "benchmark")
-    assert sorted(benchmark.after) == sorted(teachers) and len(benchmark.jobs) == 72
+    assert sorted(benchmark.after) == sorted(teachers) and len(benchmark.jobs) == 240
     assert Counter(j.cfg.method._target_.rsplit(".", 1)[1] for j in benchmark.jobs) == \
-        {"CrossEntropy": 24, "LogitKD": 24, "DKD": 24}
-    assert len({j.run_dir for j in benchmark.jobs}) == 72
+        {"CrossEntropy": 24, "LogitKD": 48, "DKD": 48, "CRD": 24, "ReviewKD": 24, "MLKD": 24, "CTKD": 48}
+    assert len({j.run_dir for j in benchmark.jobs}) == 240
     with pytest.raises(PlanError, match="--protocol cifar100 runs its experiment's own methods"):
         make_plan("cifar100", "slurm_local", tmp_path, grids=["dkd"])
 
@@ -260,7 +260,7 @@ def test_the_cifar100_benchmark_is_estimated_per_network_and_the_limits_get_its_
     # 240 epochs at batch 64 (782 steps) of the modelled networks; resnet32x4 is the largest teacher
     assert "teacher-resnet32x4: 1 run, 0.8 GPU-h" in text and "teacher-vgg13: 1 run, 0.2 GPU-h" in text
     assert "stage 1/3 teachers: 5 drivers, 5 training runs, 2.1 GPU-h" in text
-    assert "benchmark: 72 runs, 18.8 GPU-h" in text and "total: 77 distinct training runs, 20.9 GPU-h" in text
+    assert "benchmark: 240 runs, 78.1 GPU-h" in text and "total: 245 distinct training runs, 80.2 GPU-h" in text
     assert "time limit 1 h per run (longest ~0.8 GPU-h)" in text
 
 

@@ -92,5 +92,5 @@ def build_batches(cfg: DictConfig, splits: Splits | FolderSplits, device: torch.
                       splits.layout, splits.classes, shard) if d.val_size else None
     train = build_train_batches(d.loader, splits.train_x, splits.train_y, tr.batch_size, cfg.seed, device,
                                 tr.max_steps_per_epoch, channels_last, d.image_size, num_workers=d.num_workers,
-                                layout=splits.layout, shard=shard)
+                                layout=splits.layout, shard=shard, strong_view=d.strong_view)
     return train, val, test

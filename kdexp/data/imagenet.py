@@ -71,6 +71,11 @@ class FolderSplits:
         """The training images before the val split: what split indices refer to."""
         return len(self.train)
 
+    @property
+    def train_y(self) -> torch.Tensor:
+        """The training split's labels, in Batch.index order (as Splits.train_y)."""
+        return torch.tensor([self.train[i][1] for i in self.train_idx], dtype=torch.long)
+
 
 def check_layout(root: str | Path, layout: FolderLayout = IMAGENET_LAYOUT) -> None:
     """The dataset is arranged as ImageFolder reads it, or DataError: one line saying what was found
@@ -155,15 +160,15 @@ class _Views(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int, int]:
         i, view = key
         path, label = self.samples[i]
         image = default_loader(path)
         if view is None:
-            return self.transform(image), label
+            return self.transform(image), label, i
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(view)
-            return self.transform(image), label
+            return self.transform(image), label, i
 
 
 def _checked_shard(shard: Shard | None, batch_size: int) -> Shard:
@@ -224,16 +229,19 @@ class FolderTrainBatches:
                                   self.shard)
         views = _Views(splits.train, train_transform(image_size, splits.layout))
         self._loader = _loader(views, self._order, num_workers, device, persistent=True)
+        # file number under train/ -> index in the training split (Batch.index): the val split's files are not in it
+        self._split_index = torch.full((len(splits.train),), -1, dtype=torch.long)
+        self._split_index[splits.train_idx] = torch.arange(len(splits.train_idx))
 
     def __len__(self) -> int:
         return len(self._order)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         self._order.epoch = epoch
-        for step, (x, y) in enumerate(self._loader):
+        for step, (x, y, files) in enumerate(self._loader):
             global_batch = min(self.batch_size, self.size - step * self.batch_size)
             yield Batch(_to_device(x, self.device, self.channels_last), y.to(self.device, non_blocking=True),
-                        loss_scale=len(y) * self.shard[1] / global_batch)
+                        self._split_index[files].to(self.device), loss_scale=len(y) * self.shard[1] / global_batch)
 
 
 class FolderEvalBatches:
@@ -258,7 +266,7 @@ class FolderEvalBatches:
         return self.size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self._loader:
+        for x, y, _ in self._loader:
             yield _to_device(x, self.device, self.channels_last), y.to(self.device, non_blocking=True)
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from kdexp.data.cifar import CIFAR10_LAYOUT, CLASSES, Layout
+from kdexp.data.strong_view import strong_augmentation
 
 PAD = 4
 SIZE = 32  # the stored images' side, and the crop's
@@ -101,13 +102,14 @@ def augment(images_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: t
 class Batch:
     x: torch.Tensor  # normalised float images
     y: torch.Tensor
-    index: torch.Tensor | None = None  # dataset index and view, for teacher-logit caches
+    index: torch.Tensor | None = None  # each image's index in the training split (methods' `needs_indices`, caches)
     dy: torch.Tensor | None = None
     dx: torch.Tensor | None = None
     flip: torch.Tensor | None = None
     # this shard's size x ranks / the global batch's: scaling the shard's mean loss by it makes the
     # ranks' averaged gradient the global batch's mean (1 except in an uneven last batch)
     loss_scale: float = 1.0
+    x_strong: torch.Tensor | None = None  # the same images strongly augmented (data.strong_view), or None
 
 
 class TrainBatches:
@@ -155,49 +157,58 @@ class TrainBatches:
 
 
 class _PILDataset(Dataset):
+    """Item i: its views (the training view, then with `strong_view` the strong one), label, index."""
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int = SIZE,
-                 layout: Layout = CIFAR10_LAYOUT):
+                 layout: Layout = CIFAR10_LAYOUT, strong_view: str | None = None):
         self.images = images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10 holds it
         self.labels = labels.tolist()
         resize = [transforms.Resize(image_size, transforms.InterpolationMode.BILINEAR, antialias=True)] \
             if image_size != SIZE else []
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(SIZE, padding=PAD),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(layout.mean, layout.std),
-            *resize,
-        ])
+        crop_flip = [transforms.RandomCrop(SIZE, padding=PAD), transforms.RandomHorizontalFlip()]
+        to_input = [transforms.ToTensor(), transforms.Normalize(layout.mean, layout.std), *resize]
+        self.transform = transforms.Compose([*crop_flip, *to_input])
+        # The strong view crops and flips with draws of its own, then augments the PIL image (MLKD's order).
+        self.strong_transform = transforms.Compose([*crop_flip, strong_augmentation(strong_view), *to_input]) \
+            if strong_view else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+        image = Image.fromarray(self.images[i])
+        views = [self.transform(image)]  # the training view draws first, as the reference's MultipleApply
+        if self.strong_transform:
+            views.append(self.strong_transform(image))
+        return views, self.labels[i], i
 
 
 class TorchLoaderBatches(TrainBatches):
     """The reference path: torchvision PIL transforms in DataLoader workers, seeded per epoch."""
 
     def __init__(self, images, labels, batch_size, seed, device, max_steps=None, channels_last=False,
-                 image_size: int = SIZE, num_workers: int = 0, layout: Layout = CIFAR10_LAYOUT):
+                 image_size: int = SIZE, num_workers: int = 0, layout: Layout = CIFAR10_LAYOUT,
+                 strong_view: str | None = None):
         super().__init__(images, labels, batch_size, seed, torch.device("cpu"), max_steps, channels_last, image_size,
                          layout)
         self.target_device, self.num_workers = device, num_workers
-        self.dataset = _PILDataset(images, labels, image_size, layout)
+        self.dataset = _PILDataset(images, labels, image_size, layout, strong_view)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
                             num_workers=self.num_workers, generator=epoch_generator(self.seed, epoch),
                             pin_memory=self.target_device.type == "cuda",
                             worker_init_fn=_seed_numpy_in_worker)
-        for step, (x, y) in enumerate(loader):
+        for step, (views, y, index) in enumerate(loader):
             if step >= len(self):
                 break
-            x = x.to(self.target_device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(x, y.to(self.target_device, non_blocking=True))
+            x, *strong = (self._on_target(view) for view in views)
+            yield Batch(x, y.to(self.target_device, non_blocking=True), index.to(self.target_device),
+                        x_strong=strong[0] if strong else None)
+
+    def _on_target(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.target_device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def _seed_numpy_in_worker(worker_id: int) -> None:
@@ -207,15 +218,18 @@ def _seed_numpy_in_worker(worker_id: int) -> None:
 def build_train_batches(loader: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                         seed: int, device: torch.device, max_steps: int | None = None,
                         channels_last: bool = False, image_size: int = SIZE, num_workers: int = 0,
-                        layout: Layout = CIFAR10_LAYOUT, shard: Shard | None = None) -> TrainBatches:
+                        layout: Layout = CIFAR10_LAYOUT, shard: Shard | None = None,
+                        strong_view: str | None = None) -> TrainBatches:
     """`shard`: this rank's part of every global batch (data.loader=tensor only, for data held in
-    memory: kdexp.distributed.check)."""
+    memory: kdexp.distributed.check); `strong_view` (data.loader=torch only): kdexp.data.strong_view."""
+    if loader == "tensor" and strong_view:
+        raise ValueError(f"data.strong_view={strong_view} is made by PIL transforms: use data.loader=torch")
     if loader == "tensor":
         return TrainBatches(images, labels, batch_size, seed, device, max_steps, channels_last, image_size, layout,
                             shard)
     if loader == "torch":
         return TorchLoaderBatches(images, labels, batch_size, seed, device, max_steps, channels_last,
-                                  image_size, num_workers, layout)
+                                  image_size, num_workers, layout, strong_view)
     raise ValueError(f"data.loader={loader!r}: choose 'tensor' or 'torch'")
 
 

@@ -17,7 +17,32 @@ from torch import nn
 @dataclass
 class ModelOutputs:
     logits: torch.Tensor
-    features: list[torch.Tensor] | None = None  # layer1..layer4 outputs, when the method asks
+    features: list[torch.Tensor] | None = None  # the stage outputs, when the method `needs_features`
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)  # what the method's `taps` name, by key
+    strong: "ModelOutputs | None" = None  # the same images' strongly augmented view (`needs_strong_view`)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A tensor a method reads from a network by module name (as `named_modules()` lists it, which
+    for kdexp's networks is the reference code's): the module's output, or (`side="input"`) its
+    first positional input, e.g. the classifier's input, the penultimate embedding."""
+
+    module: str
+    side: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.side not in ("output", "input"):
+            raise ValueError(f"Tap({self.module!r}, side={self.side!r}): side is 'output' or 'input'")
+
+
+def classifier_input(network: nn.Module) -> Tap:
+    """The penultimate embedding: the input of the network's last Linear layer (its classifier),
+    whatever the architecture calls it (fc, classifier, linear)."""
+    linears = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(network).__name__} has no Linear layer whose input is its embedding")
+    return Tap(linears[-1], "input")
 
 
 class DistillationMethod(nn.Module):
@@ -33,7 +58,9 @@ class DistillationMethod(nn.Module):
     name: ClassVar[str]
     grid: ClassVar[dict[str, str]] = {}  # cell-defining hyperparameters -> display symbol, in table order
     needs_teacher: ClassVar[bool] = True
-    needs_features: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False  # the stage outputs (ModelOutputs.features)
+    needs_indices: ClassVar[bool] = False  # forward(..., indices=): each image's index in the training split
+    needs_strong_view: ClassVar[bool] = False  # ModelOutputs.strong: a second, strongly augmented view
     clip_with_student: bool = True
     label_smoothing: float = 0.0  # of every CE term (`cross_entropy`): trainer.label_smoothing, set by the job
     Config: ClassVar[type]  # the method's Hydra schema, made from __init__'s signature
@@ -51,8 +78,11 @@ class DistillationMethod(nn.Module):
 
     @classmethod
     def can_use_teacher_cache(cls) -> bool:
-        """Teacher logits of each augmented view can replace the live teacher: logit-only methods."""
-        return cls.needs_teacher and not cls.needs_features
+        """Teacher logits of each augmented view can replace the live teacher: methods that read the
+        teacher's logits of the one view only (no stage outputs, no tapped module, no strong view).
+        A method whose `taps` reads the student alone may override this to use the cache."""
+        return (cls.needs_teacher and not cls.needs_features and not cls.needs_strong_view
+                and cls.taps is DistillationMethod.taps)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the loop before each training epoch (also after a resume)."""
@@ -66,8 +96,18 @@ class DistillationMethod(nn.Module):
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once both networks exist, before the optimiser is built (create parameters here)."""
 
+    def bind_training_set(self, labels: torch.Tensor) -> None:
+        """With `needs_indices`: called once after `bind`, with the training split's labels (CPU int64,
+        indexed as `forward`'s `indices`); buffers registered here are saved in last.pt."""
+
+    def taps(self, network: nn.Module, role: str) -> dict[str, Tap]:
+        """The tensors this method reads from `network` (`role` "student" or "teacher") by key: the
+        loop hooks them and hands them over as `ModelOutputs.taps[key]`."""
+        return {}
+
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None,
                 targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A method with `needs_indices` also takes `indices` (int64, one per image of the batch)."""
         raise NotImplementedError
 
     @classmethod

@@ -46,7 +46,12 @@ class LogitKD(DistillationMethod):
         """`α=0.5, T=4`, or with explicit weights (alpha=null) `kd=9, ce=0.1, T=2`."""
         if cfg.get("alpha") is not None:
             return super().cell_label(cfg)
-        return f"kd={fmt(cfg['kd_weight'])}, ce={fmt(cfg['ce_weight'])}, T={fmt(cfg['T'])}"
+        return f"{weights_label(cfg)}, T={fmt(cfg['T'])}"
+
+
+def weights_label(cfg: Mapping[str, Any]) -> str:
+    """`kd=9, ce=0.1`: the explicit weights (alpha=null) of a logit-based method's cell."""
+    return f"kd={fmt(cfg['kd_weight'])}, ce={fmt(cfg['ce_weight'])}"
 
 
 def loss_weights(alpha: float | None, kd_weight: float | None, ce_weight: float | None) -> tuple[float, float]:

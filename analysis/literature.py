@@ -2,7 +2,7 @@
 ImageNet's (`published_imagenet.yaml`); a file `published_<data.name>.yaml` here is one benchmark.
 
 One table per benchmark pair that has kdexp runs: for the teacher, the student alone, and each
-published method (KD, CRD, DKD, DIST, CTKD, MLKD, and those with logit standardisation), kdexp's
+published method (KD, CRD, DKD, DIST, ReviewKD, CTKD, MLKD, and those with logit standardisation), kdexp's
 mean ± std under the analysis's selection rule, the published figure, and their difference; then
 kdexp's best test accuracy over epochs, which is the published numbers' own rule (a checkpoint
 chosen on the test set: optimistic for both), for the like-for-like line.
@@ -36,7 +36,7 @@ FRAME_COLUMNS = ["status", "data", "kind", "teacher", "student", "width", "kd", 
 OWN_RUNS = {"teacher": "teacher", "student": "baseline"}
 KD_COLUMN = {"kd": "logit"}
 ROW_NAMES = {"teacher": "teacher", "student": "student alone (CE)", "kd": "KD", "crd": "CRD", "dkd": "DKD",
-             "dist": "DIST", "ctkd": "CTKD", "mlkd": "MLKD", "logit(std)": "KD+LS", "ctkd(std)": "CTKD+LS",
+             "dist": "DIST", "reviewkd": "ReviewKD", "ctkd": "CTKD", "mlkd": "MLKD", "logit(std)": "KD+LS", "ctkd(std)": "CTKD+LS",
              "dkd(std)": "DKD+LS", "mlkd(std)": "MLKD+LS"}
 BEST_TEST = RULES["test"]
 

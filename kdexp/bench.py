@@ -33,7 +33,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdexp import teacher_cache
-from kdexp.config import ConfigError, validate
+from kdexp.config import ConfigError, register_configs, validate
 from kdexp.data import CIFAR10_LAYOUT, Splits
 from kdexp.execution import Execution
 from kdexp.job import build_loop, device_name, resolve_device, seed_everything
@@ -42,6 +42,8 @@ from kdexp.models import build_model
 from kdexp.records import atomic_write_json
 from kdexp.teachers import FrozenTeacher
 from kdexp.train import CONFIG_DIR
+
+register_configs()  # the schemas compose() below needs
 
 EPOCH_IMAGES = CIFAR10_LAYOUT.train_size
 TEST_IMAGES = 256

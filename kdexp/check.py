@@ -49,7 +49,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from kdexp import teacher_cache
-from kdexp.config import ConfigError, validate
+from kdexp.config import ConfigError, register_configs, validate
 from kdexp.data import load_data
 from kdexp.execution import Execution
 from kdexp.job import git_commit, build_loop, device_name, resolve_device, seed_everything
@@ -57,6 +57,7 @@ from kdexp.records import CHECK_FILE, CHECK_LOG, atomic_write_json
 from kdexp.teachers import FrozenTeacher
 from kdexp.train import CONFIG_DIR
 
+register_configs()  # the schemas compose() below needs
 log = logging.getLogger("kdexp.check")
 BREAK_VARIABLE = "KDEXP_CHECK_BREAK"
 BREAK_FACTOR = 1.5

@@ -7,13 +7,16 @@ Without WORLD_SIZE (or with 1) a run is one process and nothing here communicate
 
 Rank 0 is the run: it holds the run dir's lock and writes every file; the other ranks compute their
 shard of each step and of each evaluation and write nothing. A rank that fails leaves its reason in
-the rendezvous store before it exits, so that rank 0's failure result names it.
+the rendezvous store before it exits, so that rank 0's failure result names it; a rank killed
+outright (SIGKILL, the OOM killer, its node) leaves none, and is named by its heartbeat stopping.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+import threading
+import time
 from datetime import timedelta
 from typing import Iterator, Mapping, TypeVar
 
@@ -99,10 +102,41 @@ def process_group(world: World, timeout_s: float) -> Iterator[World]:
     store = dist.PrefixStore(f"kdexp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", server)
     dist.init_process_group(store=store, rank=world.rank, world_size=world.size, timeout=timeout)
     try:
-        yield dataclasses.replace(world, store=store)
-        dist.barrier()  # rank 0, which serves the store, leaves last
+        with _heartbeat(store, world.rank):  # beating until the end: a rank done early waits here, alive
+            yield dataclasses.replace(world, store=store)
+            dist.barrier()  # rank 0, which serves the store, leaves last
     finally:
         dist.destroy_process_group()
+
+
+HEARTBEAT_S = 0.2     # how often a rank other than 0 says it is alive, from a thread of its own
+# a rank whose heartbeat has not moved for this long (and that said nothing) was killed; well under
+# SLURM's KillWait, as rank 0 decides after srun's SIGTERM for the killed task (--kill-on-bad-exit)
+STOPPED_AFTER_S = 2.0
+
+
+@contextlib.contextmanager
+def _heartbeat(store: dist.Store, rank: int) -> Iterator[None]:
+    """A rank other than 0 counts up its heartbeat in the store while the block runs; a thread keeps
+    it going while the rank computes or waits in a collective (both release the GIL), so only a dead
+    process stops it. Ends quietly when the store is gone (rank 0 ended first)."""
+    if rank == 0:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        with contextlib.suppress(Exception):
+            while not stop.wait(HEARTBEAT_S):
+                store.add(f"{_HEARTBEATS}/{rank}", 1)
+
+    thread = threading.Thread(target=beat, name="kdexp-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def local_device(device: torch.device, world: World) -> torch.device:
@@ -165,24 +199,46 @@ def report_failure(world: World, err: BaseException) -> None:
     if world.is_main or world.store is None:
         return
     with contextlib.suppress(Exception):
+        world.store.set(f"{_REPORTED}/{world.rank}", "1")
         order = world.store.add(_FAILURES, 1)
         world.store.set(f"{_FAILURES}/{order}", f"rank {world.rank}: {type(err).__name__}: {err}")
 
 
 def failure_reason(world: World, err: BaseException) -> str:
     """What the failure result says: `err`, or on several ranks the rank that failed first and why.
-    A rank's exit breaks the collective that the others wait in, so their errors come later: rank 0
-    names the first reported failure, its own error when no other rank reported one first."""
+    A rank's exit breaks the collective that the others wait in, so their errors come later: a rank
+    killed without a word (found by its heartbeat) is named first, then the first reported failure,
+    then rank 0's own error. Takes up to STOPPED_AFTER_S on several ranks, to see which heartbeats stopped."""
     own = f"{type(err).__name__}: {err}"
     if world.store is None:
         return own
     with contextlib.suppress(Exception):  # a store that went away with its rank
+        killed = _killed_ranks(world)
+        if killed:
+            names = ", ".join(map(str, killed))
+            return (f"rank{'s' if len(killed) > 1 else ''} {names} stopped without raising an error (killed: a "
+                    f"signal, the OOM killer or its node; its log or sacct says which); rank 0 then: {own}")
         if world.store.check([f"{_FAILURES}/1"]):
             return world.store.get(f"{_FAILURES}/1").decode()
     return f"rank 0: {own}"
 
 
-_FAILURES = "kdexp/failures"
+def _killed_ranks(world: World) -> list[int]:
+    """The ranks other than 0 that reported no failure and whose heartbeat stood still for
+    STOPPED_AFTER_S (asked as long as some rank may be one of them: a live rank's beat ends the wait)."""
+    def beats() -> dict[int, int]:
+        return {rank: world.store.add(f"{_HEARTBEATS}/{rank}", 0) for rank in range(1, world.size)
+                if not world.store.check([f"{_REPORTED}/{rank}"])}
+    first, deadline = beats(), time.monotonic() + STOPPED_AFTER_S
+    still = set(first)
+    while still and time.monotonic() < deadline:
+        time.sleep(HEARTBEAT_S)
+        now = beats()
+        still = {rank for rank in still if now.get(rank) == first[rank]}
+    return sorted(still)
+
+
+_FAILURES, _REPORTED, _HEARTBEATS = "kdexp/failures", "kdexp/reported", "kdexp/heartbeats"
 
 
 def check(world: World, trainer, data, device: torch.device) -> None:

@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,11 @@ class Loop:
             # No buffer broadcast each step: training reads no running statistic, evaluation and last.pt
             # take rank 0's (`evaluate`, `save`), and a method's buffers are its own to keep in step
             # (CRD's memory banks, 1.3 GB on ImageNet, are updated from every rank's embeddings).
-            self._student_losses = DistributedDataParallel(self._student_losses, broadcast_buffers=False)
+            # torch 2.14 deprecates the flag, but its successor still syncs buffers at init, which the
+            # deprecation notice itself says to avoid this way until `init_sync_buffers` exists.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+                self._student_losses = DistributedDataParallel(self._student_losses, broadcast_buffers=False)
         self._compiled = self.execution.compiled(self.losses, self.trainer.deterministic) \
             if self.execution.compile else None
         self._teacher_outputs = NetworkOutputs(self.teacher, self.method, "teacher") \

@@ -144,3 +144,18 @@ def filled_on_load(model: nn.Module, state: object) -> set[str]:
 def _first(items: list[str], n: int = 3) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def main() -> None:
+    """`python -m kdexp.models`: every `model=`/`teacher=` architecture, its stems, published width
+    and size (built on the meta device: no memory, no time)."""
+    from tabulate import tabulate
+
+    rows = [(arch, ", ".join(STEMS if arch in TORCHVISION_RESNETS else ("cifar",)), spec.reference_width,
+             *(f"{count_parameters(model_layout(arch, classes)) / 1e6:.2f}M" for classes in (10, 100)))
+            for arch, spec in sorted(ARCHS.items())]
+    print(tabulate(rows, headers=["arch", "stems", "width", "params (10 classes)", "params (100 classes)"]))
+
+
+if __name__ == "__main__":
+    main()

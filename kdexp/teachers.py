@@ -24,9 +24,9 @@ from kdexp.data import data_identity, dataset, split_indices
 from kdexp.data.loaders import SIZE
 from kdexp.models import build_model, filled_on_load, state_dict_misfit
 from kdexp.run_record import TeacherId
+from kdexp.train import CONFIG_DIR
 
 FORMAT = "kdexp-teacher-v1"
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
 
 
@@ -87,7 +87,7 @@ def _composed(overrides: tuple[str, ...]) -> DictConfig:
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
     register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 

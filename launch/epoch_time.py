@@ -11,8 +11,12 @@ compute rate and memory bandwidth, are fitted to the measured epochs (least squa
 seconds); OP_OVERHEAD_S is assumed. The measured networks' ops are long, so they pin F and B but not
 the overhead, which dominates networks of many small ops (resnet110, mobilenetv2, shufflenetv2:
 5 or 15 us instead of 10 moves them by -30 or +35 %). Not counted: the optimiser step (a few fused
-kernels over the parameters, under 2 % of a step here), a feature method's projections, data
-loading. kdexp's CUDA defaults (bf16, channels_last, augmentation on the GPU, the teacher-logit
+kernels over the parameters, under 2 % of a step here), a feature method's projections.
+
+Data loading: CIFAR's tensors are in the GPU's memory (the PIL path, `data.loader=torch`, decodes
+~7,000 images/s per core: not a bound). Image folders (ImageNet) are decoded and augmented by
+`data.num_workers` DataLoader workers at WORKER_IMAGES_PER_S each, overlapping the GPU's work: each
+phase of an epoch takes the longer of the two. kdexp's CUDA defaults (bf16, channels_last, augmentation on the GPU, the teacher-logit
 cache) are expected to be faster than this reference loop; nothing here is measured on them.
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from kdexp.config import DataConfig
-from kdexp.data import CIFAR10_LAYOUT, split_sizes
+from kdexp.data import CIFAR10_LAYOUT, dataset, split_sizes
 from kdexp.models import model_layout
 
 MEASURED_EPOCH_SECONDS = {"resnet18": 6.4, "resnet34": 10.0, "resnet50": 18.6}
@@ -42,6 +46,10 @@ MEASURED_SETTING = {"batch_size": 128, "eval_batch_size": DataConfig.eval_batch_
 # Host time PyTorch's eager mode spends issuing one CUDA kernel (dispatcher, autograd, launch):
 # 5-15 us is the usual range; assumed, not measured.
 OP_OVERHEAD_S = 10e-6
+# JPEG decode + RandomResizedCrop/flip/normalise per DataLoader worker, measured on this project's
+# 2-core machine (tests/benchmarks/imagenet_loader.py: 270-290 img/s per worker, README "ImageNet");
+# a cluster node's cores are faster, so this errs towards a loader-bound estimate.
+WORKER_IMAGES_PER_S = 280
 # Ops that launch no kernel: views and allocations.
 _NO_KERNEL = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten._unsafe_view}
 
@@ -104,14 +112,17 @@ def _measured_network(arch: str) -> Network:
 
 
 def _epoch_seconds(device: Device, student: Network, teacher: Network | None, batch_size: int,
-                   eval_batch_size: int, train_images: int, eval_images: int, eval_every: int = 1) -> float:
-    """One epoch: every training step (the teacher's forward too) and its share of the evaluations."""
+                   eval_batch_size: int, train_images: int, eval_images: int, eval_every: int = 1,
+                   loader_images_per_s: float = math.inf) -> float:
+    """One epoch: every training step (the teacher's forward too) and its share of the evaluations,
+    each phase no faster than the loader delivers its images."""
     step = device.seconds(traced_ops(student, batch_size, True))
     if teacher is not None:
         step += device.seconds(traced_ops(teacher, batch_size, False))
     evaluation = device.seconds(traced_ops(student, eval_batch_size, False))
-    return (math.ceil(train_images / batch_size) * step
-            + math.ceil(eval_images / eval_batch_size) * evaluation / eval_every)
+    training = max(math.ceil(train_images / batch_size) * step, train_images / loader_images_per_s)
+    evaluating = max(math.ceil(eval_images / eval_batch_size) * evaluation, eval_images / loader_images_per_s)
+    return training + evaluating / eval_every
 
 
 def _measured_epoch_seconds(device: Device, arch: str) -> float:
@@ -140,7 +151,8 @@ def epoch_seconds(cfg: DictConfig) -> float:
     """Modelled A100 seconds of one epoch of the run `cfg` (a composed kdexp.train config): its
     student's training steps, its teacher's forward passes (both on each of the method's views of
     an image: MLKD's strong view doubles them), and its evaluations (every trainer.eval_every epochs,
-    averaged over epochs). A method's own work (CRD's memory bank) is not modelled."""
+    averaged over epochs), each bounded by its loader (loader_images_per_s). A method's own work
+    (CRD's memory bank) is not modelled."""
     d, tr = cfg.data, cfg.trainer
     train_images, eval_images = split_sizes(d)
     if tr.max_steps_per_epoch:
@@ -148,7 +160,15 @@ def epoch_seconds(cfg: DictConfig) -> float:
     train_images *= 2 if get_class(cfg.method._target_).needs_strong_view else 1
     teacher = _network(cfg.teacher, d.num_classes, d.image_size) if cfg.teacher.arch else None
     return _epoch_seconds(a100(), _network(cfg.model, d.num_classes, d.image_size), teacher, tr.batch_size,
-                          d.eval_batch_size, train_images, eval_images, tr.eval_every)
+                          d.eval_batch_size, train_images, eval_images, tr.eval_every, loader_images_per_s(d))
+
+
+def loader_images_per_s(data: DictConfig) -> float:
+    """Images/s one GPU's loader delivers: image folders' DataLoader workers (the main process when
+    there are none); unbounded for CIFAR's in-memory tensors."""
+    if not dataset(data.name).in_folders:
+        return math.inf
+    return max(1, data.num_workers) * WORKER_IMAGES_PER_S
 
 
 def run_hours(cfg: DictConfig) -> float:

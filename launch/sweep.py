@@ -21,14 +21,13 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, open_dict, read_write
 
 from kdexp.config import register_configs
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from kdexp.train import CONFIG_DIR
 
 
 @contextmanager
 def hydra_session() -> Iterator[None]:
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"), \
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="train"), \
             warnings.catch_warnings():
         # a KDEXP_SITE_DIR that does not exist: said where it matters (a launcher not found), in one line
         warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main.* is not available")

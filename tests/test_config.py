@@ -300,7 +300,7 @@ def test_dry_run_set_by_the_sweeper_is_refused(tmp_path, monkeypatch):
 
 
 def test_a_multirun_that_sweeps_dry_run_is_refused_by_its_callback_too(capsys):
-    """Without preflight (kdexp.train.main called directly): the multirun's own config has dry_run
+    """Without preflight (kdexp.task.main called directly): the multirun's own config has dry_run
     at its default, so the callback reads the sweep from the command line's overrides."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=local"], return_hydra_config=True)

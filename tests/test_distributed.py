@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import CPU, REPO, TINY, communicate, compose_cfg, without_timing
+from helpers import CPU, REPO, TINY, communicate, compose_cfg, wait_until, without_timing
 from kdexp import checkpoint, distributed, runlock, teacher_cache
 from kdexp.config import ConfigError, validate
 from kdexp.data import load_data
@@ -309,3 +310,84 @@ def test_a_rank_that_raises_fails_the_run_in_bounded_time(tmp_path, odd_root):
     assert result["error"].startswith("rank 1: NotADirectoryError: "), result["error"]
     assert "kdexp (rank 1): " in ended[1][1]
     assert seconds < 60 + 120  # the timeout, plus two starts on a busy machine: never a hang
+
+
+@pytest.mark.e2e
+def test_a_killed_rank_is_named_in_the_failure(tmp_path, odd_root):
+    """Rank 1 killed outright (SIGKILL: no Python error, no report) while training: rank 0's
+    collective breaks at once, and its result names rank 1 (its heartbeat stopped), not rank 0's
+    broken collective, as the cause."""
+    out = tmp_path / "out"
+    port = _free_port()
+    args = (*TINY, f"data.root={odd_root}", *SMALL, "trainer.epochs=300", "trainer.max_steps_per_epoch=2",
+            "trainer.dist_timeout_s=300", f"paths.output_dir={out}")
+    ranks = [subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **_rank_env(rank, 2, port)})
+             for rank in (0, 1)]
+    wait_until(lambda: list(out.rglob("last.pt")), "the first epoch's checkpoint")
+    ranks[1].kill()
+    killed = time.monotonic()
+    _, stderr = communicate(ranks[0])
+    communicate(ranks[1])
+    assert ranks[0].returncode == 1, stderr[-2000:]
+    assert time.monotonic() - killed < 120  # STOPPED_AFTER_S and a record, never dist_timeout_s
+    error = json.loads((_run_dir(out) / RESULT_FILE).read_text())["error"]
+    assert error.startswith("rank 1 stopped without raising an error (killed: "), error
+    assert "; rank 0 then: " in error
+
+
+@pytest.fixture
+def quick_heartbeat(monkeypatch):
+    monkeypatch.setattr(distributed, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(distributed, "STOPPED_AFTER_S", 0.5)
+
+
+def _store(size: int) -> torch.distributed.Store:
+    return torch.distributed.TCPStore("127.0.0.1", _free_port(), size, True, wait_for_workers=False)
+
+
+def test_rank_0s_own_error_is_its_own_while_the_others_wait_alive(quick_heartbeat):
+    """Rank 1 alive (beating, e.g. waiting for rank 0 in a collective), rank 2 reported a failure
+    later: rank 0's error is named only when no other rank reported one; a live rank is never blamed."""
+    store = _store(3)
+    main = World(0, 3, store=store)
+    with distributed._heartbeat(store, 1), distributed._heartbeat(store, 2):
+        assert distributed.failure_reason(main, ValueError("disk full")) == "rank 0: ValueError: disk full"
+        distributed.report_failure(World(2, 3, store=store), KeyError("x"))
+        assert distributed.failure_reason(main, RuntimeError("peer closed")) == "rank 2: KeyError: 'x'"
+
+
+def test_a_rank_whose_heartbeat_stopped_is_named_before_the_reports(quick_heartbeat):
+    """Rank 1 beat, then stopped without a report (killed); rank 2 reported the broken collective
+    that followed: rank 1 is the cause."""
+    store = _store(3)
+    with distributed._heartbeat(store, 1):
+        time.sleep(0.2)
+    with distributed._heartbeat(store, 2):
+        distributed.report_failure(World(2, 3, store=store), RuntimeError("Connection closed by peer"))
+        reason = distributed.failure_reason(World(0, 3, store=store), RuntimeError("Connection reset by peer"))
+    assert reason.startswith("rank 1 stopped without raising an error"), reason
+    assert reason.endswith("rank 0 then: RuntimeError: Connection reset by peer")
+
+
+@pytest.mark.e2e
+def test_ctrl_c_under_torchrun_stops_every_rank(tmp_path, odd_root):
+    """Ctrl-C in the terminal of `torchrun --nproc-per-node 2 -m kdexp.train ...` (SIGINT to its
+    process group: torchrun and both ranks): every rank stops at once, each says it was interrupted
+    and how to resume, nothing is recorded as a result and last.pt is there to resume from."""
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+                             "-m", "kdexp.train", *TINY, f"data.root={odd_root}", *SMALL, "trainer.epochs=300",
+                             "trainer.max_steps_per_epoch=2", f"paths.output_dir={out}"],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    checkpoint_file = wait_until(lambda: next(out.rglob("last.pt"), None), "the first epoch's checkpoint")
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = communicate(proc)
+    assert proc.returncode != 0
+    assert "kdexp: interrupted after epoch" in output and "kdexp (rank 1): interrupted after epoch" in output, output
+    assert not (checkpoint_file.parent / RESULT_FILE).exists()
+    assert checkpoint_file.exists()
+    with pytest.raises(ProcessLookupError):  # no rank left behind in the session
+        os.killpg(proc.pid, 0)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from helpers import compose_cfg
-from kdexp import job, train
+from kdexp import job, task
 from kdexp.summary import outcome_record, summarize
 
 # The command: a quickstart student grid on CIFAR-10 that is not on disk, no teacher trained.
@@ -47,8 +47,8 @@ def test_unexpected_error_in_a_dry_run_points_to_hydra_full_error(tmp_path, monk
     def broken(cfg, run_dir):
         raise RuntimeError("something unforeseen")
     monkeypatch.setattr(job, "run", broken)
-    dry = train._outcome(compose_cfg(*MISSING_CIFAR, f"paths.output_dir={tmp_path}"), tmp_path / "run")
+    dry = task._outcome(compose_cfg(*MISSING_CIFAR, f"paths.output_dir={tmp_path}"), tmp_path / "run")
     assert (dry.status, dry.reason) == ("failed", "RuntimeError: something unforeseen (rerun with "
                                                   "HYDRA_FULL_ERROR=1 for its traceback)")
-    real = train._outcome(compose_cfg("protocol=quickstart", f"paths.output_dir={tmp_path}"), tmp_path / "run")
+    real = task._outcome(compose_cfg("protocol=quickstart", f"paths.output_dir={tmp_path}"), tmp_path / "run")
     assert real.reason.endswith(f"(traceback in {tmp_path / 'run'}/train.log)")

@@ -75,3 +75,18 @@ def test_what_a_run_configures_changes_its_estimate(crd_student):
     narrow.model.width = 8
     assert epoch_seconds(narrow) < base
     assert run_hours(crd_student) == pytest.approx(240 * base / 3600)
+
+
+def test_image_folders_are_no_faster_than_their_loader_workers():
+    """ImageNet's epoch is bounded by what data.num_workers decode (WORKER_IMAGES_PER_S each): with
+    2 workers the baseline is loader-bound, exactly images / (2 x the rate) per phase; with the
+    preset's 11 it is the GPU's. CIFAR's in-memory tensors have no such bound."""
+    fed = compose_cfg("experiment=imagenet_kd", "method=ce")
+    starved = fed.copy()
+    starved.data.num_workers = 2
+    rate = 2 * epoch_time.WORKER_IMAGES_PER_S
+    assert epoch_seconds(starved) == pytest.approx((1_281_167 + 50_000) / rate)
+    assert epoch_seconds(fed) < epoch_seconds(starved) / 3
+    assert epoch_time.loader_images_per_s(fed.data) == 11 * epoch_time.WORKER_IMAGES_PER_S
+    cifar = compose_cfg("protocol=crd", "data=cifar100", "pair=r32x4_to_r8x4", "method=ce")
+    assert epoch_time.loader_images_per_s(cifar.data) == float("inf")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import TINY, compose_cfg, tiny_loop
-from kdexp import checkpoint, job, runlock, teachers, train
+from kdexp import checkpoint, job, runlock, task, teachers
 from kdexp.data import data_identity, load_data
 from kdexp.data.fake import write_fake_cifar
 from kdexp.loop import Loop
@@ -270,7 +270,7 @@ def test_a_full_disk_fails_in_one_line_naming_the_file_in_the_epoch_it_hit(tmp_p
     run_dir = _run_dir(tmp_path)
     cfg = _cfg(small_root, tmp_path, "experiment=baseline", "trainer.epochs=3")
     _full_disk(monkeypatch, name, after)
-    outcome = train._outcome(cfg, run_dir)
+    outcome = task._outcome(cfg, run_dir)
     assert outcome.status == "failed"
     assert outcome.reason == (f"cannot write {run_dir / name}: No space left on device "
                               f"(traceback in {run_dir}/train.log)")

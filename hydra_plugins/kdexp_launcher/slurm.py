@@ -51,7 +51,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> JobReturn:
         import submitit
 
-        from kdexp.train import NO_METADATA
+        from kdexp.task import NO_METADATA
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # one run on several ranks; every task sees the node's GPUs, picks LOCAL_RANK's
@@ -62,7 +62,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             if env.global_rank:
                 sweep_overrides = [*sweep_overrides, NO_METADATA]
         job_return = super().__call__(sweep_overrides, *args, **kwargs)
-        status = job_return.return_value  # kdexp.train.main's: the outcome's status (raises what Hydra caught)
+        status = job_return.return_value  # kdexp.task.main's: the outcome's status (raises what Hydra caught)
         if EXIT_CODES.get(status, 0):
             raise RunDidNotSucceed(f"kdexp: this run's outcome is {status!r} (exit code {EXIT_CODES[status]}): "
                                    f"see the multirun summary, or the run dir's result.json and train.log")
@@ -113,7 +113,6 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         return executor
 
 
-
 def _collect(job: Any, num: int, overrides: list[str], sweep_dir: Path) -> JobReturn:
     """Wait for `job`'s end; its outcome is in the summary's folder, from the job or from here."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -142,7 +141,7 @@ def _left_running(jobs: list, numbered: list[tuple[int, list[str]]], sweep_dir: 
 
 
 def _job_return(overrides: list[str], status: str) -> JobReturn:
-    """What Hydra's sweeper expects of each job: its status is the outcome, as kdexp.train.main returns it."""
+    """What Hydra's sweeper expects of each job: its status is the outcome, as kdexp.task.main returns it."""
     return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=status)
 
 

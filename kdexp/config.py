@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import II, MISSING, DictConfig, OmegaConf
+import torch
 from torch import nn
 
 from kdexp import methods, optimizers, runlock, schedules
@@ -452,6 +453,19 @@ def _check_logger(logger: DictConfig) -> None:
                f"choose logger=none, logger=<one of {sorted(schemas.values())}> or a list, e.g. logger=[tensorboard,wandb]")
 
 
+def _check_pairing(method_cfg: DictConfig, student: nn.Module, teacher: nn.Module) -> None:
+    """A method refuses networks it cannot distil between in its `bind` (a ValueError: Feature-KD's
+    stages, ReviewKD's teacher families). A second instance is bound here to the networks' meta-device
+    layouts (no memory, no RNG drawn), so the refusal comes from validation and the dry run, not
+    from a job that has queued and loaded its teacher."""
+    probe = build_method(method_cfg)
+    try:
+        with torch.device("meta"):
+            probe.bind(student, teacher)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: DictConfig) -> Any:
     """Check the composed config; returns the (unbound) method so it is built only once."""
     check_known_keys(cfg)
@@ -491,10 +505,7 @@ def validate(cfg: DictConfig) -> Any:
                f"method={method.name} {why}: use execution.teacher_cache=null")
         _check(cfg.data.loader == "tensor", "execution.teacher_cache=true looks logits up by each image's crop and "
                "flip, which only data.loader=tensor reports: use data.loader=tensor or execution.teacher_cache=false")
-    if method.needs_features:
-        _check(teacher.stage_strides == student.stage_strides, f"method={method.name} matches feature maps "
-               f"stage by stage, so teacher and student need the same stages at the same resolutions: "
-               f"{t.arch} ({t.stem} stem) has stage strides {teacher.stage_strides}, {m.arch} ({m.stem} stem) "
-               f"{student.stage_strides}")
+    if method.needs_teacher:
+        _check_pairing(cfg.method, student, teacher)
     _check_strong_view(method, cfg.data)
     return method

@@ -135,7 +135,8 @@ class FrozenTeacher(nn.Module):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.stage_channels = model.stage_channels
+        # the structure a method's `bind` reads of its teacher (Feature-KD: its stages' channels and strides)
+        self.stage_channels, self.stage_strides = model.stage_channels, model.stage_strides
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)

@@ -206,6 +206,9 @@ def test_recipe_defaults_are_the_study():
     (["pair=r34_to_r18", "method=feature", "teacher.stem=imagenet"],
      "resnet34 (imagenet stem) has stage strides [4, 8, 16, 32], resnet18 (cifar stem) [1, 2, 4, 8]"),
     (["model=shufflenetv2", "teacher=resnet32x4", "method=feature"], "the same stages at the same resolutions"),
+    # a method's own refusal in `bind`, found at validation (the dry run) rather than at the job's start
+    (["protocol=crd", "model=resnet8x4", "teacher=mobilenetv2", "method=reviewkd"],
+     "method=reviewkd cannot distil from a mobilenetv2 teacher"),
     (["model=resnet8x4", "model.stem=imagenet"], "model: stem='imagenet' is not available for resnet8x4"),
     (["model=mobilenetv2", "model.width=1"], "model: width=1 is too small for mobilenetv2"),
     (["model.stem=fancy"], "model.stem='fancy'"),
@@ -374,3 +377,14 @@ def test_a_slurm_job_asks_for_a_cpu_per_loader_worker_and_one_for_the_gpu(overri
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     assert cfg.hydra.launcher.cpus_per_task == cpus
+
+
+@pytest.mark.parametrize("method", ["feature", "crd", "reviewkd"])
+def test_validation_binds_a_probe_without_drawing_random_numbers(method):
+    """Validation binds a second instance of the method to meta-device layouts (its refusals come at
+    the dry run): no memory, and no draw from the global RNG, which seeds the student's weights."""
+    cfg = compose_cfg("protocol=crd", "pair=r32x4_to_r8x4", f"method={method}")
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    validate(cfg)
+    assert torch.equal(torch.get_rng_state(), before)

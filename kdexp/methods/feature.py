@@ -38,6 +38,10 @@ class FeatureKD(DistillationMethod):
         self.projections = nn.ModuleList()
 
     def bind(self, student, teacher):
+        if teacher.stage_strides != student.stage_strides:
+            raise ValueError(f"method={self.name} matches feature maps stage by stage, so teacher and student need "
+                             f"the same stages at the same resolutions: {_described(teacher)} has stage strides "
+                             f"{teacher.stage_strides}, {_described(student)} {student.stage_strides}")
         for c_s, c_t in zip(student.stage_channels, teacher.stage_channels):
             proj = nn.Conv2d(c_s, c_t, kernel_size=1, bias=False)
             nn.init.xavier_uniform_(proj.weight)
@@ -61,3 +65,9 @@ class FeatureKD(DistillationMethod):
     @classmethod
     def variant(cls, cfg: Mapping[str, Any]) -> str | None:
         return None if cfg.get("clip_projection", True) else "bugged"
+
+
+def _described(network: nn.Module) -> str:
+    """`resnet34 (imagenet stem)`: a network as its config names it (a frozen teacher holds it as `.model`)."""
+    network = getattr(network, "model", network)
+    return f"{network.arch} ({network.stem} stem)"

@@ -467,7 +467,8 @@ def _check_pairing(method_cfg: DictConfig, student: nn.Module, teacher: nn.Modul
 
 
 def validate(cfg: DictConfig) -> Any:
-    """Check the composed config; returns the (unbound) method so it is built only once."""
+    """Check the composed config; returns the (unbound) method so it is built only once (the one
+    `_check_pairing` binds is a throwaway on the meta device)."""
     check_known_keys(cfg)
     _check_logger(cfg.logger)
     problem = experiment_name_problem(cfg.experiment_name)

@@ -81,6 +81,13 @@ def _env_int(env: Mapping[str, str], key: str, default: int | None) -> int:
         raise ConfigError(f"{key}={value!r} must be an integer (set by torchrun or the SLURM launcher)") from None
 
 
+NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"  # read when the NCCL process group is made
+HEARTBEAT_S = 0.2     # how often a rank other than 0 says it is alive, from a thread of its own
+# a rank whose heartbeat has not moved for this long (and that said nothing) was killed; well under
+# SLURM's KillWait, as rank 0 decides after srun's SIGTERM for the killed task (--kill-on-bad-exit)
+STOPPED_AFTER_S = 2.0
+
+
 @contextlib.contextmanager
 def process_group(world: World, timeout_s: float) -> Iterator[World]:
     """The process group of a run on several ranks, up for the block: gloo for CPU tensors, NCCL for
@@ -94,6 +101,10 @@ def process_group(world: World, timeout_s: float) -> Iterator[World]:
     timeout = timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         torch.cuda.set_device(_gpu(world))  # NCCL's objects go to this rank's GPU, not GPU 0
+    # NCCL's watchdog, at a collective's timeout or error, by default (3) ends the process on the spot,
+    # before rank 0 can record which rank failed; 2 aborts the communicators and raises in the
+    # training thread instead, where kdexp records the failure. A value the user set wins.
+    os.environ.setdefault(NCCL_ERROR_HANDLING, "2")
     # torchrun's agent already serves the store on MASTER_PORT; otherwise rank 0 serves it
     serves = world.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     server = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size, serves,
@@ -107,12 +118,6 @@ def process_group(world: World, timeout_s: float) -> Iterator[World]:
             dist.barrier()  # rank 0, which serves the store, leaves last
     finally:
         dist.destroy_process_group()
-
-
-HEARTBEAT_S = 0.2     # how often a rank other than 0 says it is alive, from a thread of its own
-# a rank whose heartbeat has not moved for this long (and that said nothing) was killed; well under
-# SLURM's KillWait, as rank 0 decides after srun's SIGTERM for the killed task (--kill-on-bad-exit)
-STOPPED_AFTER_S = 2.0
 
 
 @contextlib.contextmanager

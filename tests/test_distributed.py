@@ -95,6 +95,8 @@ def _loop_on_rank(rank: int, size: int, port: int, run_dir: str, root: str, mode
                       *overrides)
     method = validate(cfg)
     with distributed.process_group(distributed.from_env(), 60) as world:
+        if world.distributed:  # NCCL's watchdog would end the process before rank 0 records a failure
+            assert os.environ[distributed.NCCL_ERROR_HANDLING] == "2"
         execution = Execution.resolve(cfg.execution, CPU, method, cfg.data.loader)
         seed_everything(cfg.seed, cfg.trainer.deterministic)
         splits, teacher, cache = load_data(cfg.data), None, None

@@ -48,7 +48,7 @@ test: install
 
 # Unit and in-process tests only: no e2e (training runs, dry runs, whole-study plans), SLURM or GPU tier (README: tests).
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e and not slurm and not gpu"
+	$(PY) -m pytest -q -n auto -m "not e2e and not slurm and not gpu"
 
 # How long the everyday commands take, beside Hydra's own floor and the targets (tests/benchmarks/cli.py);
 # several minutes (it writes a 10,000-run tree for analysis). A benchmark: it judges nothing.

@@ -31,6 +31,7 @@ def one_line(err: str) -> str:
     return err.strip()
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_dry_run_refuses_a_bad_value_before_the_gpu_nodes_do(tmp_path):
     """The issue's command, as a user types it: the value fails in the dry run, naming stage and job."""
     proc = subprocess.run([sys.executable, "-m", "launch.study", "--cluster", "slurm_a100", "--protocol", "v1",
@@ -41,6 +42,7 @@ def test_dry_run_refuses_a_bad_value_before_the_gpu_nodes_do(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_dry_run_validates_the_later_stages_too(tmp_path, capsys):
     """teacher.stem is checked only where a teacher is loaded: the students' stage, not the teachers'."""
     code, out, err = run_study(capsys, *QUICKSTART, "--dry-run", "--output-dir", str(tmp_path), "teacher.stem=bogus")
@@ -75,6 +77,7 @@ def test_an_unknown_site_launcher_points_at_kdexp_site_dir(tmp_path, capsys, mon
     assert code == 2 and f"KDEXP_SITE_DIR={tmp_path / 'nowhere'} does not exist" in one_line(err)
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_the_plan_says_which_launcher_and_time_limit_teachers_get(tmp_path, capsys, monkeypatch):
     site = tmp_path / "site"
     (site / "hydra" / "launcher").mkdir(parents=True)
@@ -112,6 +115,7 @@ def test_an_unknown_protocol_is_one_line(capsys):
     assert one_line(capsys.readouterr().err).startswith("python -m launch.study: argument --protocol: invalid choice")
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_an_unwritable_output_dir_fails_the_dry_run(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -119,6 +123,7 @@ def test_an_unwritable_output_dir_fails_the_dry_run(tmp_path, capsys):
     assert code == 2 and f"cannot write {blocker}/out/quickstart: {blocker} is not a directory" in one_line(err)
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_without_sbatch_nothing_is_written(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     code, out, err = run_study(capsys, *QUICKSTART, "--output-dir", str(tmp_path / "out"))
@@ -128,11 +133,13 @@ def test_without_sbatch_nothing_is_written(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_dry_run_true_is_refused_for_the_study(tmp_path, capsys):
     code, _, err = run_study(capsys, *QUICKSTART, "--output-dir", str(tmp_path), "dry_run=true")
     assert code == 2 and "use --dry-run" in one_line(err)
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_dry_run_refuses_data_that_is_not_there_as_a_jobs_dry_run_does(tmp_path, capsys):
     """Every teacher would fail on its node: the dry run says so, as `kdexp.train ... dry_run=true` does."""
     code, _, err = run_study(capsys, *QUICKSTART, "--dry-run", "--output-dir", str(tmp_path / "out"),
@@ -143,6 +150,7 @@ def test_dry_run_refuses_data_that_is_not_there_as_a_jobs_dry_run_does(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_data_is_checked_once_per_data_config_of_the_runs_still_to_train(tmp_path, monkeypatch):
     """Two validation splits make two data configs: two checks for 14 runs; none for completed runs."""
     checked = []
@@ -168,6 +176,7 @@ def fail_one_student(out: Path, failed_epoch: int | None) -> Path:
     return run_dir
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_a_resubmission_that_would_skip_failed_runs_says_so_and_exits_1(tmp_path, capsys):
     run_dir = fail_one_student(tmp_path, failed_epoch=1)
     code, out, err = run_study(capsys, *QUICKSTART, "--dry-run", "--output-dir", str(tmp_path))
@@ -180,6 +189,7 @@ def test_a_resubmission_that_would_skip_failed_runs_says_so_and_exits_1(tmp_path
     assert code == 0 and not err and "failed while training" not in out
 
 
+@pytest.mark.e2e  # plans a whole study
 def test_a_run_that_failed_before_training_is_simply_redone(tmp_path, capsys):
     fail_one_student(tmp_path, failed_epoch=None)
     code, out, err = run_study(capsys, *QUICKSTART, "--dry-run", "--output-dir", str(tmp_path))

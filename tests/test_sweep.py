@@ -15,6 +15,7 @@ from launch.sweep import compose_job, compose_jobs, expand, hydra_session, run_d
 PRESETS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 
 
+@pytest.mark.e2e  # composes every preset's whole multirun
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_job_equals_its_full_composition(preset, tmp_path):
     with hydra_session():

@@ -25,6 +25,7 @@ def _direct_forward(self: NetworkOutputs, x: torch.Tensor) -> ModelOutputs:
     return ModelOutputs(*out) if self.with_features else ModelOutputs(out)
 
 
+@pytest.mark.e2e  # trains across epochs, in process
 @pytest.mark.parametrize("method", ["logit", "feature", "dkd", "dist"])
 def test_methods_without_taps_train_bit_for_bit_as_without_hooks(tmp_path, splits, teacher, monkeypatch, method):
     hooked = tiny_loop(tmp_path / "hooked", splits, teacher, method=method)
